@@ -16,6 +16,8 @@ class TfcompressError(Exception):
     """Base class of every tfcompress pipeline failure."""
 
     exit_code = EXIT_BAD_INPUT
+    # Long diagnostic text (a converter log, say) shown only with --verbose.
+    details: str = ""
 
 
 class InputError(TfcompressError):

@@ -1,0 +1,33 @@
+"""`tfcompress <verb> --flags...`: runs `pipelines/<verb>.py` with the same flags."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+VERBS = {
+    "convert": "Convert a SavedModel or Keras model to a verified TFLite model.",
+    "demo": "Train LeNet-5 on the shipped MNIST and run the whole convert pipeline on it.",
+    "benchmark_convert": "Benchmark the convert pipeline against a hand-written converter script.",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help") or argv[1] not in VERBS:
+        if len(argv) >= 2 and argv[1] not in ("-h", "--help", "help"):
+            print(f"tfcompress: error: unknown command {argv[1]!r}; choose one of {sorted(VERBS)}.",
+                  file=sys.stderr)
+        print("usage: tfcompress <command> [--flags]  (tfcompress <command> --help for its flags)\n")
+        for verb, text in VERBS.items():
+            print(f"  {verb:<18} {text}")
+        sys.exit(0 if len(argv) >= 2 and argv[1] in ("-h", "--help", "help") else 2)
+    verb = argv[1]
+    module = importlib.import_module(f"pipelines.{verb}")
+    from pipelines import _common
+
+    _common.run(module.main, argv=[f"tfcompress {verb}", *argv[2:]])
+
+
+if __name__ == "__main__":
+    main()

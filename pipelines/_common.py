@@ -1,0 +1,61 @@
+"""What every pipeline script shares: exit codes, one-line errors, and the `tfcompress <verb>` entry.
+
+Exit codes: 0 success, 1 verification failed, 2 bad arguments or input. Errors print one line naming
+the cause and the fix; `--verbose` adds the traceback and any converter log.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Callable, Sequence
+
+from absl import app, flags
+
+from tfcompress.errors import EXIT_BAD_INPUT, TfcompressError, VerificationError
+
+flags.DEFINE_bool("verbose", False, "On failure, also print the traceback and the converter's log.")
+
+
+def _prog(argv: Sequence[str]) -> str:
+    return os.path.basename(argv[0]) if argv else "tfcompress"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"{_prog(argv)}: error: {e} (see --helpfull)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+    def wrapped(argv: list[str]) -> None:
+        if len(argv) > 1:
+            print(f"{_prog(argv)}: error: unexpected arguments {argv[1:]}; every input is a --flag.",
+                  file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
+        try:
+            main(argv)
+        except VerificationError as e:
+            if flags.FLAGS.verbose:
+                traceback.print_exc()
+            print(f"{_prog(argv)}: verification failed ({len(e.failures)} check(s)):", file=sys.stderr)
+            for failure in e.failures:
+                print(f"  FAILED {failure}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        except (TfcompressError, ValueError, FileNotFoundError) as e:
+            if flags.FLAGS.verbose:
+                traceback.print_exc()
+                if getattr(e, "details", ""):
+                    print(e.details, file=sys.stderr)
+            print(f"{_prog(argv)}: error: {e}", file=sys.stderr)
+            sys.exit(getattr(e, "exit_code", EXIT_BAD_INPUT))
+
+    return wrapped
+
+
+def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
+    """`app.run` with exit code 2 on flag errors and one-line messages for tfcompress errors."""
+    app.run(_guarded(main), argv=argv, flags_parser=_parse_flags)

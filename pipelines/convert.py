@@ -1,0 +1,90 @@
+"""Convert a SavedModel or Keras model to a verified TFLite model (default: full int8, uint8 I/O).
+
+Example:
+  python pipelines/convert.py --saved_model_dir=artefacts/demo/float_savedmodel \
+      --calibration_data=calibration_data/mnist_calibration.npz --calibration_key=x \
+      --input_scale=0.00392156862745098 --eval_data=data/mnist.npz --output_dir=artefacts/convert
+
+Writes <output_dir>/model.tflite and report.json. Exit codes: 0 verified, 1 verification failed
+(no model.tflite is left), 2 bad arguments or input (nothing is written).
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from pipelines import _common
+from tfcompress import pipeline
+from tfcompress.convert import IO_DTYPES, Mode
+
+_MODEL = flags.DEFINE_string("saved_model_dir", None, "SavedModel directory of the float model.")
+_KERAS_MODEL = flags.DEFINE_string("keras_model", None, "A .keras or .h5 tf_keras model file (instead of "
+                                   "--saved_model_dir).")
+_CALIBRATION = flags.DEFINE_string("calibration_data", None, "Representative samples: .npz, .npy or a folder "
+                                   "of PNG/JPEG images, drawn from the training split (see "
+                                   "calibration_data/README.md). Needed by int8 and int16x8 unless QAT.")
+_CALIBRATION_KEY = flags.DEFINE_string("calibration_key", None, "Array name inside a calibration .npz.")
+_EVAL = flags.DEFINE_string("eval_data", None, "Labelled evaluation .npz for the accuracy check.")
+_EVAL_KEY = flags.DEFINE_string("eval_key", "x_test", "Samples array inside --eval_data.")
+_EVAL_LABELS_KEY = flags.DEFINE_string("eval_labels_key", "y_test", "Labels array inside --eval_data.")
+_NUM_EVAL = flags.DEFINE_integer("num_eval_samples", None, "Evaluate on the first N samples only "
+                                 "(default: all).", lower_bound=1)
+_SCALE = flags.DEFINE_float("input_scale", 1.0, "Preprocessing of calibration and evaluation samples: "
+                            "model input = raw * input_scale + input_offset.")
+_OFFSET = flags.DEFINE_float("input_offset", 0.0, "See --input_scale.")
+_OUTPUT = flags.DEFINE_string("output_dir", None, "Where model.tflite and report.json go.", required=True)
+_MODE = flags.DEFINE_enum("mode", Mode.INT8.value, [m.value for m in Mode], "Conversion mode.")
+_IO_DTYPE = flags.DEFINE_enum("io_dtype", None, sorted({d for ds in IO_DTYPES.values() for d in ds}),
+                              "Input/output dtype (default: uint8 for int8, int16 for int16x8, else "
+                              "float32).")
+_NUM_CALIBRATION = flags.DEFINE_integer("num_calibration_samples", 500, "Calibration samples to draw.",
+                                        lower_bound=1)
+_MAX_DROP = flags.DEFINE_float("max_accuracy_drop", 0.01, "Largest allowed top-1 accuracy drop of the "
+                               "TFLite model against the float model, a fraction (0.005 = half a point).",
+                               lower_bound=0.0, upper_bound=1.0)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for drawing calibration samples.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing model.tflite and report.json.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = pipeline.ConvertPipelineConfig(
+        output_dir=_OUTPUT.value,
+        saved_model_dir=_MODEL.value,
+        keras_model=_KERAS_MODEL.value,
+        calibration_data=_CALIBRATION.value,
+        calibration_key=_CALIBRATION_KEY.value,
+        eval_data=_EVAL.value,
+        eval_key=_EVAL_KEY.value,
+        eval_labels_key=_EVAL_LABELS_KEY.value,
+        num_eval_samples=_NUM_EVAL.value,
+        input_scale=_SCALE.value,
+        input_offset=_OFFSET.value,
+        mode=_MODE.value,
+        io_dtype=_IO_DTYPE.value,
+        num_calibration_samples=_NUM_CALIBRATION.value,
+        max_accuracy_drop=_MAX_DROP.value,
+        seed=_SEED.value,
+        overwrite=_OVERWRITE.value,
+    )
+    result = pipeline.run_convert(config)
+    print(summary(result))
+
+
+def summary(result: pipeline.ConvertPipelineResult) -> str:
+    lines = [f"verified {result.model_path} ({result.num_bytes:,} bytes)"]
+    io = result.verification.inputs[0]
+    lines.append(f"  input {io['dtype']} {io['shape']} scale={io['scale']} zero_point={io['zero_point']}")
+    acc = result.verification.accuracy
+    if acc is not None:
+        lines.append(
+            f"  accuracy float {acc.float_accuracy:.4f} -> tflite {acc.tflite_accuracy:.4f} "
+            f"(drop {acc.accuracy_drop:+.4f}, top-1 agreement {acc.top1_agreement:.4f}, "
+            f"{acc.num_samples} samples)"
+        )
+    lines.append(f"  report {result.report_path}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    _common.run(main)

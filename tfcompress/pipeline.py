@@ -1,0 +1,171 @@
+"""The convert pipeline: float model on disk in, verified `.tflite` and `report.json` out.
+
+Takes a `ConvertPipelineConfig` (its fields are the flags of `pipelines/convert.py`); returns a
+`ConvertPipelineResult` of paths and metrics. Order: check the output location, load the model and data,
+convert, verify, then write. A model that fails verification is never written as `model.tflite`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import os
+import time
+
+from tfcompress import __version__, calibration
+from tfcompress.artefacts import prepare_output_dir, write_atomic, write_json
+from tfcompress.convert import ConvertConfig, Mode, convert
+from tfcompress.errors import CalibrationDataError, VerificationError
+from tfcompress.model_io import load_model
+from tfcompress.verify import VerificationResult, verify
+
+MODEL_FILENAME = "model.tflite"
+REPORT_FILENAME = "report.json"
+REPORT_SCHEMA_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertPipelineConfig:
+    """Everything one conversion run needs. Field names equal the command-line flags.
+
+    Accuracies and accuracy drops are fractions in [0, 1].
+    """
+
+    output_dir: str
+    saved_model_dir: str | None = None
+    keras_model: str | None = None
+    calibration_data: str | None = None
+    calibration_key: str | None = None
+    eval_data: str | None = None
+    eval_key: str = "x_test"
+    eval_labels_key: str = "y_test"
+    num_eval_samples: int | None = None
+    input_scale: float = 1.0
+    input_offset: float = 0.0
+    mode: str = Mode.INT8.value
+    io_dtype: str | None = None
+    num_calibration_samples: int = 500
+    max_accuracy_drop: float = 0.01
+    seed: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if (self.saved_model_dir is None) == (self.keras_model is None):
+            raise ValueError(
+                "Give exactly one model: --saved_model_dir or --keras_model. "
+                f"Received: saved_model_dir={self.saved_model_dir!r}, keras_model={self.keras_model!r}"
+            )
+        if not 0.0 <= self.max_accuracy_drop <= 1.0:
+            raise ValueError(
+                "max_accuracy_drop is a fraction in [0, 1] (0.005 is half a percentage point). "
+                f"Received: max_accuracy_drop={self.max_accuracy_drop}"
+            )
+        if self.num_calibration_samples < 1:
+            raise ValueError(
+                "num_calibration_samples must be at least 1 (100-500 is typical). "
+                f"Received: num_calibration_samples={self.num_calibration_samples}"
+            )
+        if self.num_eval_samples is not None and self.num_eval_samples < 1:
+            raise ValueError(
+                f"num_eval_samples must be at least 1. Received: num_eval_samples={self.num_eval_samples}"
+            )
+        ConvertConfig(self.mode, self.io_dtype)  # validates mode and io_dtype
+
+    @property
+    def model_source(self) -> str:
+        return self.saved_model_dir if self.saved_model_dir is not None else self.keras_model
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvertPipelineResult:
+    model_path: str | None
+    report_path: str
+    verification: VerificationResult
+    num_bytes: int
+    report: dict
+
+
+def run_convert(config: ConvertPipelineConfig) -> ConvertPipelineResult:
+    """Converts and verifies one model, writing `model.tflite` and `report.json` to `output_dir`.
+
+    Raises:
+        InputError: bad model, data or output location (nothing is written).
+        ConversionError: the model cannot be converted in the requested mode (nothing is written).
+        VerificationError: a check failed; `report.json` records the failures and no `model.tflite`
+            is left in `output_dir`.
+    """
+    convert_config = ConvertConfig(config.mode, config.io_dtype)
+    output_dir = prepare_output_dir(config.output_dir, (MODEL_FILENAME, REPORT_FILENAME), config.overwrite)
+    model_path = os.path.join(output_dir, MODEL_FILENAME)
+    report_path = os.path.join(output_dir, REPORT_FILENAME)
+    timings = {}
+
+    start = time.perf_counter()
+    model = load_model(config.model_source)
+    samples = None
+    if convert_config.needs_calibration and config.calibration_data is not None:
+        samples = calibration.load_calibration_data(
+            config.calibration_data, model.input_shape, key=config.calibration_key,
+            num_samples=config.num_calibration_samples, seed=config.seed,
+            scale=config.input_scale, offset=config.input_offset,
+        ).samples
+    elif convert_config.needs_calibration and not model.is_quantization_aware:
+        raise CalibrationDataError(
+            f"{convert_config.mode.value} mode needs calibration data for {config.model_source}: pass "
+            "--calibration_data (an .npz, .npy or image folder drawn from the training split)."
+        )
+    eval_x = eval_y = None
+    if config.eval_data is not None:
+        eval_x, eval_y = calibration.load_labelled_data(
+            config.eval_data, model.input_shape, key=config.eval_key, labels_key=config.eval_labels_key,
+            scale=config.input_scale, offset=config.input_offset, limit=config.num_eval_samples,
+        )
+    timings["load_seconds"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    flatbuffer = convert(model, convert_config, samples)
+    timings["convert_seconds"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    result = verify(
+        flatbuffer, convert_config.mode, convert_config.io_dtype, float_model=model,
+        eval_samples=eval_x, eval_labels=eval_y,
+        max_accuracy_drop=config.max_accuracy_drop if eval_x is not None else None,
+        raise_on_failure=False,
+    )
+    timings["verify_seconds"] = time.perf_counter() - start
+
+    report = _report(config, convert_config, flatbuffer, result, samples, timings)
+    if result.passed:
+        write_atomic(model_path, flatbuffer)
+        write_json(report_path, report)
+        return ConvertPipelineResult(model_path, report_path, result, len(flatbuffer), report)
+    # A stale model.tflite from an earlier run must not sit beside a report that says this one failed.
+    if os.path.exists(model_path):
+        os.unlink(model_path)
+    write_json(report_path, report)
+    raise VerificationError(result.failures, result)
+
+
+def _report(config, convert_config, flatbuffer, result, samples, timings) -> dict:
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "tool": f"tfcompress {__version__}",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "verified": result.passed,
+        "config": dataclasses.asdict(config) | {"io_dtype": convert_config.io_dtype},
+        "model": {
+            "file": MODEL_FILENAME if result.passed else None,
+            "bytes": len(flatbuffer),
+            "sha256": hashlib.sha256(flatbuffer).hexdigest(),
+            "ops": result.ops,
+            "inputs": list(result.inputs),
+            "outputs": list(result.outputs),
+        },
+        "num_calibration_samples_used": 0 if samples is None else int(len(samples)),
+        "accuracy": None if result.accuracy is None else dataclasses.asdict(result.accuracy),
+        "checks": [dataclasses.asdict(c) for c in result.checks],
+        "failures": result.failures,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+    }

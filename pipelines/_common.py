@@ -11,7 +11,7 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from tfcompress.errors import EXIT_BAD_INPUT, TfcompressError, VerificationError
 
@@ -32,6 +32,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def _guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     def wrapped(argv: list[str]) -> None:
+        logging.set_verbosity(logging.DEBUG if flags.FLAGS.verbose else logging.WARNING)
         if len(argv) > 1:
             print(f"{_prog(argv)}: error: unexpected arguments {argv[1:]}; every input is a --flag.",
                   file=sys.stderr)

@@ -138,6 +138,8 @@ def check_integer_only(flatbuffer: bytes, mode: Mode, allow_float_io: bool) -> N
     """Raises `NotFullyQuantizedError` naming every op that computes in float."""
     parsed = read_tflite(flatbuffer)
     offenders = parsed.float_ops(allow_float_io=allow_float_io)
+    # The DEQUANTIZE/QUANTIZE pairs around a float op are symptoms; name the op they serve.
+    offenders = [op for op in offenders if op.op not in ("QUANTIZE", "DEQUANTIZE")] or offenders
     if offenders:
         names = sorted({op.custom_code or op.op for op in offenders})
         described = ", ".join(parsed.describe(op) for op in offenders[:5])

@@ -1,0 +1,85 @@
+"""Shared fixtures: a small real CNN trained on real MNIST, saved in every format the pipeline reads."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+
+from tfcompress._keras import keras, tf
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MNIST = ROOT / "data" / "mnist.npz"
+CALIBRATION = ROOT / "calibration_data" / "mnist_calibration.npz"
+SCALE = 1.0 / 255.0
+NUM_EVAL = 1000
+
+
+def small_cnn(seed: int = 0) -> "keras.Model":
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.layers.Input((28, 28, 1)),
+        keras.layers.Conv2D(8, 3, activation="relu", name="conv"),
+        keras.layers.MaxPooling2D(2, name="pool"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(32, activation="relu", name="fc"),
+        keras.layers.Dense(10, name="logits"),
+    ], name="small_cnn")
+
+
+@pytest.fixture(scope="session")
+def mnist_subset():
+    """8,000 training images (train split) and the first 1,000 test images, float32 in [0, 1]."""
+    with np.load(MNIST) as d:
+        x_train = d["x_train"][:8000, ..., None].astype(np.float32) * SCALE
+        y_train = d["y_train"][:8000].astype(np.int64)
+        x_test = d["x_test"][:NUM_EVAL, ..., None].astype(np.float32) * SCALE
+        y_test = d["y_test"][:NUM_EVAL].astype(np.int64)
+    return x_train, y_train, x_test, y_test
+
+
+@pytest.fixture(scope="session")
+def trained_model(mnist_subset):
+    x_train, y_train, _, _ = mnist_subset
+    model = small_cnn()
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"])
+    tf.config.experimental.enable_op_determinism()
+    model.fit(x_train, y_train, epochs=2, batch_size=64, verbose=0, shuffle=False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def saved_model_dir(trained_model, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("models") / "small_cnn_savedmodel"
+    trained_model.save(path, save_format="tf")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def keras_file(trained_model, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("models") / "small_cnn.keras"
+    trained_model.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def h5_file(trained_model, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("models") / "small_cnn.h5"
+    trained_model.save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def eval_npz(tmp_path_factory) -> str:
+    """The first 1,000 MNIST test images and labels, raw uint8 like the shipped file."""
+    path = tmp_path_factory.mktemp("data") / "eval.npz"
+    with np.load(MNIST) as d:
+        np.savez(path, x_test=d["x_test"][:NUM_EVAL], y_test=d["y_test"][:NUM_EVAL])
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def calibration_samples():
+    with np.load(CALIBRATION) as d:
+        return d["x"][:200].astype(np.float32) * SCALE

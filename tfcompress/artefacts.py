@@ -10,8 +10,12 @@ from typing import Any
 from tfcompress.errors import OutputPathError
 
 
-def prepare_output_dir(output_dir: str | os.PathLike, artefacts: tuple[str, ...], overwrite: bool) -> str:
+def prepare_output_dir(output_dir: str | os.PathLike, artefacts: tuple[str, ...],
+                       overwrite: bool) -> tuple[str, bool]:
     """Checks that `output_dir` can receive `artefacts` before any work is done; creates it.
+
+    Returns:
+        The path, and whether this call created the directory (so a failed run can remove it again).
 
     Raises:
         OutputPathError: the path is a file, cannot be created or written, or an artefact exists and
@@ -26,6 +30,7 @@ def prepare_output_dir(output_dir: str | os.PathLike, artefacts: tuple[str, ...]
             raise OutputPathError(
                 f"{existing} already exists. Pass --overwrite to replace it, or choose another --output_dir."
             )
+    created = not os.path.exists(path)
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
@@ -34,7 +39,15 @@ def prepare_output_dir(output_dir: str | os.PathLike, artefacts: tuple[str, ...]
         raise OutputPathError(
             f"--output_dir {path} is not writable ({e.strerror}). Choose a directory you can write to."
         ) from None
-    return path
+    return path, created
+
+
+def remove_if_empty(path: str) -> None:
+    """Removes a directory this run created, so that a failed run leaves nothing behind."""
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass  # not empty, or already gone: leave it
 
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:

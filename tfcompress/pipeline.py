@@ -14,9 +14,9 @@ import os
 import time
 
 from tfcompress import __version__, calibration
-from tfcompress.artefacts import prepare_output_dir, write_atomic, write_json
+from tfcompress.artefacts import prepare_output_dir, remove_if_empty, write_atomic, write_json
 from tfcompress.convert import ConvertConfig, Mode, convert
-from tfcompress.errors import CalibrationDataError, VerificationError
+from tfcompress.errors import CalibrationDataError, ConversionError, InputError, VerificationError
 from tfcompress.model_io import load_model
 from tfcompress.verify import VerificationResult, verify
 
@@ -96,7 +96,18 @@ def run_convert(config: ConvertPipelineConfig) -> ConvertPipelineResult:
             is left in `output_dir`.
     """
     convert_config = ConvertConfig(config.mode, config.io_dtype)
-    output_dir = prepare_output_dir(config.output_dir, (MODEL_FILENAME, REPORT_FILENAME), config.overwrite)
+    output_dir, created = prepare_output_dir(
+        config.output_dir, (MODEL_FILENAME, REPORT_FILENAME), config.overwrite)
+    try:
+        return _convert_and_write(config, convert_config, output_dir)
+    except (InputError, ConversionError, ValueError):
+        if created:
+            remove_if_empty(output_dir)
+        raise
+
+
+def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertConfig,
+                       output_dir: str) -> ConvertPipelineResult:
     model_path = os.path.join(output_dir, MODEL_FILENAME)
     report_path = os.path.join(output_dir, REPORT_FILENAME)
     timings = {}

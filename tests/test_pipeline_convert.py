@@ -1,0 +1,205 @@
+"""End to end: `pipelines/convert.py` (and `tfcompress convert`) on a real SavedModel and real MNIST.
+
+Each bad input gets one clear line, exit code 2 and nothing written; a failed verification exits 1 and
+leaves no model.tflite; a success writes a uint8-I/O, integer-only model.tflite and report.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+
+from conftest import CALIBRATION, SCALE
+from pipelines import _common
+from pipelines import convert as convert_script
+from tfcompress.errors import (
+    CalibrationDataError,
+    ModelLoadError,
+    OutputPathError,
+    VerificationError,
+)
+from tfcompress.pipeline import ConvertPipelineConfig, run_convert
+from tfcompress.tflite_model import read_tflite
+
+
+def _config(saved_model_dir, eval_npz, output_dir, **overrides) -> ConvertPipelineConfig:
+    values = dict(
+        output_dir=str(output_dir), saved_model_dir=saved_model_dir, calibration_data=str(CALIBRATION),
+        calibration_key="x", eval_data=eval_npz, input_scale=SCALE, num_calibration_samples=200,
+    )
+    values.update(overrides)
+    return ConvertPipelineConfig(**values)
+
+
+def _run_cli(argv: list[str]) -> int:
+    """Runs the convert script in this process, as `tfcompress convert` would, and returns its exit code."""
+    with flagsaver.flagsaver():
+        for name in flags.FLAGS:
+            flags.FLAGS[name].unparse()
+        with pytest.raises(SystemExit) as e:
+            _common.run(convert_script.main, argv=["tfcompress convert", *argv])
+    return e.value.code or 0
+
+
+def test_script_writes_verified_uint8_model_and_report(saved_model_dir, eval_npz, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = _run_cli([f"--saved_model_dir={saved_model_dir}", f"--calibration_data={CALIBRATION}",
+                     "--calibration_key=x", f"--input_scale={SCALE}", f"--eval_data={eval_npz}",
+                     f"--output_dir={out}", "--max_accuracy_drop=0.01"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["model.tflite", "report.json"]
+    parsed = read_tflite(out / "model.tflite")
+    assert {parsed.tensors[i].dtype for i in parsed.inputs + parsed.outputs} == {"uint8"}
+    io = set(parsed.inputs) | set(parsed.outputs)
+    assert {t.dtype for t in parsed.tensors if t.index not in io} <= {"int8", "int32"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["verified"] is True and report["failures"] == []
+    assert report["model"]["bytes"] == (out / "model.tflite").stat().st_size
+    assert report["config"]["io_dtype"] == "uint8"
+    acc = report["accuracy"]
+    assert acc["num_samples"] == 1000
+    assert 0.0 <= acc["tflite_accuracy"] <= 1.0 and abs(acc["accuracy_drop"]) <= 0.01
+    assert "verified" in capsys.readouterr().out
+
+
+def test_same_inputs_and_seed_give_identical_files(saved_model_dir, eval_npz, tmp_path):
+    first = run_convert(_config(saved_model_dir, eval_npz, tmp_path / "a", seed=3))
+    second = run_convert(_config(saved_model_dir, eval_npz, tmp_path / "b", seed=3))
+    assert open(first.model_path, "rb").read() == open(second.model_path, "rb").read()
+
+
+@pytest.mark.parametrize("mode, io_dtype", [
+    ("int8", "int8"), ("int8", "float32"), ("int16x8", "int16"), ("dynamic", "float32"),
+    ("float16", "float32"), ("float32", "float32")])
+def test_every_mode_through_the_pipeline(saved_model_dir, eval_npz, tmp_path, mode, io_dtype):
+    result = run_convert(_config(saved_model_dir, eval_npz, tmp_path, mode=mode, io_dtype=io_dtype))
+    assert result.verification.inputs[0]["dtype"] == io_dtype
+    assert abs(result.verification.accuracy.accuracy_drop) <= 0.01
+
+
+def test_failed_verification_exits_1_and_leaves_no_model(saved_model_dir, eval_npz, tmp_path, capsys):
+    # Calibrating on blank images gives the activations useless ranges: the int8 model is wrong.
+    blank = tmp_path / "blank.npz"
+    np.savez(blank, x=np.zeros((50, 28, 28, 1), np.uint8))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.tflite").write_bytes(b"stale model from an earlier run")
+    code = _run_cli([f"--saved_model_dir={saved_model_dir}", f"--calibration_data={blank}",
+                     f"--input_scale={SCALE}", f"--eval_data={eval_npz}", f"--output_dir={out}",
+                     "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "verification failed (1 check(s))" in err and "FAILED accuracy_drop: float" in err
+    assert "Traceback" not in err
+    assert not (out / "model.tflite").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["verified"] is False and report["model"]["file"] is None
+
+
+def _bad(tmp_path, name, array=None, content=None):
+    path = tmp_path / name
+    if array is not None:
+        np.savez(path, x=array) if name.endswith(".npz") else np.save(path, array)
+    elif content is not None:
+        path.write_bytes(content)
+    return str(path)
+
+
+@pytest.mark.parametrize("case, error, message", [
+    ("missing_model", ModelLoadError, r"Model not found: .*nowhere\. Pass an existing SavedModel"),
+    ("corrupt_model", ModelLoadError, r"Cannot load SavedModel .*corrupt or incomplete: save the model again"),
+    ("not_savedmodel", ModelLoadError, r"is not a SavedModel directory \(no saved_model\.pb\)"),
+    ("calibration_missing", CalibrationDataError, r"not found"),
+    ("calibration_empty", CalibrationDataError, r"(?i)empty|0 samples"),
+    ("calibration_rank", CalibrationDataError, r"(?i)rank|shape"),
+    ("calibration_shape", CalibrationDataError, r"\(N, 28, 28, 1\)"),
+    ("calibration_channels", CalibrationDataError, r"(?i)channels"),
+    ("calibration_nan", CalibrationDataError, r"NaN"),
+    ("calibration_inf", CalibrationDataError, r"Inf"),
+    ("calibration_text", CalibrationDataError, r"(?i)numeric"),
+    ("labels_length", CalibrationDataError, r"has 1000 samples but 999 labels"),
+    ("output_is_file", OutputPathError, r"is a file, not a directory"),
+    ("output_not_writable", OutputPathError, r"(?i)not writable"),
+    ("output_exists", OutputPathError, r"model\.tflite already exists\. Pass --overwrite"),
+    ("no_calibration", CalibrationDataError, r"int8 mode needs calibration data .*pass --calibration_data"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(saved_model_dir, eval_npz, tmp_path, case, error, message):
+    out = tmp_path / "out"
+    overrides: dict = {}
+    if case == "missing_model":
+        overrides["saved_model_dir"] = str(tmp_path / "nowhere")
+    elif case == "corrupt_model":
+        bad = tmp_path / "corrupt"
+        bad.mkdir()
+        (bad / "saved_model.pb").write_bytes(b"\x08garbage that is not a protobuf")
+        overrides["saved_model_dir"] = str(bad)
+    elif case == "not_savedmodel":
+        (tmp_path / "empty_dir").mkdir()
+        overrides["saved_model_dir"] = str(tmp_path / "empty_dir")
+    elif case == "calibration_missing":
+        overrides["calibration_data"] = str(tmp_path / "nothing.npz")
+    elif case.startswith("calibration_"):
+        arrays = {
+            "calibration_empty": np.zeros((0, 28, 28, 1), np.uint8),
+            "calibration_rank": np.zeros((50, 784), np.uint8),
+            "calibration_shape": np.zeros((50, 32, 32, 1), np.uint8),
+            "calibration_channels": np.zeros((50, 28, 28, 3), np.uint8),
+            "calibration_nan": np.full((50, 28, 28, 1), np.nan, np.float32),
+            "calibration_inf": np.full((50, 28, 28, 1), np.inf, np.float32),
+            "calibration_text": np.full((50, 28, 28, 1), "a"),
+        }
+        overrides["calibration_data"] = _bad(tmp_path, "cal.npz", arrays[case])
+    elif case == "labels_length":
+        with np.load(eval_npz) as d:
+            np.savez(tmp_path / "eval.npz", x_test=d["x_test"], y_test=d["y_test"][:-1])
+        overrides["eval_data"] = str(tmp_path / "eval.npz")
+    elif case == "output_is_file":
+        out.write_text("a file")
+    elif case == "output_not_writable":
+        out = "/proc/tfcompress-cannot-write-here"  # not creatable, even by root
+    elif case == "output_exists":
+        out.mkdir()
+        (out / "model.tflite").write_bytes(b"earlier")
+    elif case == "no_calibration":
+        overrides["calibration_data"] = None
+    before = sorted(os.listdir(out)) if os.path.isdir(out) else None
+    with pytest.raises(error, match=message) as e:
+        run_convert(_config(overrides.pop("saved_model_dir", saved_model_dir), eval_npz, out, **overrides))
+    assert "\n" not in str(e.value)
+    assert e.value.exit_code == 2
+    after = sorted(os.listdir(out)) if os.path.isdir(out) else None
+    assert after == before
+
+
+def test_bad_flags_exit_2_with_one_line(capsys, tmp_path):
+    assert _run_cli([f"--output_dir={tmp_path}", "--mode=int4"]) == 2
+    assert _run_cli([f"--output_dir={tmp_path}", "--max_accuracy_drop=5"]) == 2
+    assert _run_cli([f"--output_dir={tmp_path}"]) == 2  # no model given
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("tfcompress convert: error: ") for line in err)
+    assert "Give exactly one model: --saved_model_dir or --keras_model" in err[2]
+    assert os.listdir(tmp_path) == []
+
+
+def test_console_script_reaches_the_same_pipeline(saved_model_dir, eval_npz, tmp_path):
+    """The installed `tfcompress convert` entry point, in a real subprocess."""
+    command = [os.path.join(os.path.dirname(sys.executable), "tfcompress"), "convert",
+               f"--saved_model_dir={saved_model_dir}", f"--calibration_data={CALIBRATION}",
+               "--calibration_key=x", f"--input_scale={SCALE}", f"--output_dir={tmp_path / 'cli'}",
+               "--num_calibration_samples=100"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "cli" / "model.tflite").is_file()
+    missing = subprocess.run(command[:2] + ["--saved_model_dir=/nonexistent", f"--output_dir={tmp_path}/x"],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        "tfcompress convert: error: Model not found: /nonexistent. Pass an existing SavedModel directory "
+        "or .keras/.h5 file."]

@@ -1,0 +1,27 @@
+"""The demo on the real LeNet-5 and the full MNIST test split (slow: trains for one epoch)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipelines.demo import run_demo
+from tfcompress.tflite_model import read_tflite
+
+
+@pytest.mark.slow
+def test_demo_trains_converts_and_reports(tmp_path):
+    summary = run_demo(str(tmp_path), epochs=1, seed=0, max_accuracy_drop=0.005)
+    f32, i8 = summary["models"]["float32"], summary["models"]["int8"]
+    assert f32["accuracy"] >= 0.97  # one epoch of LeNet-5 (five reach about 0.993)
+    assert abs(i8["accuracy_drop"]) <= 0.005  # 50 of the 10,000 test images
+    assert i8["bytes"] <= 0.27 * f32["bytes"]
+    parsed = read_tflite(i8["path"])
+    assert {parsed.tensors[i].dtype for i in parsed.inputs + parsed.outputs} == {"uint8"}
+    assert parsed.op_counts() == {"CONV_2D": 2, "FULLY_CONNECTED": 2, "MAX_POOL_2D": 2, "QUANTIZE": 2,
+                                  "RESHAPE": 1}
+    assert sum(t.dtype == "int8" and t.is_constant for t in parsed.tensors) == 4  # four weight tensors
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["models"]["int8"]["bytes"] == i8["bytes"]
+    assert "| int8 | uint8 |" in (tmp_path / "summary.md").read_text()

@@ -22,6 +22,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from pipelines import _common
 from tfcompress import baseline, latency, pipeline
+from tfcompress.demo import CALIBRATION
 from tfcompress._keras import tf
 from tfcompress.artefacts import write_atomic, write_json
 from tfcompress.verify import quantize, run_tflite
@@ -34,8 +35,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed for training and for drawing calib
 _NUM_LOOP = flags.DEFINE_integer("num_loop_samples", 1000, "Test images the one-sample loop times.",
                                  lower_bound=1)
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CALIBRATION = os.path.join(_REPO, "calibration_data", "mnist_calibration.npz")
 # (measured key, target, True if the measured value must be at most the target)
 TARGETS = {
     "int8 bytes / float32 bytes": ("bytes_ratio", 0.27, True),

@@ -1,20 +1,17 @@
 """The demo: train LeNet-5 on the shipped MNIST, convert it to a verified int8 model, print a report.
 
-Run with no flags (`make demo` or `tfcompress demo`). Steps: train the baseline (seeded), save it as a
-SavedModel, run the convert pipeline twice on it (float32 for reference, int8 with uint8 I/O, both
-verified on the full 10,000-image test split), time each `.tflite` single-threaded in a fresh process,
-and print a table. Everything lands in --output_dir (replaced on each run).
+Run with no flags (`make demo` or `tfcompress demo`). The work is `tfcompress.demo.run_demo`: train the
+baseline (seeded), save it as a SavedModel, convert it to float32 and to int8 with uint8 I/O, verify both
+on all 10,000 test images, time each single-threaded in a fresh process, print a table. Everything lands
+in --output_dir (replaced on each run).
 """
 
 from __future__ import annotations
 
-import os
-
 from absl import flags
 
 from pipelines import _common
-from tfcompress import baseline, latency, pipeline
-from tfcompress.artefacts import write_atomic, write_json
+from tfcompress import demo
 
 _OUTPUT = flags.DEFINE_string("output_dir", "artefacts/demo", "Where the demo's artefacts go (replaced).")
 _EPOCHS = flags.DEFINE_integer("epochs", 5, "Training epochs of the baseline LeNet-5.", lower_bound=1)
@@ -22,87 +19,12 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed for training and for drawing calib
 _MAX_DROP = flags.DEFINE_float("max_accuracy_drop", 0.01, "Largest allowed int8 accuracy drop, a fraction.",
                                lower_bound=0.0, upper_bound=1.0)
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CALIBRATION = os.path.join(_REPO, "calibration_data", "mnist_calibration.npz")
-
 
 def main(argv: list[str]) -> None:
     del argv
-    rows = run_demo(_OUTPUT.value, epochs=_EPOCHS.value, seed=_SEED.value,
-                    max_accuracy_drop=_MAX_DROP.value)
-    print(rows["table"])
-
-
-def run_demo(output_dir: str, epochs: int = 5, seed: int = 0, max_accuracy_drop: float = 0.01) -> dict:
-    os.makedirs(output_dir, exist_ok=True)
-    print(f"Training LeNet-5 on MNIST ({epochs} epochs, seed {seed}) ...", flush=True)
-    data = baseline.load_mnist()
-    model = baseline.train_lenet5(data, epochs=epochs, seed=seed, verbose=2)
-    saved_model_dir = os.path.join(output_dir, "float_savedmodel")
-    model.save(saved_model_dir, save_format="tf", overwrite=True)
-
-    results = {}
-    for mode in ("float32", "int8"):
-        print(f"Converting to {mode} and verifying on the 10,000 test images ...", flush=True)
-        results[mode] = pipeline.run_convert(pipeline.ConvertPipelineConfig(
-            output_dir=os.path.join(output_dir, mode),
-            saved_model_dir=saved_model_dir,
-            calibration_data=CALIBRATION,
-            calibration_key="x",
-            eval_data=str(baseline.MNIST_PATH),
-            input_scale=baseline.MNIST_SCALE,
-            mode=mode,
-            max_accuracy_drop=max_accuracy_drop,
-            seed=seed,
-            overwrite=True,
-        ))
-    print("Timing each model single-threaded in a fresh process ...", flush=True)
-    summary = {"schema_version": 1, "epochs": epochs, "seed": seed, "models": {}}
-    for mode, result in results.items():
-        timing = latency.measure_latency(result.model_path, num_runs=200, num_threads=1)
-        acc = result.verification.accuracy
-        summary["models"][mode] = {
-            "path": result.model_path,
-            "bytes": result.num_bytes,
-            "accuracy": acc.tflite_accuracy,
-            "float_accuracy": acc.float_accuracy,
-            "accuracy_drop": acc.accuracy_drop,
-            "top1_agreement": acc.top1_agreement,
-            "latency_median_ms": timing.median_ms,
-            "latency_p90_ms": timing.p90_ms,
-            "io_dtype": result.verification.inputs[0]["dtype"],
-        }
-    table = render(summary)
-    summary["table"] = table
-    write_json(os.path.join(output_dir, "summary.json"), {k: v for k, v in summary.items() if k != "table"})
-    write_atomic(os.path.join(output_dir, "summary.md"), (table + "\n").encode())
-    return summary
-
-
-def render(summary: dict) -> str:
-    f32, i8 = summary["models"]["float32"], summary["models"]["int8"]
-    lines = [
-        f"LeNet-5 on MNIST, {i8['io_dtype']} I/O int8 vs float32 TFLite "
-        f"(accuracy on all 10,000 test images; latency: median of 200 single-thread invokes)",
-        "",
-        "| model | I/O | test accuracy | bytes | latency median (ms) | latency p90 (ms) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, row in (("float32", f32), ("int8", i8)):
-        lines.append(
-            f"| {name} | {row['io_dtype']} | {row['accuracy']:.4f} | {row['bytes']:,} | "
-            f"{row['latency_median_ms']:.3f} | {row['latency_p90_ms']:.3f} |"
-        )
-    lines += [
-        "",
-        f"int8 vs float32: {i8['bytes'] / f32['bytes']:.3f}x the bytes, accuracy change "
-        f"{i8['accuracy'] - f32['accuracy']:+.4f} ({(i8['accuracy'] - f32['accuracy']) * 100:+.2f} points), "
-        f"top-1 agreement with the float model {i8['top1_agreement']:.4f}, "
-        f"{f32['latency_median_ms'] / i8['latency_median_ms']:.2f}x faster.",
-        f"Artefacts: {os.path.dirname(i8['path'])}/ (model.tflite, report.json), "
-        f"{os.path.dirname(os.path.dirname(i8['path']))}/summary.md",
-    ]
-    return "\n".join(lines)
+    summary = demo.run_demo(_OUTPUT.value, epochs=_EPOCHS.value, seed=_SEED.value,
+                            max_accuracy_drop=_MAX_DROP.value)
+    print(summary["table"])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipelines.demo import run_demo
+from tfcompress.demo import run_demo
 from tfcompress.tflite_model import read_tflite
 
 

@@ -57,6 +57,22 @@ def _guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     return wrapped
 
 
+def _print_help(main: Callable, argv: Sequence[str]) -> None:
+    """The script's docstring and its own flags (absl's --help would list none under `tfcompress <verb>`)."""
+    module = sys.modules[main.__module__]
+    print((module.__doc__ or "").strip() + "\n")
+    print(f"usage: {_prog(argv)} [--flags]\n")
+    print(flags.FLAGS.module_help(module))
+    print(flags.FLAGS.module_help(sys.modules[__name__]))
+
+
 def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
-    """`app.run` with exit code 2 on flag errors and one-line messages for tfcompress errors."""
+    """`app.run` with exit code 2 on flag errors and one-line messages for tfcompress errors.
+
+    `--help` prints the script's flags and exits 0.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv[1:]):
+        _print_help(main, argv)
+        sys.exit(0)
     app.run(_guarded(main), argv=argv, flags_parser=_parse_flags)

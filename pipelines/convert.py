@@ -1,4 +1,4 @@
-"""Convert a SavedModel or Keras model to a verified TFLite model (default: full int8, uint8 I/O).
+r"""Convert a SavedModel or Keras model to a verified TFLite model (default: full int8, uint8 I/O).
 
 Example:
   python pipelines/convert.py --saved_model_dir=artefacts/demo/float_savedmodel \

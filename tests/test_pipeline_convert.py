@@ -203,3 +203,10 @@ def test_console_script_reaches_the_same_pipeline(saved_model_dir, eval_npz, tmp
     assert missing.stderr.strip().splitlines() == [
         "tfcompress convert: error: Model not found: /nonexistent. Pass an existing SavedModel directory "
         "or .keras/.h5 file."]
+
+
+def test_help_lists_the_script_flags_and_exits_0(capsys):
+    assert _run_cli(["--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--saved_model_dir", "--calibration_data", "--max_accuracy_drop", "--io_dtype", "--[no]verbose"):
+        assert flag in out

@@ -20,13 +20,14 @@ from tfcompress.errors import (  # noqa: E402
 )
 from tfcompress.model_io import FloatModel, load_model  # noqa: E402
 from tfcompress.pipeline import ConvertPipelineConfig, ConvertPipelineResult, run_convert  # noqa: E402
+from tfcompress.prune import PruningCallback, SparsityNotReachedError, prune, sparsity, strip  # noqa: E402
 from tfcompress.quantize import quantize_aware  # noqa: E402
 from tfcompress.verify import VerificationResult, run_tflite, verify  # noqa: E402
 
 __all__ = [
     "CalibrationDataError", "ConversionError", "ConvertConfig", "ConvertPipelineConfig",
     "ConvertPipelineResult", "FloatModel", "InputError", "Mode", "ModelLoadError",
-    "NotFullyQuantizedError", "OutputPathError", "TfcompressError", "VerificationError",
-    "VerificationResult", "convert", "load_model", "quantize_aware", "run_convert", "run_tflite",
-    "verify",
+    "NotFullyQuantizedError", "OutputPathError", "PruningCallback", "SparsityNotReachedError",
+    "TfcompressError", "VerificationError", "VerificationResult", "convert", "load_model", "prune",
+    "quantize_aware", "run_convert", "run_tflite", "sparsity", "strip", "verify",
 ]

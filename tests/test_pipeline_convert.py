@@ -63,6 +63,10 @@ def test_script_writes_verified_uint8_model_and_report(saved_model_dir, eval_npz
     assert report["verified"] is True and report["failures"] == []
     assert report["model"]["bytes"] == (out / "model.tflite").stat().st_size
     assert report["config"]["io_dtype"] == "uint8"
+    # A dense model: only weights that round to zero in int8 are zeros.
+    assert set(report["model"]["weight_sparsity"]) == {"small_cnn/conv/Conv2D", "small_cnn/fc/MatMul",
+                                                       "small_cnn/logits/MatMul"}
+    assert all(0.0 <= v < 0.2 for v in report["model"]["weight_sparsity"].values())
     acc = report["accuracy"]
     assert acc["num_samples"] == 1000
     assert 0.0 <= acc["tflite_accuracy"] <= 1.0 and abs(acc["accuracy_drop"]) <= 0.01

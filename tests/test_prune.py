@@ -260,3 +260,20 @@ def test_functional_model(data):
     assert set(_wrappers(pruned)) == {"hidden", "out"}
     _fit(pruned, data)
     assert sparsity(strip(pruned))["overall"] == pytest.approx(0.75, abs=0.01)
+
+
+def test_sparsity_survives_into_the_int8_flatbuffer(data, calibration_samples):
+    from tfcompress.convert import ConvertConfig, convert
+    from tfcompress.model_io import load_model
+    from tfcompress.tflite_model import weight_sparsity
+
+    pruned = prune(small_cnn(), 0.8)
+    _fit(pruned, data, epochs=2)
+    plain = strip(pruned)
+    keras_sparsity = sparsity(plain)
+    shipped = weight_sparsity(convert(load_model(plain), ConvertConfig(), calibration_samples))
+    by_layer = {name.split("/")[-2]: value for name, value in shipped.items()}
+    assert set(by_layer) == {"conv", "fc", "logits"}
+    for layer, value in by_layer.items():
+        # int8 rounding can only add zeros (weights below half a step), never remove them.
+        assert keras_sparsity[layer] - 1e-9 <= value <= keras_sparsity[layer] + 0.02

@@ -18,6 +18,7 @@ from tfcompress.artefacts import prepare_output_dir, remove_if_empty, write_atom
 from tfcompress.convert import ConvertConfig, Mode, convert
 from tfcompress.errors import CalibrationDataError, ConversionError, InputError, VerificationError
 from tfcompress.model_io import load_model
+from tfcompress.tflite_model import weight_sparsity
 from tfcompress.verify import VerificationResult, verify
 
 MODEL_FILENAME = "model.tflite"
@@ -171,6 +172,7 @@ def _report(config, convert_config, flatbuffer, result, samples, timings) -> dic
             "bytes": len(flatbuffer),
             "sha256": hashlib.sha256(flatbuffer).hexdigest(),
             "ops": result.ops,
+            "weight_sparsity": weight_sparsity(flatbuffer),
             "inputs": list(result.inputs),
             "outputs": list(result.outputs),
         },

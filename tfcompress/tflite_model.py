@@ -187,3 +187,30 @@ def weight_tensors(model: TfliteModel, ops: Sequence[str] = ("CONV_2D", "DEPTHWI
             bias = model.tensors[op.inputs[bias_index]]
         found.append((op, weights, bias))
     return found
+
+
+_NUMPY_TYPES = {"int8": "int8", "uint8": "uint8", "int16": "int16", "int32": "int32", "int64": "int64",
+                "float32": "float32", "float16": "float16"}
+
+
+def weight_sparsity(model: bytes | str | os.PathLike) -> dict[str, float]:
+    """Fraction of stored weights equal to their zero point, per layer weight tensor (by tensor name).
+
+    Read from the flatbuffer's constant buffers, so it is what ships: pruning that did not survive
+    conversion shows here as a lower fraction than the Keras model's.
+    """
+    import numpy as np
+
+    data = model if isinstance(model, (bytes, bytearray)) else open(os.fspath(model), "rb").read()
+    parsed = read_tflite(data)
+    root = schema.ModelT.InitFromPackedBuf(bytes(data), 0)
+    tensors = root.subgraphs[0].tensors
+    result = {}
+    for _, weights, _ in weight_tensors(parsed):
+        raw = root.buffers[tensors[weights.index].buffer].data
+        if raw is None or weights.dtype not in _NUMPY_TYPES:
+            continue
+        values = np.frombuffer(np.asarray(raw, dtype=np.uint8).tobytes(), dtype=_NUMPY_TYPES[weights.dtype])
+        zero = weights.zero_point[0] if weights.zero_point and len(set(weights.zero_point)) == 1 else 0
+        result[weights.name] = float(np.mean(values == zero)) if values.size else 0.0
+    return result

@@ -1,0 +1,78 @@
+r"""Prune and/or quantization-aware fine-tune a Keras model, then convert it to a verified int8 TFLite model.
+
+Example (the demo's LeNet-5, prune to 80% then PQAT):
+  tfcompress optimize --saved_model_dir=artefacts/demo/float_savedmodel --train_data=data/mnist.npz \
+      --eval_data=data/mnist.npz --input_scale=0.00392156862745098 --prune --final_sparsity=0.8 --qat \
+      --output_dir=artefacts/optimize
+
+Each stage leaves its model in <output_dir>/stages/ and its numbers in <output_dir>/report.json; a rerun
+with the same flags resumes after the last completed stage (--overwrite starts over). The validation split
+is cut from the end of --train_data. Exit codes: 0 verified, 1 verification failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from pipelines import _common
+from tfcompress import optimize
+
+_MODEL = flags.DEFINE_string("saved_model_dir", None, "Keras SavedModel of the float model.")
+_KERAS_MODEL = flags.DEFINE_string("keras_model", None, "A .keras or .h5 model (instead of --saved_model_dir).")
+_TRAIN = flags.DEFINE_string("train_data", None, "Training .npz (validation is cut from its end).", required=True)
+_TRAIN_KEY = flags.DEFINE_string("train_key", "x_train", "Samples array inside --train_data.")
+_TRAIN_LABELS_KEY = flags.DEFINE_string("train_labels_key", "y_train", "Labels array inside --train_data.")
+_VALIDATION = flags.DEFINE_float("validation_fraction", 0.1, "Share of --train_data held out for validation.")
+_EVAL = flags.DEFINE_string("eval_data", None, "Labelled evaluation .npz (a test split: measured only).")
+_EVAL_KEY = flags.DEFINE_string("eval_key", "x_test", "Samples array inside --eval_data.")
+_EVAL_LABELS_KEY = flags.DEFINE_string("eval_labels_key", "y_test", "Labels array inside --eval_data.")
+_SCALE = flags.DEFINE_float("input_scale", 1.0, "Model input = raw * input_scale + input_offset.")
+_OFFSET = flags.DEFINE_float("input_offset", 0.0, "See --input_scale.")
+_PRUNE = flags.DEFINE_bool("prune", False, "Run the pruning fine-tune stage.")
+_SPARSITY = flags.DEFINE_float("final_sparsity", 0.8, "Target fraction of zero weights.", lower_bound=0.0,
+                               upper_bound=0.99)
+_SCOPE = flags.DEFINE_enum("prune_scope", "local", ["local", "global"], "Per-layer or one global threshold.")
+_STRUCTURE = flags.DEFINE_enum("prune_structure", None, ["2:4"], "Structured sparsity pattern.")
+_PRUNE_EPOCHS = flags.DEFINE_integer("prune_epochs", 2, "Epochs of the pruning fine-tune.", lower_bound=1)
+_QAT = flags.DEFINE_bool("qat", False, "Run quantization-aware fine-tuning (prune-preserving after --prune).")
+_QAT_EPOCHS = flags.DEFINE_integer("qat_epochs", 1, "Epochs of QAT.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Fine-tuning batch size.", lower_bound=1)
+_LR = flags.DEFINE_float("learning_rate", 5e-4, "Adam learning rate of the fine-tunes.", lower_bound=0.0)
+_CALIBRATION = flags.DEFINE_string("calibration_data", None, "Calibration samples for the final conversion "
+                                   "(needed without --qat).")
+_CALIBRATION_KEY = flags.DEFINE_string("calibration_key", None, "Array name inside a calibration .npz.")
+_NUM_CALIBRATION = flags.DEFINE_integer("num_calibration_samples", 500, "Calibration samples to draw.",
+                                        lower_bound=1)
+_MAX_DROP = flags.DEFINE_float("max_accuracy_drop", 0.01, "Largest allowed int8 accuracy drop against the "
+                               "fine-tuned float model, a fraction.", lower_bound=0.0, upper_bound=1.0)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the fine-tunes and the calibration draw.")
+_OUTPUT = flags.DEFINE_string("output_dir", None, "Where stages, model.tflite and report.json go.",
+                              required=True)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Start over instead of resuming.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    result = optimize.run_optimize(optimize.OptimizeConfig(
+        output_dir=_OUTPUT.value, train_data=_TRAIN.value, saved_model_dir=_MODEL.value,
+        keras_model=_KERAS_MODEL.value, train_key=_TRAIN_KEY.value, train_labels_key=_TRAIN_LABELS_KEY.value,
+        validation_fraction=_VALIDATION.value, eval_data=_EVAL.value, eval_key=_EVAL_KEY.value,
+        eval_labels_key=_EVAL_LABELS_KEY.value, input_scale=_SCALE.value, input_offset=_OFFSET.value,
+        prune=_PRUNE.value, final_sparsity=_SPARSITY.value, prune_scope=_SCOPE.value,
+        prune_structure=_STRUCTURE.value, prune_epochs=_PRUNE_EPOCHS.value, qat=_QAT.value,
+        qat_epochs=_QAT_EPOCHS.value, batch_size=_BATCH.value, learning_rate=_LR.value,
+        calibration_data=_CALIBRATION.value, calibration_key=_CALIBRATION_KEY.value,
+        num_calibration_samples=_NUM_CALIBRATION.value, max_accuracy_drop=_MAX_DROP.value,
+        seed=_SEED.value, overwrite=_OVERWRITE.value,
+    ))
+    if result.resumed_after:
+        print(f"resumed after stage {result.resumed_after}")
+    for stage in result.stages:
+        acc, zeros = stage.get("eval_accuracy"), stage.get("sparsity")
+        print(f"  {stage['stage']:<8} eval accuracy {'-' if acc is None else f'{acc:.4f}'}  "
+              f"sparsity {'-' if zeros is None else f'{zeros:.3f}'}  {stage['seconds']:.1f} s")
+    print(f"verified {result.model_path}; report {result.report_path}")
+
+
+if __name__ == "__main__":
+    _common.run(main)

@@ -36,6 +36,11 @@ _STRUCTURE = flags.DEFINE_enum("prune_structure", None, ["2:4"], "Structured spa
 _PRUNE_EPOCHS = flags.DEFINE_integer("prune_epochs", 2, "Epochs of the pruning fine-tune.", lower_bound=1)
 _QAT = flags.DEFINE_bool("qat", False, "Run quantization-aware fine-tuning (prune-preserving after --prune).")
 _QAT_EPOCHS = flags.DEFINE_integer("qat_epochs", 1, "Epochs of QAT.", lower_bound=1)
+_LEAVE_FLOAT = flags.DEFINE_list("leave_float", [], "Layers tfmot cannot quantize to keep float during QAT; "
+                                  "the model is then not full-integer and int8 conversion refuses it: pick "
+                                  "another --mode (dynamic, float16) to convert it anyway.")
+_MODE = flags.DEFINE_enum("mode", "int8", ["int8", "int16x8", "dynamic", "float16", "float32"],
+                          "Mode of the final conversion.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Fine-tuning batch size.", lower_bound=1)
 _LR = flags.DEFINE_float("learning_rate", 5e-4, "Adam learning rate of the fine-tunes.", lower_bound=0.0)
 _CALIBRATION = flags.DEFINE_string("calibration_data", None, "Calibration samples for the final conversion "
@@ -60,7 +65,8 @@ def main(argv: list[str]) -> None:
         eval_labels_key=_EVAL_LABELS_KEY.value, input_scale=_SCALE.value, input_offset=_OFFSET.value,
         prune=_PRUNE.value, final_sparsity=_SPARSITY.value, prune_scope=_SCOPE.value,
         prune_structure=_STRUCTURE.value, prune_epochs=_PRUNE_EPOCHS.value, qat=_QAT.value,
-        qat_epochs=_QAT_EPOCHS.value, batch_size=_BATCH.value, learning_rate=_LR.value,
+        qat_epochs=_QAT_EPOCHS.value, leave_float=tuple(_LEAVE_FLOAT.value), mode=_MODE.value,
+        batch_size=_BATCH.value, learning_rate=_LR.value,
         calibration_data=_CALIBRATION.value, calibration_key=_CALIBRATION_KEY.value,
         num_calibration_samples=_NUM_CALIBRATION.value, max_accuracy_drop=_MAX_DROP.value,
         seed=_SEED.value, overwrite=_OVERWRITE.value,

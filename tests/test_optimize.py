@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import MNIST, SCALE
-from tfcompress.errors import OutputPathError
+from tfcompress._keras import keras, tf
+from tfcompress.errors import NotFullyQuantizedError, OutputPathError
 from tfcompress.optimize import OptimizeConfig, run_optimize
 from tfcompress.tflite_model import read_tflite
 
@@ -79,3 +80,18 @@ def test_command_line_bad_input_exits_2(tmp_path):
         "tfcompress optimize: error: Model not found: /nonexistent.keras. Pass an existing SavedModel "
         "directory or .keras/.h5 file."]
     assert not (tmp_path / "out").exists()
+
+
+def test_layers_left_float_make_int8_refuse_and_dynamic_accept(train_npz, eval_npz, tmp_path):
+    model = keras.Sequential([keras.layers.Input((28, 28, 1)), keras.layers.Flatten(name="flat"),
+                              keras.layers.Dense(10, name="dense"),
+                              keras.layers.Lambda(lambda t: tf.sin(t), name="sine")])
+    path = tmp_path / "sine.h5"
+    model.save(path)
+    config = dict(output_dir=str(tmp_path / "out"), train_data=train_npz, keras_model=str(path),
+                  input_scale=SCALE, qat=True, leave_float=("sine",), batch_size=64)
+    with pytest.raises(NotFullyQuantizedError, match=r"in float: SIN"):
+        run_optimize(OptimizeConfig(**config))
+    result = run_optimize(OptimizeConfig(**config, mode="dynamic"))  # told otherwise: resumes, converts
+    assert result.resumed_after == "qat"
+    assert read_tflite(result.model_path).tensors[read_tflite(result.model_path).inputs[0]].dtype == "float32"

@@ -54,6 +54,8 @@ class OptimizeConfig:
     prune_epochs: int = 2
     qat: bool = False
     qat_epochs: int = 1
+    leave_float: tuple[str, ...] = ()
+    mode: str = "int8"
     batch_size: int = 128
     learning_rate: float = 5e-4
     calibration_data: str | None = None
@@ -84,9 +86,15 @@ class OptimizeConfig:
             )
 
     def fingerprint(self) -> str:
-        """Identifies the settings a stage's artefact was made with (output options excluded)."""
-        values = dataclasses.asdict(self)
-        for name in ("output_dir", "overwrite"):
+        """Identifies the settings the training stages' artefacts were made with.
+
+        Options of the final conversion and of measurement only (mode, calibration, evaluation, the
+        accuracy gate) are left out: changing them reruns just the convert stage.
+        """
+        values = dataclasses.asdict(self) | {"leave_float": sorted(self.leave_float)}
+        for name in ("output_dir", "overwrite", "mode", "max_accuracy_drop", "calibration_data",
+                     "calibration_key", "num_calibration_samples", "eval_data", "eval_key",
+                     "eval_labels_key"):
             values.pop(name)
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -131,7 +139,8 @@ def run_optimize(config: OptimizeConfig) -> OptimizeResult:
     if config.qat and "qat" not in done:
         start = time.perf_counter()
         keras.utils.set_random_seed(config.seed)
-        qat = quantize_aware(model, scheme="prune_preserving" if config.prune else "default")
+        qat = quantize_aware(model, scheme="prune_preserving" if config.prune else "default",
+                             leave_float=config.leave_float)
         _compile(qat, config)
         qat.fit(x_train, y_train, batch_size=config.batch_size, epochs=config.qat_epochs, shuffle=True,
                 validation_data=(x_val, y_val), verbose=2)
@@ -142,7 +151,7 @@ def run_optimize(config: OptimizeConfig) -> OptimizeResult:
     start = time.perf_counter()
     last = state["completed"][-1]
     converted = run_convert(ConvertPipelineConfig(
-        output_dir=os.path.join(stages_dir, "convert"), keras_model=last["artefact"],
+        output_dir=os.path.join(stages_dir, "convert"), keras_model=last["artefact"], mode=config.mode,
         calibration_data=config.calibration_data, calibration_key=config.calibration_key,
         eval_data=config.eval_data, eval_key=config.eval_key, eval_labels_key=config.eval_labels_key,
         input_scale=config.input_scale, input_offset=config.input_offset,

@@ -33,6 +33,8 @@ _SPARSITY = flags.DEFINE_float("final_sparsity", 0.8, "Target fraction of zero w
                                upper_bound=0.99)
 _SCOPE = flags.DEFINE_enum("prune_scope", "local", ["local", "global"], "Per-layer or one global threshold.")
 _STRUCTURE = flags.DEFINE_enum("prune_structure", None, ["2:4"], "Structured sparsity pattern.")
+_PRUNE_EXCLUDE = flags.DEFINE_list("prune_exclude", [], "Layers not to prune (e.g. a first conv with fewer "
+                                    "than 4 input channels under --prune_structure=2:4).")
 _PRUNE_EPOCHS = flags.DEFINE_integer("prune_epochs", 2, "Epochs of the pruning fine-tune.", lower_bound=1)
 _QAT = flags.DEFINE_bool("qat", False, "Run quantization-aware fine-tuning (prune-preserving after --prune).")
 _QAT_EPOCHS = flags.DEFINE_integer("qat_epochs", 1, "Epochs of QAT.", lower_bound=1)
@@ -64,7 +66,7 @@ def main(argv: list[str]) -> None:
         validation_fraction=_VALIDATION.value, eval_data=_EVAL.value, eval_key=_EVAL_KEY.value,
         eval_labels_key=_EVAL_LABELS_KEY.value, input_scale=_SCALE.value, input_offset=_OFFSET.value,
         prune=_PRUNE.value, final_sparsity=_SPARSITY.value, prune_scope=_SCOPE.value,
-        prune_structure=_STRUCTURE.value, prune_epochs=_PRUNE_EPOCHS.value, qat=_QAT.value,
+        prune_structure=_STRUCTURE.value, prune_exclude=tuple(_PRUNE_EXCLUDE.value), prune_epochs=_PRUNE_EPOCHS.value, qat=_QAT.value,
         qat_epochs=_QAT_EPOCHS.value, leave_float=tuple(_LEAVE_FLOAT.value), mode=_MODE.value,
         batch_size=_BATCH.value, learning_rate=_LR.value,
         calibration_data=_CALIBRATION.value, calibration_key=_CALIBRATION_KEY.value,

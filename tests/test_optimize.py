@@ -95,3 +95,12 @@ def test_layers_left_float_make_int8_refuse_and_dynamic_accept(train_npz, eval_n
     result = run_optimize(OptimizeConfig(**config, mode="dynamic"))  # told otherwise: resumes, converts
     assert result.resumed_after == "qat"
     assert read_tflite(result.model_path).tensors[read_tflite(result.model_path).inputs[0]].dtype == "float32"
+
+
+def test_bad_pruning_settings_fail_before_anything_is_written(keras_file, train_npz, tmp_path):
+    # small_cnn's first conv sees one input channel: 2:4 cannot prune it unless it is excluded.
+    with pytest.raises(ValueError, match=r'structure="2:4" needs at least 4 input channels.*conv'):
+        run_optimize(OptimizeConfig(output_dir=str(tmp_path / "out"), train_data=train_npz,
+                                    keras_model=keras_file, input_scale=SCALE, prune=True,
+                                    final_sparsity=0.5, prune_structure="2:4"))
+    assert not (tmp_path / "out").exists()

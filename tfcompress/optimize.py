@@ -51,6 +51,7 @@ class OptimizeConfig:
     final_sparsity: float = 0.8
     prune_scope: str = "local"
     prune_structure: str | None = None
+    prune_exclude: tuple[str, ...] = ()
     prune_epochs: int = 2
     qat: bool = False
     qat_epochs: int = 1
@@ -91,7 +92,8 @@ class OptimizeConfig:
         Options of the final conversion and of measurement only (mode, calibration, evaluation, the
         accuracy gate) are left out: changing them reruns just the convert stage.
         """
-        values = dataclasses.asdict(self) | {"leave_float": sorted(self.leave_float)}
+        values = dataclasses.asdict(self) | {"leave_float": sorted(self.leave_float),
+                                             "prune_exclude": sorted(self.prune_exclude)}
         for name in ("output_dir", "overwrite", "mode", "max_accuracy_drop", "calibration_data",
                      "calibration_key", "num_calibration_samples", "eval_data", "eval_key",
                      "eval_labels_key"):
@@ -115,21 +117,24 @@ def run_optimize(config: OptimizeConfig) -> OptimizeResult:
         ConversionError, VerificationError: from the final convert stage (no model.tflite is written).
         SparsityNotReachedError: pruning ended below its target.
     """
-    # Inputs first, so that bad input leaves nothing behind; then the output location.
-    x_train, y_train, x_val, y_val, x_eval, y_eval = _load_data(config)
+    # Inputs and settings first, so that bad input leaves nothing behind; then the output location.
+    float_model = _to_keras(load_model(config.saved_model_dir or config.keras_model))
+    x_train, y_train, x_val, y_val, x_eval, y_eval = _load_data(config, tuple(float_model.inputs[0].shape))
+    if config.prune:
+        _pruned(float_model, config)  # checks the layers against the pruning settings; the copy is dropped
     output_dir, _ = prepare_output_dir(config.output_dir, (), overwrite=True)
     stages_dir = os.path.join(output_dir, "stages")
     state = _load_state(stages_dir, config)
     resumed_after = state["completed"][-1]["stage"] if state["completed"] else None
     model = _resume_model(state)
     if model is None:
-        model = _to_keras(load_model(config.saved_model_dir or config.keras_model))
+        model = float_model
         _complete(state, stages_dir, "float", model, x_val, y_val, x_eval, y_eval, seconds=0.0)
     done = {s["stage"] for s in state["completed"]}
     if config.prune and "prune" not in done:
         start = time.perf_counter()
         keras.utils.set_random_seed(config.seed)
-        pruned = prune(model, config.final_sparsity, scope=config.prune_scope, structure=config.prune_structure)
+        pruned = _pruned(model, config)
         _compile(pruned, config)
         pruned.fit(x_train, y_train, batch_size=config.batch_size, epochs=config.prune_epochs, shuffle=True,
                    validation_data=(x_val, y_val), callbacks=[PruningCallback()], verbose=2)
@@ -215,8 +220,12 @@ def _to_keras(model):
         ) from None
 
 
-def _load_data(config: OptimizeConfig):
-    shape = _input_shape(config)
+def _pruned(model, config: OptimizeConfig):
+    return prune(model, config.final_sparsity, scope=config.prune_scope, structure=config.prune_structure,
+                 exclude=list(config.prune_exclude) or None)
+
+
+def _load_data(config: OptimizeConfig, shape):
     x, y = calibration.load_labelled_data(
         config.train_data, shape, key=config.train_key, labels_key=config.train_labels_key,
         scale=config.input_scale, offset=config.input_offset)
@@ -227,10 +236,6 @@ def _load_data(config: OptimizeConfig):
             config.eval_data, shape, key=config.eval_key, labels_key=config.eval_labels_key,
             scale=config.input_scale, offset=config.input_offset)
     return x[:split], y[:split], x[split:], y[split:], x_eval, y_eval
-
-
-def _input_shape(config: OptimizeConfig):
-    return load_model(config.saved_model_dir or config.keras_model).input_shape
 
 
 def _compile(model, config: OptimizeConfig) -> None:

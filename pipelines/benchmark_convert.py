@@ -16,11 +16,10 @@ import os
 import platform
 import time
 
-import numpy as np
 from absl import flags
 from ai_edge_litert.interpreter import Interpreter
 
-from pipelines import _common
+from pipelines import _common, _reference
 from tfcompress import baseline, latency, pipeline
 from tfcompress.demo import CALIBRATION
 from tfcompress._keras import tf
@@ -141,47 +140,13 @@ def handwritten(saved_model_dir: str) -> dict:
     Reading the calibration and test files is inside the timings, as it is in `run_convert`'s.
     """
     start = time.perf_counter()
-    with np.load(CALIBRATION) as d:
-        images = d["x"].astype(np.float32) / 255.0
-
-    def representative_dataset():
-        for image in images:
-            yield [image[None]]
-
-    converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative_dataset
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.uint8
-    converter.inference_output_type = tf.uint8
-    model = converter.convert()
+    model = _reference.int8_convert(tf.lite.TFLiteConverter.from_saved_model(saved_model_dir))
     convert_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    accuracy = handwritten_evaluate(model)
+    accuracy = _reference.mnist_test_accuracy(model)
     evaluate_seconds = time.perf_counter() - start
     return {"model": model, "accuracy": accuracy, "convert_seconds": convert_seconds,
             "evaluate_seconds": evaluate_seconds, "total_seconds": convert_seconds + evaluate_seconds}
-
-
-def handwritten_evaluate(model: bytes, batch_size: int = 500) -> float:
-    with np.load(baseline.MNIST_PATH) as d:
-        x, y = d["x_test"].astype(np.float32)[..., None] / 255.0, d["y_test"]
-    interpreter = Interpreter(model_content=model, num_threads=os.cpu_count())
-    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    scale, zero_point = inp["quantization"]
-    q = np.clip(np.round(x / scale + zero_point), 0, 255).astype(np.uint8)
-    correct, current = 0, None
-    for start in range(0, len(q), batch_size):
-        batch = q[start : start + batch_size]
-        if current != len(batch):
-            interpreter.resize_tensor_input(inp["index"], [len(batch), *inp["shape"][1:]])
-            interpreter.allocate_tensors()
-            current = len(batch)
-        interpreter.set_tensor(inp["index"], batch)
-        interpreter.invoke()
-        predicted = np.argmax(interpreter.get_tensor(out["index"]), axis=1)
-        correct += int(np.sum(predicted == y[start : start + len(batch)]))
-    return correct / len(q)
 
 
 def measure_throughput(model_path: str, num_loop_samples: int) -> dict:

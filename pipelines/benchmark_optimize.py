@@ -18,9 +18,8 @@ import time
 
 import numpy as np
 from absl import flags
-from ai_edge_litert.interpreter import Interpreter
 
-from pipelines import _common
+from pipelines import _common, _reference
 from tfcompress import baseline, optimize, pipeline
 from tfcompress._keras import keras, tf
 from tfcompress.artefacts import write_atomic, write_json
@@ -147,11 +146,11 @@ def _run_hand(output_dir, saved_model_dir, prune_epochs, qat_epochs, seed) -> di
     pqat.fit(epochs=qat_epochs, **fit)
     seconds["qat"] = time.perf_counter() - start
     start = time.perf_counter()
-    model_bytes = _hand_convert(pqat)
+    model_bytes = _reference.int8_convert(tf.lite.TFLiteConverter.from_keras_model(pqat))
     path = os.path.join(output_dir, "tfmot_recipe", "model.tflite")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     write_atomic(path, model_bytes)
-    accuracy = _evaluate(model_bytes)
+    accuracy = _reference.mnist_test_accuracy(model_bytes)
     seconds["convert"] = time.perf_counter() - start
     return _model_row(path, accuracy, seconds)
 
@@ -159,41 +158,6 @@ def _run_hand(output_dir, saved_model_dir, prune_epochs, qat_epochs, seed) -> di
 def _compile(model, rate: float) -> None:
     model.compile(optimizer=keras.optimizers.Adam(rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-
-
-def _hand_convert(model) -> bytes:
-    with np.load(CALIBRATION) as d:
-        images = d["x"].astype(np.float32) / 255.0
-
-    def representative_dataset():
-        for image in images:
-            yield [image[None]]
-
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative_dataset
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.uint8
-    converter.inference_output_type = tf.uint8
-    return converter.convert()
-
-
-def _evaluate(model: bytes, batch_size: int = 500) -> float:
-    with np.load(baseline.MNIST_PATH) as d:
-        x, y = d["x_test"].astype(np.float32)[..., None] / 255.0, d["y_test"]
-    interpreter = Interpreter(model_content=model, num_threads=os.cpu_count())
-    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    scale, zero_point = inp["quantization"]
-    q = np.clip(np.round(x / scale + zero_point), 0, 255).astype(np.uint8)
-    interpreter.resize_tensor_input(inp["index"], [batch_size, *inp["shape"][1:]])
-    interpreter.allocate_tensors()
-    correct = 0
-    for start in range(0, len(q), batch_size):  # 10,000 is a multiple of batch_size
-        interpreter.set_tensor(inp["index"], q[start : start + batch_size])
-        interpreter.invoke()
-        predicted = np.argmax(interpreter.get_tensor(out["index"]), axis=1)
-        correct += int(np.sum(predicted == y[start : start + batch_size]))
-    return correct / len(q)
 
 
 def _model_row(path: str, accuracy: float, seconds: dict) -> dict:

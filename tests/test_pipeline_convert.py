@@ -23,7 +23,6 @@ from tfcompress.errors import (
     CalibrationDataError,
     ModelLoadError,
     OutputPathError,
-    VerificationError,
 )
 from tfcompress.pipeline import ConvertPipelineConfig, run_convert
 from tfcompress.tflite_model import read_tflite

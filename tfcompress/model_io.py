@@ -59,6 +59,16 @@ class FloatModel:
         return np.concatenate(outputs, axis=0)
 
 
+def model_source(saved_model_dir: str | None, keras_model: str | None) -> str:
+    """The one model path a pipeline was given (the --saved_model_dir / --keras_model pair of flags)."""
+    if (saved_model_dir is None) == (keras_model is None):
+        raise ValueError(
+            "Give exactly one model: --saved_model_dir or --keras_model. "
+            f"Received: saved_model_dir={saved_model_dir!r}, keras_model={keras_model!r}"
+        )
+    return saved_model_dir if saved_model_dir is not None else keras_model
+
+
 def load_model(source: Any) -> FloatModel:
     """Loads a float model from a SavedModel directory, a `.keras`/`.h5` file or a tf_keras model.
 

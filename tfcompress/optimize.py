@@ -22,7 +22,7 @@ from tfcompress import calibration
 from tfcompress._keras import keras
 from tfcompress.artefacts import prepare_output_dir, write_atomic, write_json
 from tfcompress.errors import ModelLoadError, OutputPathError
-from tfcompress.model_io import load_model
+from tfcompress.model_io import load_model, model_source
 from tfcompress.pipeline import ConvertPipelineConfig, run_convert
 from tfcompress.prune import PruningCallback, prune, strip
 from tfcompress.quantize import quantize_aware
@@ -67,11 +67,7 @@ class OptimizeConfig:
     overwrite: bool = False
 
     def __post_init__(self):
-        if (self.saved_model_dir is None) == (self.keras_model is None):
-            raise ValueError(
-                "Give exactly one model: --saved_model_dir or --keras_model. "
-                f"Received: saved_model_dir={self.saved_model_dir!r}, keras_model={self.keras_model!r}"
-            )
+        model_source(self.saved_model_dir, self.keras_model)
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(
                 "validation_fraction is the share of the training data held out, in (0, 1). "
@@ -118,7 +114,7 @@ def run_optimize(config: OptimizeConfig) -> OptimizeResult:
         SparsityNotReachedError: pruning ended below its target.
     """
     # Inputs and settings first, so that bad input leaves nothing behind; then the output location.
-    float_model = _to_keras(load_model(config.saved_model_dir or config.keras_model))
+    float_model = _to_keras(load_model(model_source(config.saved_model_dir, config.keras_model)))
     x_train, y_train, x_val, y_val, x_eval, y_eval = _load_data(config, tuple(float_model.inputs[0].shape))
     if config.prune:
         _pruned(float_model, config)  # checks the layers against the pruning settings; the copy is dropped

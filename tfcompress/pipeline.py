@@ -17,7 +17,7 @@ from tfcompress import __version__, calibration
 from tfcompress.artefacts import prepare_output_dir, remove_if_empty, write_atomic, write_json
 from tfcompress.convert import ConvertConfig, Mode, convert
 from tfcompress.errors import CalibrationDataError, ConversionError, InputError, VerificationError
-from tfcompress.model_io import load_model
+from tfcompress.model_io import load_model, model_source
 from tfcompress.tflite_model import weight_sparsity
 from tfcompress.verify import VerificationResult, verify
 
@@ -52,11 +52,7 @@ class ConvertPipelineConfig:
     overwrite: bool = False
 
     def __post_init__(self):
-        if (self.saved_model_dir is None) == (self.keras_model is None):
-            raise ValueError(
-                "Give exactly one model: --saved_model_dir or --keras_model. "
-                f"Received: saved_model_dir={self.saved_model_dir!r}, keras_model={self.keras_model!r}"
-            )
+        model_source(self.saved_model_dir, self.keras_model)
         if not 0.0 <= self.max_accuracy_drop <= 1.0:
             raise ValueError(
                 "max_accuracy_drop is a fraction in [0, 1] (0.005 is half a percentage point). "
@@ -75,7 +71,7 @@ class ConvertPipelineConfig:
 
     @property
     def model_source(self) -> str:
-        return self.saved_model_dir if self.saved_model_dir is not None else self.keras_model
+        return model_source(self.saved_model_dir, self.keras_model)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,8 +63,9 @@ def prune(
     The schedule runs from `begin_step` to `end_step` (or `begin_epoch`/`end_epoch` times
     `steps_per_epoch`). `"polynomial"` raises sparsity from `initial_sparsity` to `final_sparsity` along
     Zhu & Gupta's cubic curve; `"constant"` prunes to `final_sparsity` at once. Masks update every
-    `frequency` steps; by default about ten times over the schedule, always on a step that lands on
-    `end_step`, so a short fine-tune reaches the final sparsity. Fine-tune with `PruningCallback`:
+    `frequency` steps; by default about ten times over the schedule (at most every 100 steps), with
+    `end_step` moved back by less than one frequency onto the last update, so a short fine-tune reaches
+    the final sparsity. Fine-tune with `PruningCallback`:
 
     ```python
     pruned = tfcompress.prune(model, 0.8, end_epoch=2, steps_per_epoch=len(x) // 32)
@@ -111,7 +112,7 @@ def prune(
         )
     if deferred:
         end, frequency = begin + 1, 1  # placeholders until PruningCallback knows the fit's length
-    frequency = _frequency(frequency, begin, end)
+    frequency, end = _frequency(frequency, begin, end)
     if schedule == "polynomial" and initial_sparsity > final_sparsity:
         raise ValueError(
             "initial_sparsity must not exceed final_sparsity for the polynomial schedule. "
@@ -286,7 +287,7 @@ class PruningCallback(keras.callbacks.Callback):
         for schedule in deferred:
             # tfmot counts pruning steps from 1, so the last step of this fit is done + epochs * steps.
             schedule.end_step = max(done, 0) + epochs * steps
-            schedule.frequency = _frequency(None, schedule.begin_step, schedule.end_step)
+            schedule.frequency, schedule.end_step = _frequency(None, schedule.begin_step, schedule.end_step)
             setattr(schedule, _DEFERRED, False)
 
     def _check_plan(self):
@@ -387,19 +388,23 @@ def _steps(begin_step, end_step, begin_epoch, end_epoch, steps_per_epoch):
 
 
 def _frequency(frequency, begin, end):
+    """(frequency, end): mask updates every `frequency` steps, the last one exactly on the returned end.
+
+    tfmot updates masks only on steps begin + k * frequency, so an end that is not on that grid is never
+    reached. An automatic frequency aims at about ten updates (at most every 100 steps) and moves the end
+    back onto its grid, by less than one frequency; a frequency the caller chose must divide the span.
+    """
     span = end - begin
     if frequency is None:
-        # tfmot updates masks only on steps begin + k * frequency (counting from step 1), so the last
-        # update must land exactly on end_step for the final sparsity to be reached.
-        target = max(1, min(MAX_FREQUENCY, span // 10))
-        return max(f for f in range(1, target + 1) if span % f == 0)
+        frequency = max(1, min(MAX_FREQUENCY, span // 10))
+        return frequency, begin + (span // frequency) * frequency
     if not isinstance(frequency, int) or frequency < 1 or span % frequency:
         raise ValueError(
             f"frequency must be a positive divisor of end_step - begin_step ({span}): masks update only "
             "every `frequency` steps, so otherwise the last update misses end_step and the final sparsity "
             f"is never reached. Pass frequency=None to pick one. Received: frequency={frequency}"
         )
-    return frequency
+    return frequency, end
 
 
 def _matches(layer, spec) -> bool:

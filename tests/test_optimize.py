@@ -70,6 +70,16 @@ def test_nothing_to_do_and_bad_split_are_refused(keras_file, train_npz, tmp_path
                        validation_fraction=1.0)
 
 
+def test_training_data_errors_name_the_training_flags(keras_file, eval_npz, tmp_path):
+    from tfcompress.errors import CalibrationDataError
+
+    with pytest.raises(CalibrationDataError, match=r"^Training data .* has no array named 'x_train'.*"
+                                                   r"--train_key / --train_labels_key"):
+        run_optimize(OptimizeConfig(output_dir=str(tmp_path / "out"), train_data=eval_npz,
+                                    keras_model=keras_file, input_scale=SCALE, prune=True))
+    assert not (tmp_path / "out").exists()
+
+
 def test_command_line_bad_input_exits_2(tmp_path):
     command = [os.path.join(os.path.dirname(sys.executable), "tfcompress"), "optimize",
                "--keras_model=/nonexistent.keras", f"--train_data={MNIST}", "--prune",

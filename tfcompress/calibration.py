@@ -387,8 +387,9 @@ def load_calibration_data(path: str | os.PathLike, input_shape: Sequence[int | N
 def load_labelled_data(path: str | os.PathLike, input_shape: Sequence[int | None], *, key: str,
                        labels_key: str, scale: float = 1.0, offset: float = 0.0,
                        fn: Callable[[np.ndarray], np.ndarray] | None = None,
-                       limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Loads evaluation samples and their integer labels from one `.npz`.
+                       limit: int | None = None, what: str = "Evaluation data",
+                       key_flags: str = "--eval_key / --eval_labels_key") -> tuple[np.ndarray, np.ndarray]:
+    """Loads labelled samples (evaluation or training data) and their integer labels from one `.npz`.
 
     Args:
         path: the `.npz` archive; `key` names its samples, `labels_key` its labels (class indices
@@ -396,6 +397,7 @@ def load_labelled_data(path: str | os.PathLike, input_shape: Sequence[int | None
         input_shape: model input shape including the batch dimension.
         scale, offset, fn: see `preprocess`.
         limit: keep only the first `limit` samples (no shuffling).
+        what, key_flags: how messages name the data and the flags that choose its keys.
 
     Returns:
         `(samples, labels)`: float32 samples fitted to the input and int64 class indices.
@@ -405,8 +407,8 @@ def load_labelled_data(path: str | os.PathLike, input_shape: Sequence[int | None
     """
     _check_count(limit, "limit", allow_none=True)
     _check_preprocessing(scale, offset, fn)
-    path, what = pathlib.Path(path), "Evaluation data"
-    hint = "pass the right one with --eval_key / --eval_labels_key"
+    path = pathlib.Path(path)
+    hint = f"pass the right one with {key_flags}"
     _check_exists(path, what, "an .npz archive holding samples and labels")
     if path.is_dir() or path.suffix.lower() != ".npz":
         raise CalibrationDataError(

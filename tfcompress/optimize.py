@@ -224,7 +224,8 @@ def _pruned(model, config: OptimizeConfig):
 def _load_data(config: OptimizeConfig, shape):
     x, y = calibration.load_labelled_data(
         config.train_data, shape, key=config.train_key, labels_key=config.train_labels_key,
-        scale=config.input_scale, offset=config.input_offset)
+        scale=config.input_scale, offset=config.input_offset, what="Training data",
+        key_flags="--train_key / --train_labels_key")
     split = len(x) - max(1, int(round(len(x) * config.validation_fraction)))
     x_eval = y_eval = None
     if config.eval_data is not None:

@@ -43,6 +43,8 @@ _MAX_DROP = flags.DEFINE_float("max_accuracy_drop", 0.01, "Largest allowed top-1
                                "TFLite model against the float model, a fraction (0.005 = half a point).",
                                lower_bound=0.0, upper_bound=1.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for drawing calibration samples.")
+_TARGET = flags.DEFINE_enum("target", None, ["micro"], "Also export for microcontrollers: checks the model in "
+                            "TFLite Micro and writes <output_dir>/micro/ (C array, op resolver, manifest).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing model.tflite and report.json.")
 
 
@@ -65,6 +67,7 @@ def main(argv: list[str]) -> None:
         num_calibration_samples=_NUM_CALIBRATION.value,
         max_accuracy_drop=_MAX_DROP.value,
         seed=_SEED.value,
+        target=_TARGET.value,
         overwrite=_OVERWRITE.value,
     )
     result = pipeline.run_convert(config)
@@ -82,6 +85,10 @@ def summary(result: pipeline.ConvertPipelineResult) -> str:
             f"(drop {acc.accuracy_drop:+.4f}, top-1 agreement {acc.top1_agreement:.4f}, "
             f"{acc.num_samples} samples)"
         )
+    micro = result.report.get("micro")
+    if micro:
+        lines.append(f"  micro: flash {micro['flash_bytes']:,} bytes, arena {micro['arena']['arena_bytes']:,} "
+                     f"bytes, TFLM vs LiteRT top-1 agreement {micro['tflm_check']['top1_agreement']:.4f}")
     lines.append(f"  report {result.report_path}")
     return "\n".join(lines)
 

@@ -55,6 +55,8 @@ _MAX_DROP = flags.DEFINE_float("max_accuracy_drop", 0.01, "Largest allowed int8 
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the fine-tunes and the calibration draw.")
 _OUTPUT = flags.DEFINE_string("output_dir", None, "Where stages, model.tflite and report.json go.",
                               required=True)
+_TARGET = flags.DEFINE_enum("target", None, ["micro"], "Also export the final model for microcontrollers "
+                            "(checked in TFLite Micro) into <output_dir>/micro/.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Start over instead of resuming.")
 
 
@@ -71,7 +73,7 @@ def main(argv: list[str]) -> None:
         batch_size=_BATCH.value, learning_rate=_LR.value,
         calibration_data=_CALIBRATION.value, calibration_key=_CALIBRATION_KEY.value,
         num_calibration_samples=_NUM_CALIBRATION.value, max_accuracy_drop=_MAX_DROP.value,
-        seed=_SEED.value, overwrite=_OVERWRITE.value,
+        seed=_SEED.value, target=_TARGET.value, overwrite=_OVERWRITE.value,
     ))
     if result.resumed_after:
         print(f"resumed after stage {result.resumed_after}")

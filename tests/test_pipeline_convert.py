@@ -213,3 +213,27 @@ def test_help_lists_the_script_flags_and_exits_0(capsys):
     out = capsys.readouterr().out
     for flag in ("--saved_model_dir", "--calibration_data", "--max_accuracy_drop", "--io_dtype", "--[no]verbose"):
         assert flag in out
+
+
+def test_target_micro_ends_with_firmware_checked_in_tflm(saved_model_dir, eval_npz, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = _run_cli([f"--saved_model_dir={saved_model_dir}", f"--calibration_data={CALIBRATION}",
+                     "--calibration_key=x", f"--input_scale={SCALE}", f"--eval_data={eval_npz}",
+                     "--num_eval_samples=200", f"--output_dir={out}", "--target=micro"])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(os.listdir(out / "micro")) == ["manifest.json", "model.tflite", "model_model_data.cc",
+                                                 "model_model_data.h", "model_op_resolver.h"]
+    assert (out / "micro" / "model.tflite").read_bytes() == (out / "model.tflite").read_bytes()
+    report = json.loads((out / "report.json").read_text())
+    micro = report["micro"]
+    assert micro["tflm_check"]["num_samples"] == 200 and micro["tflm_check"]["top1_agreement"] >= 0.999
+    assert micro["arena"]["recorded_bytes"] < micro["arena"]["arena_bytes"]
+    assert "micro: flash" in capsys.readouterr().out
+
+
+def test_target_micro_refuses_a_float_mode_before_any_work(saved_model_dir, tmp_path, capsys):
+    code = _run_cli([f"--saved_model_dir={saved_model_dir}", f"--output_dir={tmp_path / 'o'}",
+                     "--target=micro", "--mode=float16"])
+    assert code == 2
+    assert "--target micro needs a full-integer model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -61,3 +61,7 @@ class VerificationError(TfcompressError):
         super().__init__(
             f"{len(self.failures)} verification check(s) failed: " + "; ".join(self.failures)
         )
+
+
+class MicroTargetError(InputError):
+    """The model cannot go to a microcontroller: float or hybrid ops, or ops TFLM has no kernel for."""

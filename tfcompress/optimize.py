@@ -23,7 +23,7 @@ from tfcompress._keras import keras
 from tfcompress.artefacts import prepare_output_dir, write_atomic, write_json
 from tfcompress.errors import ModelLoadError, OutputPathError
 from tfcompress.model_io import load_model, model_source
-from tfcompress.pipeline import ConvertPipelineConfig, run_convert
+from tfcompress.pipeline import MICRO_DIRNAME, ConvertPipelineConfig, check_target, run_convert
 from tfcompress.prune import PruningCallback, prune, strip
 from tfcompress.quantize import quantize_aware
 
@@ -64,10 +64,12 @@ class OptimizeConfig:
     num_calibration_samples: int = 500
     max_accuracy_drop: float = 0.01
     seed: int = 0
+    target: str | None = None
     overwrite: bool = False
 
     def __post_init__(self):
         model_source(self.saved_model_dir, self.keras_model)
+        check_target(self.target, self.mode)
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(
                 "validation_fraction is the share of the training data held out, in (0, 1). "
@@ -90,7 +92,7 @@ class OptimizeConfig:
         """
         values = dataclasses.asdict(self) | {"leave_float": sorted(self.leave_float),
                                              "prune_exclude": sorted(self.prune_exclude)}
-        for name in ("output_dir", "overwrite", "mode", "max_accuracy_drop", "calibration_data",
+        for name in ("output_dir", "overwrite", "mode", "target", "max_accuracy_drop", "calibration_data",
                      "calibration_key", "num_calibration_samples", "eval_data", "eval_key",
                      "eval_labels_key"):
             values.pop(name)
@@ -157,23 +159,34 @@ def run_optimize(config: OptimizeConfig) -> OptimizeResult:
         eval_data=config.eval_data, eval_key=config.eval_key, eval_labels_key=config.eval_labels_key,
         input_scale=config.input_scale, input_offset=config.input_offset,
         num_calibration_samples=config.num_calibration_samples,
-        max_accuracy_drop=config.max_accuracy_drop, seed=config.seed, overwrite=True,
+        max_accuracy_drop=config.max_accuracy_drop, seed=config.seed, target=config.target, overwrite=True,
     ))
     model_path = os.path.join(output_dir, "model.tflite")
     with open(converted.model_path, "rb") as f:
         write_atomic(model_path, f.read())
+    if config.target:
+        _copy_dir(os.path.join(os.path.dirname(converted.model_path), MICRO_DIRNAME),
+                  os.path.join(output_dir, MICRO_DIRNAME))
     accuracy = converted.verification.accuracy
     stages = [*state["completed"], {
         "stage": "convert", "artefact": model_path, "bytes": converted.num_bytes,
         "eval_accuracy": None if accuracy is None else accuracy.tflite_accuracy,
         "accuracy_drop_vs_input_model": None if accuracy is None else accuracy.accuracy_drop,
         "weight_sparsity": converted.report["model"]["weight_sparsity"],
+        "micro": converted.report.get("micro"),
         "seconds": round(time.perf_counter() - start, 3),
     }]
     report_path = os.path.join(output_dir, "report.json")
     write_json(report_path, {"schema_version": REPORT_SCHEMA_VERSION, "config": dataclasses.asdict(config),
                              "resumed_after": resumed_after, "stages": stages})
     return OptimizeResult(model_path, report_path, tuple(stages), resumed_after)
+
+
+def _copy_dir(source: str, destination: str) -> None:
+    os.makedirs(destination, exist_ok=True)
+    for name in sorted(os.listdir(source)):
+        with open(os.path.join(source, name), "rb") as f:
+            write_atomic(os.path.join(destination, name), f.read())
 
 
 def _load_state(stages_dir: str, config: OptimizeConfig) -> dict:

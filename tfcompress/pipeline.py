@@ -11,19 +11,36 @@ import dataclasses
 import datetime
 import hashlib
 import os
+import shutil
 import time
 
 from tfcompress import __version__, calibration
 from tfcompress.artefacts import prepare_output_dir, remove_if_empty, write_atomic, write_json
-from tfcompress.convert import ConvertConfig, Mode, convert
+from tfcompress import export as micro_export
+from tfcompress.convert import INTEGER_MODES, ConvertConfig, Mode, convert
 from tfcompress.errors import CalibrationDataError, ConversionError, InputError, VerificationError
 from tfcompress.model_io import load_model, model_source
-from tfcompress.tflite_model import weight_sparsity
-from tfcompress.verify import VerificationResult, verify
+from tfcompress.tflite_model import read_tflite, weight_sparsity
+from tfcompress.verify import Check, VerificationResult, verify
 
 MODEL_FILENAME = "model.tflite"
+MICRO_DIRNAME = "micro"
+TARGETS = micro_export.TARGETS
 REPORT_FILENAME = "report.json"
 REPORT_SCHEMA_VERSION = 1
+
+
+def check_target(target: str | None, mode: str) -> None:
+    """`--target micro` needs a full-integer mode: TFLM has no hybrid kernels and float defeats it."""
+    if target is None:
+        return
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS} or None. Received: target={target!r}")
+    if Mode(mode) not in INTEGER_MODES:
+        raise ValueError(
+            f"--target {target} needs a full-integer model (--mode int8 or int16x8); --mode {mode} keeps "
+            f"float ops that TFLite Micro cannot run. Received: mode={mode!r}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,10 +66,12 @@ class ConvertPipelineConfig:
     num_calibration_samples: int = 500
     max_accuracy_drop: float = 0.01
     seed: int = 0
+    target: str | None = None
     overwrite: bool = False
 
     def __post_init__(self):
         model_source(self.saved_model_dir, self.keras_model)
+        check_target(self.target, self.mode)
         if not 0.0 <= self.max_accuracy_drop <= 1.0:
             raise ValueError(
                 "max_accuracy_drop is a fraction in [0, 1] (0.005 is half a percentage point). "
@@ -93,8 +112,8 @@ def run_convert(config: ConvertPipelineConfig) -> ConvertPipelineResult:
             is left in `output_dir`.
     """
     convert_config = ConvertConfig(config.mode, config.io_dtype)
-    output_dir, created = prepare_output_dir(
-        config.output_dir, (MODEL_FILENAME, REPORT_FILENAME), config.overwrite)
+    artefacts = (MODEL_FILENAME, REPORT_FILENAME) + ((MICRO_DIRNAME,) if config.target else ())
+    output_dir, created = prepare_output_dir(config.output_dir, artefacts, config.overwrite)
     try:
         return _convert_and_write(config, convert_config, output_dir)
     except (InputError, ConversionError, ValueError):
@@ -144,16 +163,39 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
     )
     timings["verify_seconds"] = time.perf_counter() - start
 
+    firmware = None
+    if result.passed and config.target == "micro":
+        start = time.perf_counter()
+        try:
+            firmware = _micro_export(flatbuffer, eval_x, config)
+        except VerificationError as e:
+            result = dataclasses.replace(result, checks=result.checks + tuple(
+                Check(f.split(":")[0], False, f.split(":", 1)[-1].strip()) for f in e.failures))
+        timings["micro_export_seconds"] = time.perf_counter() - start
+
     report = _report(config, convert_config, flatbuffer, result, samples, timings)
     if result.passed:
         write_atomic(model_path, flatbuffer)
+        if firmware is not None:
+            micro_export.write_micro_export(firmware, os.path.join(output_dir, MICRO_DIRNAME), overwrite=True)
+            report["micro"] = firmware.manifest
         write_json(report_path, report)
         return ConvertPipelineResult(model_path, report_path, result, len(flatbuffer), report)
-    # A stale model.tflite from an earlier run must not sit beside a report that says this one failed.
+    # A stale model.tflite (or firmware) from an earlier run must not sit beside a report that says this
+    # one failed.
     if os.path.exists(model_path):
         os.unlink(model_path)
+    shutil.rmtree(os.path.join(output_dir, MICRO_DIRNAME), ignore_errors=True)
     write_json(report_path, report)
     raise VerificationError(result.failures, result)
+
+
+def _micro_export(flatbuffer: bytes, eval_x, config: ConvertPipelineConfig) -> micro_export.MicroExport:
+    """Checks the verified model in TFLite Micro and renders its firmware files (written by the caller)."""
+    parsed = read_tflite(flatbuffer)
+    inputs, described = micro_export.micro_inputs(parsed, eval_x, config.seed)
+    return micro_export.build_micro_export(flatbuffer, inputs, described, name="model",
+                                           source=MODEL_FILENAME)
 
 
 def _report(config, convert_config, flatbuffer, result, samples, timings) -> dict:

@@ -14,6 +14,7 @@ import os
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
+from tfcompress._native import native_output_captured
 from tfcompress.convert import INTEGER_MODES, Mode
 from tfcompress.errors import VerificationError
 from tfcompress.model_io import FloatModel
@@ -144,24 +145,41 @@ def run_tflite(model: bytes | str, samples: np.ndarray, batch_size: int = 500,
     Inputs are quantized with the input tensor's scale and zero point; outputs are dequantized, so the
     result is comparable with the float model's.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1. Received: batch_size={batch_size}")
-    kwargs = {"model_content": model} if isinstance(model, (bytes, bytearray)) else {"model_path": model}
-    interpreter = Interpreter(num_threads=num_threads or os.cpu_count() or 1, **kwargs)
+    interpreter = _interpreter(model, num_threads)
     (inp,) = interpreter.get_input_details()
     out = interpreter.get_output_details()[0]
-    quantized = quantize(samples, inp)
+    raw = _run_batches(interpreter, quantize(samples, inp), batch_size)
+    return dequantize(raw, out)
+
+
+def run_tflite_raw(model: bytes | str, inputs: np.ndarray, batch_size: int = 500,
+                   num_threads: int | None = None) -> np.ndarray:
+    """Runs `inputs` already in the model's input dtype; returns the output tensor as stored (quantized)."""
+    return _run_batches(_interpreter(model, num_threads), inputs, batch_size)
+
+
+def _interpreter(model: bytes | str, num_threads: int | None) -> Interpreter:
+    kwargs = {"model_content": model} if isinstance(model, (bytes, bytearray)) else {"model_path": model}
+    return Interpreter(num_threads=num_threads or os.cpu_count() or 1, **kwargs)
+
+
+def _run_batches(interpreter: Interpreter, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1. Received: batch_size={batch_size}")
+    (inp,) = interpreter.get_input_details()
+    out = interpreter.get_output_details()[0]
     outputs = []
     current = None
-    for start in range(0, len(quantized), batch_size):
-        batch = quantized[start : start + batch_size]
+    for start in range(0, len(inputs), batch_size):
+        batch = inputs[start : start + batch_size]
         if current != len(batch):
             interpreter.resize_tensor_input(inp["index"], [len(batch), *inp["shape"][1:]])
-            interpreter.allocate_tensors()
+            with native_output_captured():  # LiteRT announces its XNNPACK delegate on the C-level stderr
+                interpreter.allocate_tensors()
             current = len(batch)
         interpreter.set_tensor(inp["index"], batch)
         interpreter.invoke()
-        outputs.append(dequantize(interpreter.get_tensor(out["index"]), out))
+        outputs.append(interpreter.get_tensor(out["index"]).copy())
     return np.concatenate(outputs, axis=0)
 
 

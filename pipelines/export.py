@@ -1,0 +1,76 @@
+r"""Export a verified integer .tflite for microcontrollers: C array, op resolver, arena size, TFLM check.
+
+Example:
+  python pipelines/export.py --tflite=artefacts/demo/int8/model.tflite --target=micro --name=lenet5 \
+      --eval_data=data/mnist.npz --input_scale=0.00392156862745098 --output_dir=artefacts/micro
+
+Writes <name>_model_data.h/.cc, <name>_op_resolver.h, <name>.tflite and manifest.json (with --vela also
+<name>_vela.tflite). The model is first run in TFLite Micro's interpreter with the reported arena and
+compared with LiteRT. Exit codes: 0 exported, 1 a check failed (nothing written), 2 bad arguments or
+input (nothing written).
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+from pipelines import _common
+from tfcompress import export
+
+_TFLITE = flags.DEFINE_string("tflite", None, "The verified .tflite model to export.", required=True)
+_TARGET = flags.DEFINE_enum("target", "micro", list(export.TARGETS), "What to export for.")
+_OUTPUT = flags.DEFINE_string("output_dir", None, "Where the firmware files go.", required=True)
+_NAME = flags.DEFINE_string("name", None, "C identifier for the model array and file names "
+                            "(default: the .tflite file name, sanitised).")
+_LABELS = flags.DEFINE_string("labels", None, "Text file with one class label per line, for the manifest.")
+_EVAL = flags.DEFINE_string("eval_data", None, "Labelled .npz whose samples are run through TFLM and "
+                            "LiteRT (default: seeded random inputs).")
+_EVAL_KEY = flags.DEFINE_string("eval_key", "x_test", "Samples array inside --eval_data.")
+_EVAL_LABELS_KEY = flags.DEFINE_string("eval_labels_key", "y_test", "Labels array inside --eval_data.")
+_NUM_EVAL = flags.DEFINE_integer("num_eval_samples", None, "Check only the first N samples.", lower_bound=1)
+_SCALE = flags.DEFINE_float("input_scale", 1.0, "Preprocessing: model input = raw * input_scale + "
+                            "input_offset (then quantized with the model's input parameters).")
+_OFFSET = flags.DEFINE_float("input_offset", 0.0, "See --input_scale.")
+_COMPRESS = flags.DEFINE_bool("compress", False, "LUT-compress weight tensors with few distinct values "
+                              "per channel (after clustering); TFLM decodes them into the arena.")
+_VELA = flags.DEFINE_bool("vela", False, "Also compile for Arm Ethos-U55-128 with Vela (pip install "
+                          ".[npu]) and record its NPU op count, SRAM and estimated time.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for the random check inputs when no --eval_data is given.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing files in --output_dir.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = export.ExportConfig(
+        tflite=_TFLITE.value, output_dir=_OUTPUT.value, target=_TARGET.value, name=_NAME.value,
+        labels=_LABELS.value, eval_data=_EVAL.value, eval_key=_EVAL_KEY.value,
+        eval_labels_key=_EVAL_LABELS_KEY.value, num_eval_samples=_NUM_EVAL.value,
+        input_scale=_SCALE.value, input_offset=_OFFSET.value, compress=_COMPRESS.value, vela=_VELA.value,
+        seed=_SEED.value, overwrite=_OVERWRITE.value,
+    )
+    print(summary(export.run_export(config)))
+
+
+def summary(result: export.ExportResult) -> str:
+    m = result.manifest
+    check = m["tflm_check"]
+    lines = [f"exported {m['name']} to {result.output_dir}"]
+    lines += [f"  note: {note}" for note in m.get("notes", [])]
+    lines.append(f"  flash {m['flash_bytes']:,} bytes, arena {m['arena']['arena_bytes']:,} bytes "
+                 f"(recorded {m['arena']['recorded_bytes']:,} + {m['arena']['margin']:.0%})")
+    lines.append(f"  TFLM vs {check['reference']}: max {check['max_step_difference']} step(s), top-1 "
+                 f"agreement {check['top1_agreement']:.4f} on {check['samples']}")
+    if m.get("compression"):
+        c = m["compression"]
+        lines.append(f"  compressed: flash {c['flash_bytes_before']:,} -> {c['flash_bytes_after']:,} bytes, "
+                     f"arena {c['arena_bytes_before']:,} -> {c['arena_bytes_after']:,} bytes")
+    if m.get("vela"):
+        v = m["vela"]
+        lines.append(f"  vela {v['accelerator']}: {v['npu_ops']} NPU / {v['cpu_ops']} CPU ops, SRAM "
+                     f"{v['sram_bytes']:,} bytes, est. {v['inference_seconds'] * 1000:.3f} ms")
+    lines.append("  ops: " + ", ".join(m["resolver"]["methods"]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    _common.run(main)

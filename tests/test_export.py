@@ -1,0 +1,265 @@
+"""Microcontroller export on a real MNIST CNN: TFLM runs it with the reported arena and matches LiteRT,
+the generated C++ compiles and reproduces the model bytes, bad input is refused with one clear line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import flatbuffers
+import numpy as np
+import pytest
+from ai_edge_litert import schema_py_generated as schema
+
+from conftest import CALIBRATION, ROOT, SCALE
+from tfcompress import export, micro
+from tfcompress.convert import ConvertConfig, convert
+from tfcompress.errors import InputError, MicroTargetError, ModelLoadError
+from tfcompress.model_io import load_model
+from tfcompress.tflite_model import read_tflite
+
+STUB_INCLUDE = ROOT / "tests" / "data" / "tflm_stub"
+NUM_CHECK = 300
+
+
+@pytest.fixture(scope="module")
+def calibration_samples():
+    with np.load(CALIBRATION) as d:
+        return d["x"][:100].astype(np.float32) * SCALE
+
+
+@pytest.fixture(scope="module")
+def int8_path(trained_model, calibration_samples, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("micro") / "small cnn.tflite"
+    path.write_bytes(convert(load_model(trained_model), ConvertConfig(), calibration_samples))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def exported(int8_path, eval_npz, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "firmware"
+    result = export.run_export(export.ExportConfig(
+        tflite=int8_path, output_dir=str(out), eval_data=eval_npz, input_scale=SCALE,
+        num_eval_samples=NUM_CHECK, labels=_labels_file(tmp_path_factory)))
+    return result
+
+
+def _labels_file(tmp_path_factory, count: int = 10) -> str:
+    path = tmp_path_factory.mktemp("labels") / "labels.txt"
+    path.write_text("\n".join(f"digit {i}" for i in range(count)) + "\n")
+    return str(path)
+
+
+def test_export_writes_every_file_and_a_true_manifest(exported, int8_path):
+    m = exported.manifest
+    name = "small_cnn"  # derived from "small cnn.tflite", sanitised
+    assert m["name"] == name and m["notes"] == ["name 'small cnn' is not a C identifier; using 'small_cnn'"]
+    files = sorted(os.listdir(exported.output_dir))
+    assert files == sorted([f"{name}.tflite", f"{name}_model_data.cc", f"{name}_model_data.h",
+                            f"{name}_op_resolver.h", "manifest.json"])
+    data = open(int8_path, "rb").read()
+    assert open(os.path.join(exported.output_dir, f"{name}.tflite"), "rb").read() == data
+    on_disk = json.load(open(os.path.join(exported.output_dir, "manifest.json")))
+    assert on_disk["sha256"] == hashlib.sha256(data).hexdigest()
+    assert on_disk["flash_bytes"] == len(data)
+    assert on_disk["ops"] == read_tflite(data).op_counts()
+    assert on_disk["resolver"]["methods"] == ["AddConv2D", "AddFullyConnected", "AddMaxPool2D",
+                                              "AddQuantize", "AddReshape"]
+    assert on_disk["labels"] == [f"digit {i}" for i in range(10)]
+    assert on_disk["inputs"][0]["dtype"] == "uint8" and on_disk["inputs"][0]["shape"] == [1, 28, 28, 1]
+    assert on_disk["outputs"][0]["dtype"] == "uint8"
+    assert on_disk["tflm_check"]["num_samples"] == NUM_CHECK
+
+
+def test_tflm_matches_litert_within_one_step(exported):
+    check = exported.manifest["tflm_check"]
+    assert check["reference"] == "LiteRT"
+    assert check["max_step_difference"] <= micro.TOLERANCE_STEPS
+    assert check["top1_agreement"] >= 0.999
+
+
+def test_model_runs_with_the_reported_arena_and_not_with_a_much_smaller_one(int8_path, eval_npz):
+    data = open(int8_path, "rb").read()
+    with np.load(eval_npz) as d:
+        inputs = d["x_test"][:20, ..., None]  # uint8 pixels are the quantized input (scale 1/255, zp 0)
+    arena = micro.measure_arena(data, inputs[:1])
+    assert arena.recorded_bytes < arena.arena_bytes <= 1.10 * arena.recorded_bytes
+    assert arena.arena_bytes % 16 == 0
+    outputs = micro.run_tflm(data, inputs, arena.arena_bytes)
+    assert outputs.shape == (20, 10) and outputs.dtype == np.uint8
+    with pytest.raises(micro.ArenaTooSmallError, match=r"tflm_arena: TFLM cannot allocate the model in \d+ bytes"):
+        micro.run_tflm(data, inputs, arena.recorded_bytes // 2)
+
+
+def _compile(tmp_path, export_dir: str, name: str) -> subprocess.CompletedProcess:
+    main = tmp_path / "main.cc"
+    main.write_text(f"""
+#include <cstdint>
+#include <cstdio>
+#include "{name}_model_data.h"
+#include "{name}_op_resolver.h"
+int main() {{
+  {name}_op_resolver resolver;
+  if ({name}_register_ops(resolver) != kTfLiteOk) return 3;
+  if (resolver.registered() != {name}_op_count) return 4;
+  if (reinterpret_cast<std::uintptr_t>({name}) % 16 != 0) return 5;
+  std::printf("%u %u\\n", {name}_len, {name}_arena_bytes);
+  FILE* out = std::fopen("roundtrip.bin", "wb");
+  std::fwrite({name}, 1, {name}_len, out);
+  std::fclose(out);
+  return 0;
+}}
+""")
+    flags = ["-std=c++17", "-Wall", "-Wextra", "-Werror", f"-I{export_dir}", f"-I{STUB_INCLUDE}"]
+    subprocess.run(["g++", *flags, "-c", os.path.join(export_dir, f"{name}_model_data.cc"), "-o",
+                    str(tmp_path / "model_data.o")], check=True, capture_output=True)
+    subprocess.run(["g++", *flags, str(main), str(tmp_path / "model_data.o"), "-o", str(tmp_path / "app")],
+                   check=True, capture_output=True)
+    return subprocess.run([str(tmp_path / "app")], cwd=tmp_path, capture_output=True, text=True)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is not installed")
+def test_generated_cpp_compiles_and_reproduces_the_model(exported, tmp_path):
+    name = exported.manifest["name"]
+    run = _compile(tmp_path, exported.output_dir, name)
+    assert run.returncode == 0, run.stderr
+    length, arena = (int(v) for v in run.stdout.split())
+    assert length == exported.manifest["flash_bytes"]
+    assert arena == exported.manifest["arena"]["arena_bytes"]
+    shipped = open(os.path.join(exported.output_dir, f"{name}.tflite"), "rb").read()
+    assert (tmp_path / "roundtrip.bin").read_bytes() == shipped
+
+
+def test_every_known_op_has_a_resolver_method_in_the_tflm_api():
+    header = (STUB_INCLUDE / "tensorflow/lite/micro/micro_mutable_op_resolver.h").read_text()
+    for method in {**micro.TFLM_BUILTINS, **micro.TFLM_CUSTOM}.values():
+        assert f"TfLiteStatus {method}()" in header
+
+
+def test_same_input_gives_the_same_files(int8_path, eval_npz, tmp_path):
+    data = open(int8_path, "rb").read()
+    inputs, described = export.micro_inputs(read_tflite(data), None, seed=0, num_random=20)
+    first = export.build_micro_export(data, inputs, described, name="m")
+    second = export.build_micro_export(data, inputs, described, name="m")
+    assert first.files == second.files
+
+
+def _shared_weights(model, levels: int = 16):
+    """Weight sharing by hand: every kernel's output channel takes at most `levels` values."""
+    from tfcompress._keras import keras
+
+    shared = keras.models.clone_model(model)
+    shared.set_weights(model.get_weights())
+    for layer in shared.layers:
+        if not hasattr(layer, "kernel"):
+            continue
+        kernel, bias = layer.get_weights()
+        flat = np.moveaxis(kernel, -1, 0).reshape(kernel.shape[-1], -1)
+        for row in flat:
+            grid = np.linspace(row.min(), row.max(), levels)
+            row[:] = grid[np.abs(row[:, None] - grid).argmin(1)]
+        layer.set_weights([np.moveaxis(flat.reshape(kernel.shape[-1], *kernel.shape[:-1]), 0, -1), bias])
+    return shared
+
+
+def test_compress_shrinks_flash_and_decodes_exactly_in_tflm(trained_model, calibration_samples, eval_npz,
+                                                            tmp_path):
+    path = tmp_path / "shared.tflite"
+    path.write_bytes(convert(load_model(_shared_weights(trained_model)), ConvertConfig(), calibration_samples))
+    result = export.run_export(export.ExportConfig(
+        tflite=str(path), output_dir=str(tmp_path / "out"), eval_data=eval_npz, input_scale=SCALE,
+        num_eval_samples=50, compress=True))
+    c = result.manifest["compression"]
+    assert c["flash_bytes_after"] < 0.75 * c["flash_bytes_before"]
+    assert result.manifest["flash_bytes"] == c["flash_bytes_after"]
+    assert all(t["distinct_values"] <= 16 and t["index_bitwidth"] <= 4 for t in c["tensors"])
+    assert c["tflm_exact_check"]["max_step_difference"] == 0
+    # The decoded weights live in the arena: the saving in flash is paid for in RAM.
+    assert c["arena_bytes_after"] > c["arena_bytes_before"]
+    assert "AddDecode" in result.manifest["resolver"]["methods"]
+    assert read_tflite(str(tmp_path / "out" / "shared.tflite")).op_counts()["CUSTOM"] == len(c["tensors"])
+
+
+def test_compress_refuses_a_model_without_shared_weights(int8_path, tmp_path):
+    with pytest.raises(MicroTargetError, match="no weight tensor has at most 16 distinct values per channel"):
+        micro.lut_compress(open(int8_path, "rb").read())
+
+
+@pytest.mark.parametrize("mode,kind", [("float32", "a float model"), ("float16", "a float16 model"),
+                                       ("dynamic", r"a dynamic-range \(hybrid\) model, which TFLM rejects")])
+def test_float_and_hybrid_models_are_refused(trained_model, tmp_path, mode, kind):
+    path = tmp_path / "m.tflite"
+    path.write_bytes(convert(load_model(trained_model), ConvertConfig(mode)))
+    with pytest.raises(MicroTargetError, match=f"is {kind} .*Convert with --mode=int8"):
+        export.run_export(export.ExportConfig(tflite=str(path), output_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+def _with_custom_op(data: bytes, custom: str) -> bytes:
+    model = schema.ModelT.InitFromPackedBuf(data, 0)
+    for code in model.operatorCodes:
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == schema.BuiltinOperator.RESHAPE:
+            code.builtinCode = code.deprecatedBuiltinCode = schema.BuiltinOperator.CUSTOM
+            code.customCode = custom
+    builder = flatbuffers.Builder(len(data))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def test_custom_op_is_refused(int8_path, tmp_path):
+    path = tmp_path / "custom.tflite"
+    path.write_bytes(_with_custom_op(open(int8_path, "rb").read(), "MyReshape"))
+    with pytest.raises(MicroTargetError, match="no TFLM kernel registration known to tfcompress: MyReshape"):
+        export.run_export(export.ExportConfig(tflite=str(path), output_dir=str(tmp_path / "out")))
+
+
+@pytest.mark.parametrize("content,message", [(None, "TFLite model not found"),
+                                             (b"not a model at all", "is not a TFLite flatbuffer")])
+def test_missing_or_corrupt_tflite(tmp_path, content, message):
+    path = tmp_path / "m.tflite"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=message):
+        export.run_export(export.ExportConfig(tflite=str(path), output_dir=str(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["2fast", "my-model", "int", "class"])
+def test_name_that_is_not_a_c_identifier(int8_path, tmp_path, name):
+    with pytest.raises(InputError, match=f"--name '{name}' is not a valid C identifier.*Pass e.g. --name="):
+        export.run_export(export.ExportConfig(tflite=int8_path, output_dir=str(tmp_path / "o"), name=name))
+    assert not (tmp_path / "o").exists()
+
+
+def test_wrong_number_of_labels(int8_path, tmp_path_factory, tmp_path):
+    with pytest.raises(InputError, match="3 labels given but the model has 10 outputs"):
+        export.run_export(export.ExportConfig(tflite=int8_path, output_dir=str(tmp_path / "o"),
+                                              labels=_labels_file(tmp_path_factory, 3)))
+
+
+def test_cli_exit_codes(int8_path, tmp_path):
+    base = [sys.executable, "-m", "pipelines", "export", f"--tflite={int8_path}", "--num_eval_samples=5"]
+    ok = subprocess.run([*base, f"--output_dir={tmp_path / 'ok'}", "--name=digits"], capture_output=True,
+                        text=True, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    assert "exported digits" in ok.stdout and ok.stderr == ""
+    bad = subprocess.run([*base, f"--output_dir={tmp_path / 'bad'}", "--name=no good"], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "is not a valid C identifier" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.skipif(shutil.which("vela") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "vela")), reason="ethos-u-vela (extra 'npu') not installed")
+def test_vela_puts_every_op_on_the_npu(int8_path, tmp_path):
+    from tfcompress import vela
+
+    result = vela.compile_for_ethos_u(open(int8_path, "rb").read(), str(tmp_path), "m")
+    assert result.npu_ops > 0 and result.cpu_ops == 0
+    assert result.sram_bytes > 0 and result.inference_seconds > 0
+    assert read_tflite(result.output).op_counts().get("CUSTOM") == 1  # the ethos-u op

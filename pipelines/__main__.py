@@ -11,6 +11,7 @@ VERBS = {
     "benchmark_optimize": "Benchmark every training-time path to int8 on LeNet-5.",
     "demo": "Train LeNet-5 on the shipped MNIST and run the whole convert pipeline on it.",
     "export": "Export a verified .tflite for microcontrollers (C array, op resolver, arena, TFLM check).",
+    "benchmark_export": "Benchmark the microcontroller export (flash, arena, TFLM agreement, Vela) on LeNet-5.",
     "benchmark_convert": "Benchmark the convert pipeline against a hand-written converter script.",
 }
 

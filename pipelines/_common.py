@@ -72,6 +72,11 @@ def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> Non
     `--help` prints the script's flags and exits 0.
     """
     argv = list(sys.argv if argv is None else argv)
+    # A script may name one flag that a bare argument fills (`tfcompress inspect model.tflite`).
+    positional = getattr(sys.modules[main.__module__], "POSITIONAL_FLAG", None)
+    bare = [arg for arg in argv[1:] if not arg.startswith("-")]
+    if positional and len(bare) == 1:
+        argv = [argv[0], *(a if a is not bare[0] else f"--{positional}={a}" for a in argv[1:])]
     if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv[1:]):
         _print_help(main, argv)
         sys.exit(0)

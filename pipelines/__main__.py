@@ -12,8 +12,12 @@ VERBS = {
     "demo": "Train LeNet-5 on the shipped MNIST and run the whole convert pipeline on it.",
     "export": "Export a verified .tflite for microcontrollers (C array, op resolver, arena, TFLM check).",
     "benchmark_export": "Benchmark the microcontroller export (flash, arena, TFLM agreement, Vela) on LeNet-5.",
+    "inspect": "Inspect a .tflite: ops, tensors, quantization, I/O, MACs and weights per layer.",
+    "debug": "Find the layers that lose the most in int8 quantization (TF QuantizationDebugger).",
     "benchmark_convert": "Benchmark the convert pipeline against a hand-written converter script.",
 }
+
+_MODULES = {"inspect": "inspect_model"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {verb:<18} {text}")
         sys.exit(0 if len(argv) >= 2 and argv[1] in ("-h", "--help", "help") else 2)
     verb = argv[1]
-    module = importlib.import_module(f"pipelines.{verb}")
+    # `inspect` would shadow Python's own module for scripts run from pipelines/, hence inspect_model.py.
+    module = importlib.import_module(f"pipelines.{_MODULES.get(verb, verb)}")
     from pipelines import _common
 
     _common.run(module.main, argv=[f"tfcompress {verb}", *argv[2:]])

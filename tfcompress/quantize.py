@@ -16,12 +16,16 @@ from typing import Sequence
 from tfcompress._keras import keras
 
 import tensorflow_model_optimization as tfmot  # noqa: E402  (after _keras: needs TF_USE_LEGACY_KERAS)
+from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.cluster_preserve import (  # noqa: E402,E501
+    cluster_preserve_quantize_registry as _cluster_preserve,
+)
 from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (  # noqa: E402
     default_8bit_quantize_registry,
 )
 
 _QUANTIZED_LAYERS = frozenset({"QuantizeWrapper", "QuantizeWrapperV2", "QuantizeLayer", "QuantizeAnnotate"})
 _PRUNED_LAYERS = frozenset({"PruneLowMagnitude"})
+_CLUSTERED_LAYERS = frozenset({"ClusterWeights", "ClusterWeightsRNN", "ClusterWeightsMHA"})
 # Handled by tfmot's graph transforms (folded into the preceding Conv2D/Dense), not by the registry.
 _FOLDED_LAYERS = (keras.layers.BatchNormalization,)
 
@@ -111,11 +115,33 @@ def _scheme(scheme) -> Scheme:
         ) from None
 
 
+class _PerLayerClusterPreserveRegistry(_cluster_preserve.Default8bitClusterPreserveQuantizeRegistry):
+    """tfmot's registry with a fresh weight quantizer per layer.
+
+    tfmot shares one weight quantizer between all Dense (and all Conv) layers, and the first layer without
+    zeros turns its `preserve_sparsity` off for all of them: a pruned, clustered layer then loses its
+    zeros in CQAT. A fresh registry state per layer keeps each layer's own setting.
+    """
+
+    def __init__(self, preserve_sparsity: bool):
+        super().__init__(preserve_sparsity)
+        self._preserve_sparsity = preserve_sparsity
+
+    def get_quantize_config(self, layer):
+        _cluster_preserve.ClusterPreserveQuantizeRegistry.__init__(self, self._preserve_sparsity)
+        return super().get_quantize_config(layer)
+
+
+class _ClusterPreserveScheme(tfmot.experimental.combine.Default8BitClusterPreserveQuantizeScheme):
+    def get_quantize_registry(self):
+        return _PerLayerClusterPreserveRegistry(self.preserve_sparsity)
+
+
 def _scheme_object(scheme: Scheme):
     if scheme is Scheme.PRUNE_PRESERVING:
         return tfmot.experimental.combine.Default8BitPrunePreserveQuantizeScheme()
     if scheme is Scheme.CLUSTER_PRESERVING:
-        return tfmot.experimental.combine.Default8BitClusterPreserveQuantizeScheme(preserve_sparsity=True)
+        return _ClusterPreserveScheme(preserve_sparsity=True)
     return tfmot.quantization.keras.default_8bit.Default8BitQuantizeScheme()
 
 
@@ -142,6 +168,11 @@ def _check_structure(model) -> None:
         raise ValueError(
             f"Model {model.name} is already quantization-aware (it has tfmot quantize wrappers). Quantize "
             "the float model once; to convert this one, pass it to convert directly."
+        )
+    if kinds & _CLUSTERED_LAYERS:
+        raise ValueError(
+            f"Model {model.name} still has clustering wrappers. Call tfcompress.strip_clustering(model) "
+            "after clustering, then quantize_aware(..., scheme='cluster_preserving')."
         )
     if kinds & _PRUNED_LAYERS:
         raise ValueError(

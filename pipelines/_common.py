@@ -13,9 +13,12 @@ from typing import Callable, Sequence
 
 from absl import app, flags, logging
 
+from tfcompress import progress
 from tfcompress.errors import EXIT_BAD_INPUT, TfcompressError, VerificationError
 
 flags.DEFINE_bool("verbose", False, "On failure, also print the traceback and the converter's log.")
+flags.DEFINE_bool("progress", True, "Progress bars on long steps (calibration, evaluation, the TFLM check) "
+                  "when stderr is a terminal; --noprogress turns them off.")
 
 
 def _prog(argv: Sequence[str]) -> str:
@@ -33,6 +36,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def _guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     def wrapped(argv: list[str]) -> None:
         logging.set_verbosity(logging.DEBUG if flags.FLAGS.verbose else logging.WARNING)
+        progress.set_enabled(flags.FLAGS.progress)
         if len(argv) > 1:
             print(f"{_prog(argv)}: error: unexpected arguments {argv[1:]}; every input is a --flag.",
                   file=sys.stderr)

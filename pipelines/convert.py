@@ -5,7 +5,8 @@ Example:
       --calibration_data=calibration_data/mnist_calibration.npz --calibration_key=x \
       --input_scale=0.00392156862745098 --eval_data=data/mnist.npz --output_dir=artefacts/convert
 
-Writes <output_dir>/model.tflite and report.json. Exit codes: 0 verified, 1 verification failed
+Writes <output_dir>/model.tflite, report.json, report.md and PNG plots (accuracy against size, per-layer
+sparsity, per-layer quantization error). Exit codes: 0 verified, 1 verification failed
 (no model.tflite is left), 2 bad arguments or input (nothing is written).
 """
 
@@ -45,6 +46,10 @@ _MAX_DROP = flags.DEFINE_float("max_accuracy_drop", 0.01, "Largest allowed top-1
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for drawing calibration samples.")
 _TARGET = flags.DEFINE_enum("target", None, ["micro"], "Also export for microcontrollers: checks the model in "
                             "TFLite Micro and writes <output_dir>/micro/ (C array, op resolver, manifest).")
+_LATENCY_RUNS = flags.DEFINE_integer("latency_runs", 200, "Single-thread invokes timed for report.md (in a "
+                                     "fresh process); 0 skips the latency measurement.", lower_bound=0)
+_DEBUG_LAYERS = flags.DEFINE_bool("debug_layers", True, "Measure per-tensor quantization error with TF's "
+                                  "QuantizationDebugger for the report (post-training int8 only).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing model.tflite and report.json.")
 
 
@@ -68,6 +73,8 @@ def main(argv: list[str]) -> None:
         max_accuracy_drop=_MAX_DROP.value,
         seed=_SEED.value,
         target=_TARGET.value,
+        latency_runs=_LATENCY_RUNS.value,
+        debug_layers=_DEBUG_LAYERS.value,
         overwrite=_OVERWRITE.value,
     )
     result = pipeline.run_convert(config)
@@ -89,7 +96,7 @@ def summary(result: pipeline.ConvertPipelineResult) -> str:
     if micro:
         lines.append(f"  micro: flash {micro['flash_bytes']:,} bytes, arena {micro['arena']['arena_bytes']:,} "
                      f"bytes, TFLM vs LiteRT top-1 agreement {micro['tflm_check']['top1_agreement']:.4f}")
-    lines.append(f"  report {result.report_path}")
+    lines.append(f"  report {result.report_path} (and report.md, plots)")
     return "\n".join(lines)
 
 

@@ -53,7 +53,8 @@ def test_script_writes_verified_uint8_model_and_report(saved_model_dir, eval_npz
                      "--calibration_key=x", f"--input_scale={SCALE}", f"--eval_data={eval_npz}",
                      f"--output_dir={out}", "--max_accuracy_drop=0.01"])
     assert code == 0, capsys.readouterr().err
-    assert sorted(os.listdir(out)) == ["model.tflite", "report.json"]
+    assert sorted(os.listdir(out)) == ["accuracy_vs_size.png", "debug.json", "layer_sparsity.png", "model.tflite",
+                                       "quantization_error.png", "report.json", "report.md"]
     parsed = read_tflite(out / "model.tflite")
     assert {parsed.tensors[i].dtype for i in parsed.inputs + parsed.outputs} == {"uint8"}
     io = set(parsed.inputs) | set(parsed.outputs)

@@ -14,6 +14,15 @@ import tempfile
 from typing import Iterator
 
 
+# While output is captured, the real stderr (a dup of fd 2 from before), for progress bars.
+_terminal: list = []
+
+
+def terminal_stderr():
+    """The stream that reaches the user's stderr, even while native output is captured."""
+    return _terminal[-1] if _terminal else sys.stderr
+
+
 @contextlib.contextmanager
 def native_output_captured() -> Iterator[list[str]]:
     """Yields a list that holds the captured text once the block ends."""
@@ -25,11 +34,13 @@ def native_output_captured() -> Iterator[list[str]]:
         sys.stdout.flush()
         sys.stderr.flush()
         saved = [os.dup(1), os.dup(2)]
+        _terminal.append(os.fdopen(os.dup(saved[1]), "w", buffering=1, closefd=True))
         try:
             for fd in (1, 2):
                 os.dup2(log.fileno(), fd)
             yield captured
         finally:
+            _terminal.pop().close()
             sys.stdout.flush()
             sys.stderr.flush()
             for fd, copy in zip((1, 2), saved):

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from tfcompress.errors import CalibrationDataError
+from tfcompress.progress import progress
 
 MIN_CALIBRATION_SAMPLES = 10
 
@@ -332,7 +333,7 @@ def representative_dataset(samples: np.ndarray) -> Callable[[], Iterator[list[np
         )
 
     def generate() -> Iterator[list[np.ndarray]]:
-        for sample in samples:
+        for sample in progress(samples, total=len(samples), desc="calibrating"):
             yield [sample[np.newaxis]]
 
     return generate

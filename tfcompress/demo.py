@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from tfcompress import baseline, latency, pipeline
+from tfcompress import baseline, latency, pipeline, progress
 from tfcompress.artefacts import write_atomic, write_json
 
 # 500 MNIST training images shipped beside data/mnist.npz (see calibration_data/README.md).
@@ -23,7 +23,7 @@ def run_demo(output_dir: str, epochs: int = 5, seed: int = 0, max_accuracy_drop:
     os.makedirs(output_dir, exist_ok=True)
     print(f"Training LeNet-5 on MNIST ({epochs} epochs, seed {seed}) ...", flush=True)
     data = baseline.load_mnist()
-    model = baseline.train_lenet5(data, epochs=epochs, seed=seed, verbose=2)
+    model = baseline.train_lenet5(data, epochs=epochs, seed=seed, verbose=progress.keras_verbose())
     saved_model_dir = os.path.join(output_dir, "float_savedmodel")
     model.save(saved_model_dir, save_format="tf", overwrite=True)
 

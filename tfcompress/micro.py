@@ -18,7 +18,8 @@ import numpy as np
 
 from tfcompress._native import native_output_captured
 from tfcompress.errors import MicroTargetError, VerificationError
-from tfcompress.tflite_model import TfliteModel, read_tflite, weight_tensors
+from tfcompress.progress import progress
+from tfcompress.tflite_model import TfliteModel, constant_values, read_tflite, weight_tensors
 from tfcompress.verify import run_tflite_raw
 
 # Builtin op -> its MicroMutableOpResolver method, as declared in TFLM's micro_mutable_op_resolver.h.
@@ -222,7 +223,7 @@ def run_tflm(flatbuffer: bytes, inputs: np.ndarray, arena_bytes: int) -> np.ndar
     """Runs `inputs` (model input dtype, batch axis first) one by one in TFLM; raw outputs stacked."""
     interpreter = _interpreter(flatbuffer, arena_bytes)
     outputs = []
-    for i in range(len(inputs)):
+    for i in progress(range(len(inputs)), total=len(inputs), desc="running in TFLM"):
         interpreter.set_input(inputs[i : i + 1], 0)
         interpreter.invoke()
         outputs.append(np.array(interpreter.get_output(0)))
@@ -300,12 +301,12 @@ def lut_compress(flatbuffer: bytes, max_index_bitwidth: int = 4) -> LutCompressi
         raise ValueError("max_index_bitwidth must be in [1, 7] (8 bits saves nothing on int8). "
                          f"Received: max_index_bitwidth={max_index_bitwidth}")
     model = read_tflite(flatbuffer)
-    values = _constant_values(flatbuffer)
+    values = constant_values(flatbuffer)
     builder = compression.SpecBuilder()
     chosen = []
     for _, weights, _ in weight_tensors(model):
         data = values.get(weights.index)
-        if data is None or weights.dtype != "int8" or weights.index in {c[0] for c in chosen}:
+        if data is None or weights.dtype != "int8" or data.ndim < 1 or weights.index in {c[0] for c in chosen}:
             continue
         channels = data.reshape(data.shape[0], -1)
         distinct = max(len(np.unique(row)) for row in channels)
@@ -325,17 +326,3 @@ def lut_compress(flatbuffer: bytes, max_index_bitwidth: int = 4) -> LutCompressi
         warnings.simplefilter("ignore")
         compressed = bytes(compression.compress(flatbuffer, builder.build()))
     return LutCompression(flatbuffer=compressed, tensors=tuple(c for _, c in chosen))
-
-
-def _constant_values(flatbuffer: bytes) -> dict[int, np.ndarray]:
-    """Constant int8 tensors of the first subgraph as arrays, by tensor index."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    root = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
-    found = {}
-    for i, t in enumerate(root.subgraphs[0].tensors or []):
-        buffer = root.buffers[t.buffer]
-        if t.type != schema.TensorType.INT8 or buffer.data is None or len(buffer.data) == 0:
-            continue
-        found[i] = np.frombuffer(bytes(np.asarray(buffer.data, dtype=np.uint8)), dtype=np.int8).reshape(t.shape)
-    return found

@@ -15,6 +15,7 @@ import numpy as np
 
 from tfcompress._keras import keras, tf
 from tfcompress.errors import ModelLoadError
+from tfcompress.progress import progress
 
 _QAT_LAYER_NAMES = frozenset({"QuantizeWrapper", "QuantizeWrapperV2", "QuantizeLayer"})
 _FAKE_QUANT_OPS = frozenset({"FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxVarsPerChannel"})
@@ -48,7 +49,8 @@ class FloatModel:
     def predict(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """Float outputs for `x`, computed in batches."""
         outputs = []
-        for start in range(0, len(x), batch_size):
+        starts = range(0, len(x), batch_size)
+        for start in progress(starts, total=len(starts), desc="evaluating (float model)"):
             batch = tf.constant(x[start : start + batch_size], dtype=tf.float32)
             if self.keras_model is not None:
                 out = self.keras_model(batch, training=False)

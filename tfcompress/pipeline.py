@@ -10,15 +10,24 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import json
 import os
 import shutil
 import time
 
 from tfcompress import __version__, calibration
 from tfcompress.artefacts import prepare_output_dir, remove_if_empty, write_atomic, write_json
+from tfcompress import debug
 from tfcompress import export as micro_export
+from tfcompress import report as run_report
 from tfcompress.convert import INTEGER_MODES, ConvertConfig, Mode, convert
-from tfcompress.errors import CalibrationDataError, ConversionError, InputError, VerificationError
+from tfcompress.errors import (
+    CalibrationDataError,
+    ConversionError,
+    InputError,
+    TfcompressError,
+    VerificationError,
+)
 from tfcompress.model_io import load_model, model_source
 from tfcompress.tflite_model import read_tflite, weight_sparsity
 from tfcompress.verify import Check, VerificationResult, verify
@@ -67,6 +76,8 @@ class ConvertPipelineConfig:
     max_accuracy_drop: float = 0.01
     seed: int = 0
     target: str | None = None
+    latency_runs: int = 200
+    debug_layers: bool = True
     overwrite: bool = False
 
     def __post_init__(self):
@@ -82,6 +93,8 @@ class ConvertPipelineConfig:
                 "num_calibration_samples must be at least 1 (100-500 is typical). "
                 f"Received: num_calibration_samples={self.num_calibration_samples}"
             )
+        if self.latency_runs < 0:
+            raise ValueError(f"latency_runs must be 0 (skip) or more. Received: latency_runs={self.latency_runs}")
         if self.num_eval_samples is not None and self.num_eval_samples < 1:
             raise ValueError(
                 f"num_eval_samples must be at least 1. Received: num_eval_samples={self.num_eval_samples}"
@@ -112,7 +125,7 @@ def run_convert(config: ConvertPipelineConfig) -> ConvertPipelineResult:
             is left in `output_dir`.
     """
     convert_config = ConvertConfig(config.mode, config.io_dtype)
-    artefacts = (MODEL_FILENAME, REPORT_FILENAME) + ((MICRO_DIRNAME,) if config.target else ())
+    artefacts = (MODEL_FILENAME, REPORT_FILENAME, run_report.MARKDOWN) + ((MICRO_DIRNAME,) if config.target else ())
     output_dir, created = prepare_output_dir(config.output_dir, artefacts, config.overwrite)
     try:
         return _convert_and_write(config, convert_config, output_dir)
@@ -180,14 +193,44 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
             micro_export.write_micro_export(firmware, os.path.join(output_dir, MICRO_DIRNAME), overwrite=True)
             report["micro"] = firmware.manifest
         write_json(report_path, report)
+        _write_debug(config, convert_config, model, samples, output_dir)
+        summary = run_report.compute_report(output_dir, latency_runs=config.latency_runs)
+        run_report.write_report(summary)
+        with open(report_path) as f:
+            report = json.load(f)
         return ConvertPipelineResult(model_path, report_path, result, len(flatbuffer), report)
     # A stale model.tflite (or firmware) from an earlier run must not sit beside a report that says this
     # one failed.
     if os.path.exists(model_path):
         os.unlink(model_path)
     shutil.rmtree(os.path.join(output_dir, MICRO_DIRNAME), ignore_errors=True)
+    for name in (run_report.MARKDOWN, run_report.DEBUG_JSON, *run_report.PLOTS):
+        if os.path.exists(os.path.join(output_dir, name)):
+            os.unlink(os.path.join(output_dir, name))
     write_json(report_path, report)
     raise VerificationError(result.failures, result)
+
+
+DEBUG_SAMPLES = 100
+
+
+def _write_debug(config, convert_config, model, samples, output_dir: str) -> None:
+    """Per-tensor quantization error (QuantizationDebugger) for the report, where it applies.
+
+    Only post-training int8 with calibration samples: a QAT model has nothing for the debugger to compare.
+    A model the debugger cannot handle gets no debug.json; the run itself already passed verification.
+    """
+    path = os.path.join(output_dir, run_report.DEBUG_JSON)
+    if os.path.exists(path):
+        os.unlink(path)
+    if (not config.debug_layers or convert_config.mode is not Mode.INT8 or samples is None
+            or model.is_quantization_aware):
+        return
+    try:
+        result = debug.debug_quantization(model, samples[:DEBUG_SAMPLES])
+    except TfcompressError:
+        return
+    write_json(path, debug.to_json(result))
 
 
 def _micro_export(flatbuffer: bytes, eval_x, config: ConvertPipelineConfig) -> micro_export.MicroExport:

@@ -193,6 +193,27 @@ _NUMPY_TYPES = {"int8": "int8", "uint8": "uint8", "int16": "int16", "int32": "in
                 "float32": "float32", "float16": "float16"}
 
 
+def constant_values(model: bytes | str | os.PathLike) -> dict[int, "np.ndarray"]:
+    """Every constant tensor of the first subgraph with a known dtype, as an array, by tensor index.
+
+    Read from the flatbuffer's buffers: what ships, not what the Keras model held.
+    """
+    import numpy as np
+
+    data = model if isinstance(model, (bytes, bytearray)) else open(os.fspath(model), "rb").read()
+    root = schema.ModelT.InitFromPackedBuf(bytes(data), 0)
+    found = {}
+    for i, t in enumerate(root.subgraphs[0].tensors or []):
+        raw = root.buffers[t.buffer].data if t.buffer < len(root.buffers) else None
+        dtype = _NUMPY_TYPES.get(_TYPE_NAMES.get(t.type, ""))
+        if raw is None or len(raw) == 0 or dtype is None:
+            continue
+        values = np.frombuffer(np.asarray(raw, dtype=np.uint8).tobytes(), dtype=dtype)
+        shape = tuple(int(d) for d in t.shape) if t.shape is not None else ()
+        found[i] = values.reshape(shape) if int(np.prod(shape)) == values.size else values
+    return found
+
+
 def weight_sparsity(model: bytes | str | os.PathLike) -> dict[str, float]:
     """Fraction of stored weights equal to their zero point, per layer weight tensor (by tensor name).
 
@@ -203,14 +224,12 @@ def weight_sparsity(model: bytes | str | os.PathLike) -> dict[str, float]:
 
     data = model if isinstance(model, (bytes, bytearray)) else open(os.fspath(model), "rb").read()
     parsed = read_tflite(data)
-    root = schema.ModelT.InitFromPackedBuf(bytes(data), 0)
-    tensors = root.subgraphs[0].tensors
+    values = constant_values(data)
     result = {}
     for _, weights, _ in weight_tensors(parsed):
-        raw = root.buffers[tensors[weights.index].buffer].data
-        if raw is None or weights.dtype not in _NUMPY_TYPES:
+        if weights.index not in values:
             continue
-        values = np.frombuffer(np.asarray(raw, dtype=np.uint8).tobytes(), dtype=_NUMPY_TYPES[weights.dtype])
+        stored = values[weights.index]
         zero = weights.zero_point[0] if weights.zero_point and len(set(weights.zero_point)) == 1 else 0
-        result[weights.name] = float(np.mean(values == zero)) if values.size else 0.0
+        result[weights.name] = float(np.mean(stored == zero)) if stored.size else 0.0
     return result

@@ -16,6 +16,7 @@ from ai_edge_litert.interpreter import Interpreter
 
 from tfcompress._native import native_output_captured
 from tfcompress.convert import INTEGER_MODES, Mode
+from tfcompress.progress import progress
 from tfcompress.errors import VerificationError
 from tfcompress.model_io import FloatModel
 from tfcompress.tflite_model import TfliteModel, read_tflite, weight_tensors
@@ -170,7 +171,8 @@ def _run_batches(interpreter: Interpreter, inputs: np.ndarray, batch_size: int) 
     out = interpreter.get_output_details()[0]
     outputs = []
     current = None
-    for start in range(0, len(inputs), batch_size):
+    starts = range(0, len(inputs), batch_size)
+    for start in progress(starts, total=len(starts), desc="evaluating (LiteRT)"):
         batch = inputs[start : start + batch_size]
         if current != len(batch):
             interpreter.resize_tensor_input(inp["index"], [len(batch), *inp["shape"][1:]])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +16,18 @@ MNIST = ROOT / "data" / "mnist.npz"
 CALIBRATION = ROOT / "calibration_data" / "mnist_calibration.npz"
 SCALE = 1.0 / 255.0
 NUM_EVAL = 1000
+
+
+def run_scripts(script: str, *argument_lists: list[str]) -> list[subprocess.CompletedProcess]:
+    """Runs a pipeline script once per argument list, concurrently (each run imports TensorFlow)."""
+    processes = [subprocess.Popen([sys.executable, script, *arguments], cwd=ROOT, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for arguments in argument_lists]
+    results = []
+    for process, arguments in zip(processes, argument_lists):
+        out, err = process.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(arguments, process.returncode, out, err))
+    return results
 
 
 def small_cnn(seed: int = 0) -> "keras.Model":

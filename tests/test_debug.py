@@ -11,13 +11,11 @@ import io
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import CALIBRATION, ROOT, SCALE
+from conftest import CALIBRATION, ROOT, SCALE, run_scripts
 from tfcompress import baseline
 from tfcompress._keras import keras, tf
 from tfcompress.debug import (
@@ -175,18 +173,6 @@ def test_run_debug_writes_files_and_refuses_to_overwrite(lenet, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
-def _run_script(*argument_lists: list[str]) -> list[subprocess.CompletedProcess]:
-    """Runs the script once per argument list, concurrently (each run imports TensorFlow)."""
-    processes = [subprocess.Popen([sys.executable, SCRIPT, *arguments], cwd=ROOT, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                 for arguments in argument_lists]
-    results = []
-    for process, arguments in zip(processes, argument_lists):
-        out, err = process.communicate(timeout=300)
-        results.append(subprocess.CompletedProcess(arguments, process.returncode, out, err))
-    return results
-
-
 def test_script_exit_codes_0_1_2(lenet, tmp_path):
     keras_file = tmp_path / "lenet.keras"
     lenet.save(keras_file)
@@ -195,7 +181,7 @@ def test_script_exit_codes_0_1_2(lenet, tmp_path):
     data = [f"--calibration_data={CALIBRATION}", "--calibration_key=x", f"--input_scale={SCALE}",
             "--num_calibration_samples=50"]
     out = tmp_path / "out"
-    ok, in_float, missing = _run_script(
+    ok, in_float, missing = run_scripts(SCRIPT, 
         [f"--keras_model={keras_file}", *data, f"--output_dir={out}", "--json"],
         [f"--saved_model_dir={sin_dir}", *data, "--top=2"],
         [f"--keras_model={tmp_path / 'nowhere.keras'}", *data],

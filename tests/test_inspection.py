@@ -9,14 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
 
-from conftest import CALIBRATION, ROOT, SCALE
+from conftest import CALIBRATION, ROOT, SCALE, run_scripts
 from tfcompress import baseline
 from tfcompress._keras import keras
 from tfcompress.convert import ConvertConfig, convert
@@ -158,21 +156,9 @@ def test_bad_files_are_one_line_model_load_errors(tmp_path, content, message):
     assert "\n" not in str(e.value) and e.value.exit_code == 2
 
 
-def _run_script(*argument_lists: list[str]) -> list[subprocess.CompletedProcess]:
-    """Runs the script once per argument list, concurrently (each run imports TensorFlow)."""
-    processes = [subprocess.Popen([sys.executable, SCRIPT, *arguments], cwd=ROOT, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                 for arguments in argument_lists]
-    results = []
-    for process, arguments in zip(processes, argument_lists):
-        out, err = process.communicate(timeout=300)
-        results.append(subprocess.CompletedProcess(arguments, process.returncode, out, err))
-    return results
-
-
 def test_script_prints_text_or_json_and_exits_0(lenet_path):
     # `tfcompress inspect model.tflite`: the path may be given bare.
-    text, as_json = _run_script([str(lenet_path)], [f"--tflite={lenet_path}", "--json"])
+    text, as_json = run_scripts(SCRIPT, [str(lenet_path)], [f"--tflite={lenet_path}", "--json"])
     assert text.returncode == 0, text.stderr
     assert "2,293,000 MACs" in text.stdout and "FULLY_CONNECTED" in text.stdout
     assert as_json.returncode == 0, as_json.stderr
@@ -182,7 +168,7 @@ def test_script_prints_text_or_json_and_exits_0(lenet_path):
 def test_script_bad_input_exits_2_with_one_line(tmp_path):
     not_a_model = tmp_path / "notes.txt"
     not_a_model.write_text("hello")
-    missing, wrong, no_flag = _run_script([f"--tflite={tmp_path / 'nowhere.tflite'}"],
+    missing, wrong, no_flag = run_scripts(SCRIPT, [f"--tflite={tmp_path / 'nowhere.tflite'}"],
                                           [f"--tflite={not_a_model}"], [])
     assert missing.returncode == wrong.returncode == no_flag.returncode == 2
     assert missing.stderr.strip().splitlines() == [

@@ -13,6 +13,7 @@ import hashlib
 import os
 from typing import Sequence
 
+import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
 from tfcompress.errors import ModelLoadError
@@ -193,13 +194,11 @@ _NUMPY_TYPES = {"int8": "int8", "uint8": "uint8", "int16": "int16", "int32": "in
                 "float32": "float32", "float16": "float16"}
 
 
-def constant_values(model: bytes | str | os.PathLike) -> dict[int, "np.ndarray"]:
+def constant_values(model: bytes | str | os.PathLike) -> dict[int, np.ndarray]:
     """Every constant tensor of the first subgraph with a known dtype, as an array, by tensor index.
 
     Read from the flatbuffer's buffers: what ships, not what the Keras model held.
     """
-    import numpy as np
-
     data = model if isinstance(model, (bytes, bytearray)) else open(os.fspath(model), "rb").read()
     root = schema.ModelT.InitFromPackedBuf(bytes(data), 0)
     found = {}
@@ -220,8 +219,6 @@ def weight_sparsity(model: bytes | str | os.PathLike) -> dict[str, float]:
     Read from the flatbuffer's constant buffers, so it is what ships: pruning that did not survive
     conversion shows here as a lower fraction than the Keras model's.
     """
-    import numpy as np
-
     data = model if isinstance(model, (bytes, bytearray)) else open(os.fspath(model), "rb").read()
     parsed = read_tflite(data)
     values = constant_values(data)

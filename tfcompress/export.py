@@ -214,13 +214,14 @@ def write_micro_export(export: MicroExport, output_dir: str, overwrite: bool = F
 
 def run_export(config: ExportConfig) -> ExportResult:
     """`tfcompress export`: reads `config.tflite`, checks it in TFLM, writes the firmware files."""
-    flatbuffer = _read_bytes(config.tflite)
-    model = read_tflite(flatbuffer if flatbuffer is not None else config.tflite)
+    model = read_tflite(config.tflite)  # a clear ModelLoadError for a missing or non-flatbuffer file
+    with open(config.tflite, "rb") as f:
+        flatbuffer = f.read()
     name, note = c_name(config.name, config.tflite)
     labels = _read_labels(config.labels) if config.labels else None
-    output_dir, created = prepare_output_dir(
-        config.output_dir, (f"{name}_model_data.h", f"{name}_model_data.cc", f"{name}_op_resolver.h",
-                            f"{name}.tflite", "manifest.json"), config.overwrite)
+    files = (f"{name}_model_data.h", f"{name}_model_data.cc", f"{name}_op_resolver.h", f"{name}.tflite",
+             "manifest.json") + ((f"{name}_vela.tflite",) if config.vela else ())
+    output_dir, created = prepare_output_dir(config.output_dir, files, config.overwrite)
     try:
         samples = None
         if config.eval_data is not None:
@@ -243,12 +244,6 @@ def run_export(config: ExportConfig) -> ExportResult:
         raise
     paths = write_micro_export(export, output_dir, overwrite=True, extra=extra)
     return ExportResult(output_dir, paths, {**export.manifest, **extra})
-
-
-def _read_bytes(path: str) -> bytes | None:
-    read_tflite(path)  # a clear ModelLoadError for a missing or non-flatbuffer file
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def _read_labels(path: str) -> list[str]:

@@ -25,3 +25,6 @@ def test_demo_trains_converts_and_reports(tmp_path):
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["models"]["int8"]["bytes"] == i8["bytes"]
     assert "| int8 | uint8 |" in (tmp_path / "summary.md").read_text()
+    assert summary["micro"]["tflm_samples"] == 10000 and summary["micro"]["tflm_top1_agreement"] >= 0.999
+    assert (tmp_path / "int8" / "micro" / "model_model_data.cc").exists()
+    assert (tmp_path / "int8" / "report.md").exists() and (tmp_path / "float32" / "report.md").exists()

@@ -4,7 +4,8 @@ Takes an output directory, a training budget and a seed; returns a summary dict 
 `summary.json` and `summary.md`). `pipelines/demo.py` (`make demo`, `tfcompress demo`) is its command line.
 Steps: train the baseline (seeded), save it as a SavedModel, run the convert pipeline twice on it (float32
 for reference, int8 with uint8 I/O, both verified on the full 10,000-image test split), time each
-`.tflite` single-threaded in a fresh process, and render a table.
+`.tflite` single-threaded in a fresh process, and render a table. The int8 run also exports the model for
+microcontrollers (checked in TFLite Micro) into `int8/micro/`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def run_demo(output_dir: str, epochs: int = 5, seed: int = 0, max_accuracy_drop:
             eval_data=str(baseline.MNIST_PATH),
             input_scale=baseline.MNIST_SCALE,
             mode=mode,
+            target="micro" if mode == "int8" else None,
             max_accuracy_drop=max_accuracy_drop,
             seed=seed,
             overwrite=True,
@@ -58,6 +60,12 @@ def run_demo(output_dir: str, epochs: int = 5, seed: int = 0, max_accuracy_drop:
             "latency_p90_ms": timing.p90_ms,
             "io_dtype": result.verification.inputs[0]["dtype"],
         }
+    micro = results["int8"].report["micro"]
+    summary["micro"] = {"dir": os.path.join(output_dir, "int8", pipeline.MICRO_DIRNAME),
+                        "flash_bytes": micro["flash_bytes"], "arena_bytes": micro["arena"]["arena_bytes"],
+                        "tflm_top1_agreement": micro["tflm_check"]["top1_agreement"],
+                        "tflm_max_step_difference": micro["tflm_check"]["max_step_difference"],
+                        "tflm_samples": micro["tflm_check"]["num_samples"]}
     table = render(summary)
     summary["table"] = table
     write_json(os.path.join(output_dir, "summary.json"), {k: v for k, v in summary.items() if k != "table"})
@@ -85,7 +93,12 @@ def render(summary: dict) -> str:
         f"{i8['accuracy'] - f32['accuracy']:+.4f} ({(i8['accuracy'] - f32['accuracy']) * 100:+.2f} points), "
         f"top-1 agreement with the float model {i8['top1_agreement']:.4f}, "
         f"{f32['latency_median_ms'] / i8['latency_median_ms']:.2f}x faster.",
-        f"Artefacts: {os.path.dirname(i8['path'])}/ (model.tflite, report.json), "
+        f"Microcontroller build: {summary['micro']['dir']}/ (C array, op resolver, manifest): flash "
+        f"{summary['micro']['flash_bytes']:,} bytes, tensor arena {summary['micro']['arena_bytes']:,} bytes; in "
+        f"TFLite Micro top-1 agreement with LiteRT {summary['micro']['tflm_top1_agreement']:.4f} on "
+        f"{summary['micro']['tflm_samples']:,} images (largest difference "
+        f"{summary['micro']['tflm_max_step_difference']} quantized step(s)).",
+        f"Artefacts: {os.path.dirname(i8['path'])}/ (model.tflite, report.md with plots, report.json), "
         f"{os.path.dirname(os.path.dirname(i8['path']))}/summary.md",
     ]
     return "\n".join(lines)

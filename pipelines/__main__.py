@@ -7,13 +7,15 @@ import sys
 
 VERBS = {
     "convert": "Convert a SavedModel or Keras model to a verified TFLite model.",
-    "optimize": "Prune and/or QAT fine-tune a Keras model, then convert and verify it.",
+    "optimize": "Factorize, prune, cluster and/or QAT fine-tune a Keras model (optionally distilled), then "
+                "convert and verify it.",
     "benchmark_optimize": "Benchmark every training-time path to int8 on LeNet-5.",
     "demo": "Train LeNet-5 on the shipped MNIST and run the whole convert pipeline on it.",
     "export": "Export a verified .tflite for microcontrollers (C array, op resolver, arena, TFLM check).",
     "benchmark_export": "Benchmark the microcontroller export (flash, arena, TFLM agreement, Vela) on LeNet-5.",
     "inspect": "Inspect a .tflite: ops, tensors, quantization, I/O, MACs and weights per layer.",
     "debug": "Find the layers that lose the most in int8 quantization (TF QuantizationDebugger).",
+    "benchmark_compress": "Benchmark clustering, low-rank factorization and distillation on LeNet-5.",
     "benchmark_convert": "Benchmark the convert pipeline against a hand-written converter script.",
 }
 

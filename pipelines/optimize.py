@@ -1,10 +1,15 @@
-r"""Prune and/or quantization-aware fine-tune a Keras model, then convert it to a verified int8 TFLite model.
+r"""Factorize, prune, cluster and/or quantization-aware fine-tune a Keras model, then convert it to a verified
+int8 TFLite model.
 
 Example (the demo's LeNet-5, prune to 80% then PQAT):
   tfcompress optimize --saved_model_dir=artefacts/demo/float_savedmodel --train_data=data/mnist.npz \
       --eval_data=data/mnist.npz --input_scale=0.00392156862745098 --prune --final_sparsity=0.8 --qat \
       --output_dir=artefacts/optimize
+Add --cluster=16 for weight sharing (kept through PCQAT), --factorize_energy=0.9 --factorize_layers=fc1 for a
+low-rank fc1, --distill_from=TEACHER to fine-tune against a teacher's logits.
 
+Stages run in this order, each when asked for: float → factorize → prune → cluster → qat → convert. With
+--distill_from the factorize, prune and cluster fine-tunes train through the teacher; QAT uses the labels.
 Each stage leaves its model in <output_dir>/stages/ and its numbers in <output_dir>/report.json; a rerun
 with the same flags resumes after the last completed stage (--overwrite starts over). The validation split
 is cut from the end of --train_data. Exit codes: 0 verified, 1 verification failed, 2 bad input.
@@ -28,6 +33,13 @@ _EVAL_KEY = flags.DEFINE_string("eval_key", "x_test", "Samples array inside --ev
 _EVAL_LABELS_KEY = flags.DEFINE_string("eval_labels_key", "y_test", "Labels array inside --eval_data.")
 _SCALE = flags.DEFINE_float("input_scale", 1.0, "Model input = raw * input_scale + input_offset.")
 _OFFSET = flags.DEFINE_float("input_offset", 0.0, "See --input_scale.")
+_FACTORIZE_ENERGY = flags.DEFINE_float("factorize_energy", None, "Replace Dense and 1x1 Conv2D kernels by "
+                                       "two low-rank factors keeping this fraction of the squared singular "
+                                       "values, in (0, 1] (first stage).")
+_FACTORIZE_LAYERS = flags.DEFINE_list("factorize_layers", [], "Layers to factorize (default: every Dense and "
+                                      "1x1, stride-1 Conv2D).")
+_FACTORIZE_EPOCHS = flags.DEFINE_integer("factorize_epochs", 1, "Epochs of the fine-tune after factorizing.",
+                                         lower_bound=1)
 _PRUNE = flags.DEFINE_bool("prune", False, "Run the pruning fine-tune stage.")
 _SPARSITY = flags.DEFINE_float("final_sparsity", 0.8, "Target fraction of zero weights.", lower_bound=0.0,
                                upper_bound=0.99)
@@ -36,11 +48,20 @@ _STRUCTURE = flags.DEFINE_enum("prune_structure", None, ["2:4"], "Structured spa
 _PRUNE_EXCLUDE = flags.DEFINE_list("prune_exclude", [], "Layers not to prune (e.g. a first conv with fewer "
                                     "than 4 input channels under --prune_structure=2:4).")
 _PRUNE_EPOCHS = flags.DEFINE_integer("prune_epochs", 2, "Epochs of the pruning fine-tune.", lower_bound=1)
-_QAT = flags.DEFINE_bool("qat", False, "Run quantization-aware fine-tuning (prune-preserving after --prune).")
+_CLUSTER = flags.DEFINE_integer("cluster", None, "Cluster every kernel to this many distinct values, in "
+                                "[2, 256] (after --prune: keeping the zeros, at least 3), then fine-tune.")
+_CLUSTER_EPOCHS = flags.DEFINE_integer("cluster_epochs", 1, "Epochs of the clustering fine-tune.",
+                                       lower_bound=1)
+_QAT = flags.DEFINE_bool("qat", False, "Run quantization-aware fine-tuning (prune-preserving after --prune, "
+                         "cluster-preserving after --cluster).")
 _QAT_EPOCHS = flags.DEFINE_integer("qat_epochs", 1, "Epochs of QAT.", lower_bound=1)
 _LEAVE_FLOAT = flags.DEFINE_list("leave_float", [], "Layers tfmot cannot quantize to keep float during QAT; "
                                   "the model is then not full-integer and int8 conversion refuses it: pick "
                                   "another --mode (dynamic, float16) to convert it anyway.")
+_DISTILL_FROM = flags.DEFINE_string("distill_from", None, "Teacher (SavedModel dir or .keras/.h5, outputs "
+                                    "logits) to distill from in the factorize, prune and cluster fine-tunes.")
+_TEMPERATURE = flags.DEFINE_float("distill_temperature", 4.0, "Softmax temperature of the distillation loss.")
+_ALPHA = flags.DEFINE_float("distill_alpha", 0.1, "Weight of the label loss; 1 - alpha goes to the teacher's.")
 _MODE = flags.DEFINE_enum("mode", "int8", ["int8", "int16x8", "dynamic", "float16", "float32"],
                           "Mode of the final conversion.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Fine-tuning batch size.", lower_bound=1)
@@ -57,6 +78,8 @@ _OUTPUT = flags.DEFINE_string("output_dir", None, "Where stages, model.tflite an
                               required=True)
 _TARGET = flags.DEFINE_enum("target", None, ["micro"], "Also export the final model for microcontrollers "
                             "(checked in TFLite Micro) into <output_dir>/micro/.")
+_LATENCY_RUNS = flags.DEFINE_integer("latency_runs", 200, "Single-thread invokes of the final model timed for "
+                                     "report.md (fresh process); 0 skips.", lower_bound=0)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Start over instead of resuming.")
 
 
@@ -67,19 +90,23 @@ def main(argv: list[str]) -> None:
         keras_model=_KERAS_MODEL.value, train_key=_TRAIN_KEY.value, train_labels_key=_TRAIN_LABELS_KEY.value,
         validation_fraction=_VALIDATION.value, eval_data=_EVAL.value, eval_key=_EVAL_KEY.value,
         eval_labels_key=_EVAL_LABELS_KEY.value, input_scale=_SCALE.value, input_offset=_OFFSET.value,
-        prune=_PRUNE.value, final_sparsity=_SPARSITY.value, prune_scope=_SCOPE.value,
-        prune_structure=_STRUCTURE.value, prune_exclude=tuple(_PRUNE_EXCLUDE.value), prune_epochs=_PRUNE_EPOCHS.value, qat=_QAT.value,
-        qat_epochs=_QAT_EPOCHS.value, leave_float=tuple(_LEAVE_FLOAT.value), mode=_MODE.value,
+        factorize_energy=_FACTORIZE_ENERGY.value, factorize_layers=tuple(_FACTORIZE_LAYERS.value),
+        factorize_epochs=_FACTORIZE_EPOCHS.value, prune=_PRUNE.value, final_sparsity=_SPARSITY.value,
+        prune_scope=_SCOPE.value, prune_structure=_STRUCTURE.value, prune_exclude=tuple(_PRUNE_EXCLUDE.value),
+        prune_epochs=_PRUNE_EPOCHS.value, cluster=_CLUSTER.value, cluster_epochs=_CLUSTER_EPOCHS.value,
+        qat=_QAT.value, qat_epochs=_QAT_EPOCHS.value, leave_float=tuple(_LEAVE_FLOAT.value),
+        distill_from=_DISTILL_FROM.value, distill_temperature=_TEMPERATURE.value, distill_alpha=_ALPHA.value,
+        mode=_MODE.value,
         batch_size=_BATCH.value, learning_rate=_LR.value,
         calibration_data=_CALIBRATION.value, calibration_key=_CALIBRATION_KEY.value,
         num_calibration_samples=_NUM_CALIBRATION.value, max_accuracy_drop=_MAX_DROP.value,
-        seed=_SEED.value, target=_TARGET.value, overwrite=_OVERWRITE.value,
+        seed=_SEED.value, target=_TARGET.value, latency_runs=_LATENCY_RUNS.value, overwrite=_OVERWRITE.value,
     ))
     if result.resumed_after:
         print(f"resumed after stage {result.resumed_after}")
     for stage in result.stages:
         acc, zeros = stage.get("eval_accuracy"), stage.get("sparsity")
-        print(f"  {stage['stage']:<8} eval accuracy {'-' if acc is None else f'{acc:.4f}'}  "
+        print(f"  {stage['stage']:<9} eval accuracy {'-' if acc is None else f'{acc:.4f}'}  "
               f"sparsity {'-' if zeros is None else f'{zeros:.3f}'}  {stage['seconds']:.1f} s")
     print(f"verified {result.model_path}; report {result.report_path}")
 

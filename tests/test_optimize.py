@@ -1,16 +1,16 @@
-"""The optimize pipeline on a real CNN and real MNIST: prune → PQAT → verified int8, and resuming."""
+"""The optimize pipeline on a real CNN and real MNIST: prune → PQAT → verified int8, resuming, and the
+factorize, cluster and distillation stages."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import MNIST, SCALE
+from conftest import CALIBRATION, MNIST, SCALE, run_scripts
 from tfcompress._keras import keras, tf
 from tfcompress.errors import NotFullyQuantizedError, OutputPathError
 from tfcompress.optimize import OptimizeConfig, run_optimize
@@ -46,6 +46,14 @@ def test_prune_then_pqat_gives_verified_sparse_int8_and_resumes(keras_file, trai
     assert convert_stage["eval_accuracy"] >= result.stages[0]["eval_accuracy"] - 0.03
     report = json.loads(open(result.report_path).read())
     assert report["stages"][-1]["bytes"] == os.path.getsize(result.model_path)
+    # The rendered report reads the stage files from disk: check them against Keras' own view.
+    rows = {row["stage"]: row for row in report["report"]["stages"]}
+    assert list(rows) == ["float", "prune", "qat", "int8 (.tflite)"]
+    pruned = keras.models.load_model(tmp_path / "out" / "stages" / "prune.h5")
+    assert rows["prune"]["parameters"] == pruned.count_params()
+    assert rows["prune"]["nonzero_parameters"] == sum(int(np.count_nonzero(w)) for w in pruned.get_weights())
+    assert rows["int8 (.tflite)"]["accuracy"] == convert_stage["eval_accuracy"]
+    assert (tmp_path / "out" / "report.md").exists() and (tmp_path / "out" / "layer_sparsity.png").exists()
 
     # Interrupted after pruning: the rerun starts at QAT and leaves the pruned model alone.
     state_path = tmp_path / "out" / "stages" / "state.json"
@@ -63,7 +71,8 @@ def test_prune_then_pqat_gives_verified_sparse_int8_and_resumes(keras_file, trai
 
 
 def test_nothing_to_do_and_bad_split_are_refused(keras_file, train_npz, tmp_path):
-    with pytest.raises(ValueError, match=r"Nothing to optimize: pass --prune and/or --qat"):
+    with pytest.raises(ValueError, match=r"Nothing to optimize: pass --factorize_energy, --prune, --cluster "
+                                         r"and/or --qat"):
         OptimizeConfig(output_dir=str(tmp_path), train_data=train_npz, keras_model=keras_file)
     with pytest.raises(ValueError, match=r"validation_fraction .* Received: validation_fraction=1.0"):
         OptimizeConfig(output_dir=str(tmp_path), train_data=train_npz, keras_model=keras_file, prune=True,
@@ -81,14 +90,24 @@ def test_training_data_errors_name_the_training_flags(keras_file, eval_npz, tmp_
 
 
 def test_command_line_bad_input_exits_2(tmp_path):
-    command = [os.path.join(os.path.dirname(sys.executable), "tfcompress"), "optimize",
-               "--keras_model=/nonexistent.keras", f"--train_data={MNIST}", "--prune",
-               f"--output_dir={tmp_path}/out"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
+    # The console script as a Python script, so that both runs go at once (each imports TensorFlow).
+    tfcompress = os.path.join(os.path.dirname(sys.executable), "tfcompress")
+    missing, bad_alpha = run_scripts(
+        tfcompress,
+        ["optimize", "--keras_model=/nonexistent.keras", f"--train_data={MNIST}", "--prune",
+         f"--output_dir={tmp_path}/out"],
+        # Every new stage flag parses and reaches OptimizeConfig; the last one is out of range.
+        ["optimize", "--keras_model=/nonexistent.keras", f"--train_data={MNIST}", "--factorize_energy=0.9",
+         "--factorize_layers=fc", "--factorize_epochs=1", "--prune", "--cluster=8", "--cluster_epochs=1",
+         "--distill_from=/nonexistent_teacher.h5", "--distill_temperature=2", "--distill_alpha=1.5",
+         f"--output_dir={tmp_path}/out"])
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
         "tfcompress optimize: error: Model not found: /nonexistent.keras. Pass an existing SavedModel "
         "directory or .keras/.h5 file."]
+    assert bad_alpha.returncode == 2
+    assert bad_alpha.stderr.strip().splitlines()[-1].startswith("tfcompress optimize: error: distill_alpha weighs")
+    assert bad_alpha.stderr.strip().endswith("Received: distill_alpha=1.5")
     assert not (tmp_path / "out").exists()
 
 
@@ -114,3 +133,121 @@ def test_bad_pruning_settings_fail_before_anything_is_written(keras_file, train_
                                     keras_model=keras_file, input_scale=SCALE, prune=True,
                                     final_sparsity=0.5, prune_structure="2:4"))
     assert not (tmp_path / "out").exists()
+
+
+def test_prune_then_cluster_then_pcqat_keeps_zeros_and_clusters_in_the_int8_model(keras_file, train_npz,
+                                                                                  eval_npz, tmp_path):
+    result = run_optimize(_config(keras_file, train_npz, eval_npz, tmp_path / "out", cluster=8))
+    assert [s["stage"] for s in result.stages] == ["float", "prune", "cluster", "qat", "convert"]
+    stages = {s["stage"]: s for s in result.stages}
+    assert stages["qat"]["scheme"] == "cluster_preserving"
+    assert stages["cluster"]["preserve_sparsity"] is True
+    assert set(stages["cluster"]["distinct_values"]) == {"conv", "fc", "logits"}
+    assert all(n <= 8 for n in stages["cluster"]["distinct_values"].values())
+    assert stages["cluster"]["sparsity"] >= stages["prune"]["sparsity"] - 0.01
+    assert stages["cluster"]["nonzero_parameters"] < stages["float"]["nonzero_parameters"]
+    parsed = read_tflite(result.model_path)
+    assert {parsed.tensors[i].dtype for i in parsed.inputs + parsed.outputs} == {"uint8"}
+    # What ships: at most 8 values in every output channel, and the pruned zeros kept through PCQAT.
+    convert_stage = stages["convert"]
+    assert len(convert_stage["distinct_values"]) == 3
+    assert all(v["max_per_channel"] <= 8 for v in convert_stage["distinct_values"].values())
+    assert all(v >= 0.5 - 0.02 for v in convert_stage["weight_sparsity"].values())
+    assert convert_stage["eval_accuracy"] >= stages["float"]["eval_accuracy"] - 0.05
+
+
+def test_factorize_reduces_parameters_and_converts_verified(saved_model_dir, train_npz, eval_npz, tmp_path):
+    # From a SavedModel: its reloaded layers name their weights without the layer's scope, which once made
+    # the fine-tuned model's optimizer slots collide in the stage's HDF5 file.
+    result = run_optimize(OptimizeConfig(
+        output_dir=str(tmp_path / "out"), train_data=train_npz, saved_model_dir=saved_model_dir,
+        eval_data=eval_npz, input_scale=SCALE, factorize_energy=0.9, factorize_layers=("fc",),
+        batch_size=64, calibration_data=str(CALIBRATION), calibration_key="x", max_accuracy_drop=0.02))
+    assert [s["stage"] for s in result.stages] == ["float", "factorize", "convert"]
+    float_stage, factorize_stage, convert_stage = result.stages
+    (fc,) = factorize_stage["factorization"]
+    assert fc["name"] == "fc" and fc["factorized"] and 1 <= fc["rank"] < 32
+    assert fc["params_after"] < fc["params_before"] and fc["macs_after"] < fc["macs_before"]
+    assert float_stage["parameters"] - factorize_stage["parameters"] == fc["params_before"] - fc["params_after"]
+    assert "distilled_from" not in factorize_stage
+    parsed = read_tflite(result.model_path)
+    assert sum(op.op == "FULLY_CONNECTED" for op in parsed.operators) == 3  # fc_lowrank, fc, logits
+    assert convert_stage["eval_accuracy"] >= float_stage["eval_accuracy"] - 0.05
+
+
+def test_distilled_factorize_and_prune_reduce_parameters_and_convert_verified(keras_file, train_npz, eval_npz,
+                                                                               tmp_path):
+    # The unfactorized model teaches its own factorized, pruned copy; no QAT, so calibrated PTQ converts it.
+    result = run_optimize(_config(keras_file, train_npz, eval_npz, tmp_path / "out", qat=False,
+                                  factorize_energy=0.9, distill_from=keras_file,
+                                  calibration_data=str(CALIBRATION), calibration_key="x"))
+    assert [s["stage"] for s in result.stages] == ["float", "factorize", "prune", "convert"]
+    float_stage, factorize_stage, prune_stage = result.stages[:3]
+    assert factorize_stage["parameters"] < float_stage["parameters"]
+    layers = {layer["name"]: layer for layer in factorize_stage["factorization"]}
+    assert set(layers) == {"fc", "logits"} and layers["fc"]["factorized"]
+    assert layers["fc"]["params_after"] < layers["fc"]["params_before"]
+    assert float_stage["parameters"] - factorize_stage["parameters"] == (
+        factorize_stage["factorized_parameters"]["before"] - factorize_stage["factorized_parameters"]["after"])
+    assert prune_stage["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert "distilled_from" not in float_stage
+    assert factorize_stage["distilled_from"] == prune_stage["distilled_from"] == keras_file
+    report = json.loads(open(result.report_path).read())
+    assert report["config"]["distill_from"] == keras_file
+    assert result.stages[-1]["distinct_values"] is None  # not clustered
+    parsed = read_tflite(result.model_path)
+    assert {parsed.tensors[i].dtype for i in parsed.inputs + parsed.outputs} == {"uint8"}
+    assert result.stages[-1]["eval_accuracy"] >= float_stage["eval_accuracy"] - 0.05
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(cluster=1), r"integer in \[2, 256\].* Received: cluster=1$"),
+    (dict(cluster=257), r"Received: cluster=257$"),
+    (dict(cluster=2), r"needs --cluster=3 or more\. Received: cluster=2, prune=True$"),
+    (dict(factorize_energy=0.0), r"in \(0, 1\].* Received: factorize_energy=0.0$"),
+    (dict(factorize_energy=1.5), r"Received: factorize_energy=1.5$"),
+    (dict(prune=False, qat=True, factorize_layers=("fc",)),
+     r"Pass --factorize_energy=0.9 \(say\) as well\. Received: factorize_layers=\['fc'\], "
+     r"factorize_energy=None$"),
+    (dict(distill_from="teacher.h5", distill_temperature=0.0),
+     r"must be positive .* Received: distill_temperature=0.0$"),
+    (dict(distill_alpha=1.5), r"fraction in \[0, 1\] .* Received: distill_alpha=1.5$"),
+    (dict(distill_alpha=-0.1), r"Received: distill_alpha=-0.1$"),
+    (dict(prune=False, distill_from="teacher.h5"),
+     r"with only --qat the teacher would go unused.* Received: distill_from='teacher.h5'$"),
+    (dict(cluster_epochs=0), r"Received: cluster_epochs=0$"),
+])
+def test_bad_new_stage_settings_are_refused(keras_file, train_npz, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _config(keras_file, train_npz, None, tmp_path / "out", **overrides)
+
+
+def test_teacher_of_another_shape_or_with_softmax_is_refused_before_training(keras_file, train_npz, tmp_path):
+    def save(units, activation, name):
+        model = keras.Sequential([keras.layers.Input((28, 28, 1)), keras.layers.Flatten(),
+                                  keras.layers.Dense(units, activation=activation)])
+        model.save(tmp_path / name)
+        return str(tmp_path / name)
+
+    five = save(5, None, "five.h5")
+    with pytest.raises(ValueError, match=r"The teacher .*five\.h5 must take the input and give the output shape "
+                                         r".* Received: teacher input shape=\(None, 28, 28, 1\), teacher output "
+                                         r"shape=\(None, 5\), student input shape=\(None, 28, 28, 1\), student "
+                                         r"output shape=\(None, 10\)$"):
+        run_optimize(_config(keras_file, train_npz, None, tmp_path / "out", distill_from=five))
+    with pytest.raises(ValueError, match=r"the teacher \(--distill_from\) ends in a softmax"):
+        run_optimize(_config(keras_file, train_npz, None, tmp_path / "out",
+                             distill_from=save(10, "softmax", "softmax.h5")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_settings_of_stages_that_do_not_run_leave_the_fingerprint_alone(keras_file, train_npz, tmp_path):
+    base = _config(keras_file, train_npz, None, tmp_path)
+    assert _config(keras_file, train_npz, None, tmp_path, cluster_epochs=3, distill_alpha=0.5,
+                   factorize_epochs=2).fingerprint() == base.fingerprint()
+    clustered = _config(keras_file, train_npz, None, tmp_path, cluster=8)
+    assert clustered.fingerprint() != base.fingerprint()
+    assert _config(keras_file, train_npz, None, tmp_path, cluster=8, cluster_epochs=2).fingerprint() \
+        != clustered.fingerprint()
+    assert _config(keras_file, train_npz, None, tmp_path, distill_from=keras_file).fingerprint() \
+        != base.fingerprint()

@@ -1,10 +1,19 @@
-"""The optimize pipeline: float Keras model in, pruned and/or QAT fine-tuned, verified int8 `.tflite` out.
+"""The optimize pipeline: float Keras model in, factorized, pruned, clustered and/or QAT fine-tuned, verified
+int8 `.tflite` out.
 
 Takes an `OptimizeConfig` (its fields are the flags of `pipelines/optimize.py`); returns an
-`OptimizeResult`. Stages run in order (float → prune → qat → convert), each leaving its artefact under
-`<output_dir>/stages/` and its numbers in `<output_dir>/report.json`. A rerun with the same settings
-resumes after the last completed stage. The validation split is cut from the end of the training data;
-the evaluation data (a test split) is only ever measured on, never used to choose anything.
+`OptimizeResult`. Stages run in a fixed order, each only when asked for:
+
+    float → factorize → prune → cluster → qat → convert
+
+Factorization comes first because it changes the layers (a Dense becomes two) and the later stages should
+compress the layers that ship; pruning comes before clustering so that clustering can keep the zeros
+(`preserve_sparsity`); QAT comes last among the training stages, preserving what came before (PQAT after
+pruning, CQAT/PCQAT after clustering). With a teacher (`distill_from`) the factorize, prune and cluster
+fine-tunes train through `tfcompress.distill.Distiller`; QAT trains on the labels alone. Each stage leaves its
+artefact under `<output_dir>/stages/` and its numbers in `<output_dir>/report.json`. A rerun with the same
+settings resumes after the last completed stage. The validation split is cut from the end of the training
+data; the evaluation data (a test split) is only ever measured on, never used to choose anything.
 """
 
 from __future__ import annotations
@@ -16,12 +25,20 @@ import os
 import shutil
 import time
 
+import numbers
+
 import numpy as np
 
-from tfcompress import calibration
+from tfcompress import calibration, progress
+from tfcompress import report as run_report
 from tfcompress._keras import keras
 from tfcompress.artefacts import prepare_output_dir, write_atomic, write_json
+from tfcompress.cluster import MAX_CLUSTERS, MIN_CLUSTERS, distinct_values
+from tfcompress.cluster import cluster as cluster_weights
+from tfcompress.cluster import strip as strip_clustering
+from tfcompress.distill import Distiller
 from tfcompress.errors import ModelLoadError, OutputPathError
+from tfcompress.factorize import FactorizeResult, factorize
 from tfcompress.model_io import load_model, model_source
 from tfcompress.pipeline import MICRO_DIRNAME, ConvertPipelineConfig, check_target, run_convert
 from tfcompress.prune import PruningCallback, prune, strip
@@ -29,6 +46,8 @@ from tfcompress.quantize import quantize_aware
 
 STATE_FILENAME = "state.json"
 REPORT_SCHEMA_VERSION = 1
+# The training stages in the order they run (each only when its setting asks for it).
+TRAINING_STAGES = ("factorize", "prune", "cluster", "qat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,15 +66,23 @@ class OptimizeConfig:
     eval_labels_key: str = "y_test"
     input_scale: float = 1.0
     input_offset: float = 0.0
+    factorize_energy: float | None = None
+    factorize_layers: tuple[str, ...] = ()
+    factorize_epochs: int = 1
     prune: bool = False
     final_sparsity: float = 0.8
     prune_scope: str = "local"
     prune_structure: str | None = None
     prune_exclude: tuple[str, ...] = ()
     prune_epochs: int = 2
+    cluster: int | None = None
+    cluster_epochs: int = 1
     qat: bool = False
     qat_epochs: int = 1
     leave_float: tuple[str, ...] = ()
+    distill_from: str | None = None
+    distill_temperature: float = 4.0
+    distill_alpha: float = 0.1
     mode: str = "int8"
     batch_size: int = 128
     learning_rate: float = 5e-4
@@ -65,6 +92,7 @@ class OptimizeConfig:
     max_accuracy_drop: float = 0.01
     seed: int = 0
     target: str | None = None
+    latency_runs: int = 200
     overwrite: bool = False
 
     def __post_init__(self):
@@ -75,28 +103,109 @@ class OptimizeConfig:
                 "validation_fraction is the share of the training data held out, in (0, 1). "
                 f"Received: validation_fraction={self.validation_fraction}"
             )
-        for name in ("prune_epochs", "qat_epochs", "batch_size"):
+        for name in ("factorize_epochs", "prune_epochs", "cluster_epochs", "qat_epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1. Received: {name}={getattr(self, name)}")
-        if not (self.prune or self.qat):
+        if not (self.factorize_energy is not None or self.prune or self.cluster is not None or self.qat):
             raise ValueError(
-                "Nothing to optimize: pass --prune and/or --qat (for post-training quantization alone use "
-                "tfcompress convert). Received: prune=False, qat=False"
+                "Nothing to optimize: pass --factorize_energy, --prune, --cluster and/or --qat (for "
+                "post-training quantization alone use tfcompress convert). Received: factorize_energy=None, "
+                "prune=False, cluster=None, qat=False"
+            )
+        self._check_factorize()
+        self._check_cluster()
+        self._check_distill()
+
+    def _check_factorize(self) -> None:
+        energy = self.factorize_energy
+        if energy is not None and (_not_real(energy) or not 0.0 < energy <= 1.0):
+            raise ValueError(
+                "factorize_energy is the fraction of each kernel's squared singular values to keep, in "
+                f"(0, 1]; 0.9 is typical. Received: factorize_energy={energy}"
+            )
+        if self.factorize_layers and energy is None:
+            raise ValueError(
+                "factorize_layers chooses the layers of the factorize stage, which runs only with "
+                "--factorize_energy. Pass --factorize_energy=0.9 (say) as well. "
+                f"Received: factorize_layers={list(self.factorize_layers)}, factorize_energy=None"
+            )
+
+    def _check_cluster(self) -> None:
+        if self.cluster is None:
+            return
+        low, high = MIN_CLUSTERS, MAX_CLUSTERS
+        if not isinstance(self.cluster, (int, np.integer)) or isinstance(self.cluster, bool) or not (
+            low <= self.cluster <= high
+        ):
+            raise ValueError(
+                f"cluster is the number of distinct weight values per kernel, an integer in [{low}, {high}] "
+                "(int8 weights hold at most 256 values); 16 is typical. "
+                f"Received: cluster={self.cluster}"
+            )
+        if self.prune and self.cluster < 3:
+            raise ValueError(
+                "After --prune, clustering keeps the zeros by pinning one of the clusters at zero, so it "
+                f"needs --cluster=3 or more. Received: cluster={self.cluster}, prune=True"
+            )
+
+    def _check_distill(self) -> None:
+        t, alpha = self.distill_temperature, self.distill_alpha
+        if _not_real(t) or not t > 0:
+            raise ValueError(
+                "distill_temperature divides the logits before the softmax, so it must be positive (2 to 8 "
+                f"is typical). Received: distill_temperature={t}"
+            )
+        if _not_real(alpha) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(
+                "distill_alpha weighs the label loss against the teacher's, a fraction in [0, 1] (0.1 is "
+                f"typical). Received: distill_alpha={alpha}"
+            )
+        if self.distill_from is not None and self.factorize_energy is None and not self.prune \
+                and self.cluster is None:
+            raise ValueError(
+                "--distill_from trains the factorize, prune and cluster fine-tunes through the teacher; QAT "
+                "trains on the labels alone, so with only --qat the teacher would go unused. Add one of "
+                "--factorize_energy, --prune, --cluster, or leave --distill_from out. "
+                f"Received: distill_from={self.distill_from!r}"
             )
 
     def fingerprint(self) -> str:
         """Identifies the settings the training stages' artefacts were made with.
 
         Options of the final conversion and of measurement only (mode, calibration, evaluation, the
-        accuracy gate) are left out: changing them reruns just the convert stage.
+        accuracy gate) are left out: changing them reruns just the convert stage. So are the settings of
+        stages that do not run (a `cluster_epochs` without `cluster`), which also keeps the fingerprints
+        of runs made before those stages existed.
         """
         values = dataclasses.asdict(self) | {"leave_float": sorted(self.leave_float),
-                                             "prune_exclude": sorted(self.prune_exclude)}
-        for name in ("output_dir", "overwrite", "mode", "target", "max_accuracy_drop", "calibration_data",
+                                             "prune_exclude": sorted(self.prune_exclude),
+                                             "factorize_layers": sorted(self.factorize_layers)}
+        for name in ("output_dir", "overwrite", "mode", "target", "latency_runs", "max_accuracy_drop", "calibration_data",
                      "calibration_key", "num_calibration_samples", "eval_data", "eval_key",
                      "eval_labels_key"):
             values.pop(name)
+        unused = {"factorize_energy": ("factorize_energy", "factorize_layers", "factorize_epochs"),
+                  "cluster": ("cluster", "cluster_epochs"),
+                  "distill_from": ("distill_from", "distill_temperature", "distill_alpha")}
+        for setting, names in unused.items():
+            if getattr(self, setting) is None:
+                for name in names:
+                    values.pop(name)
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The training stages this config runs, in order (a subset of `TRAINING_STAGES`)."""
+        wanted = {"factorize": self.factorize_energy is not None, "prune": self.prune,
+                  "cluster": self.cluster is not None, "qat": self.qat}
+        return tuple(stage for stage in TRAINING_STAGES if wanted[stage])
+
+    @property
+    def qat_scheme(self) -> str:
+        """CQAT (PCQAT after pruning) after clustering, PQAT after pruning alone, else plain QAT."""
+        if self.cluster is not None:
+            return "cluster_preserving"
+        return "prune_preserving" if self.prune else "default"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,49 +216,50 @@ class OptimizeResult:
     resumed_after: str | None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """What every training stage reads: the settings, the data splits and the checked-up-front pieces."""
+
+    config: OptimizeConfig
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_eval: np.ndarray | None
+    y_eval: np.ndarray | None
+    float_model: "keras.Model"
+    teacher: "keras.Model | None"
+    factorized: FactorizeResult | None
+
+
 def run_optimize(config: OptimizeConfig) -> OptimizeResult:
     """Runs the chosen stages, resuming after the last completed one when the settings match.
 
     Raises:
         InputError: bad model, data or output location.
+        ValueError: settings that do not fit the model (layer names, a teacher of another output shape).
         ConversionError, VerificationError: from the final convert stage (no model.tflite is written).
         SparsityNotReachedError: pruning ended below its target.
     """
     # Inputs and settings first, so that bad input leaves nothing behind; then the output location.
-    float_model = _to_keras(load_model(model_source(config.saved_model_dir, config.keras_model)))
-    x_train, y_train, x_val, y_val, x_eval, y_eval = _load_data(config, tuple(float_model.inputs[0].shape))
-    if config.prune:
-        _pruned(float_model, config)  # checks the layers against the pruning settings; the copy is dropped
+    inputs = _check_inputs(config)
     output_dir, _ = prepare_output_dir(config.output_dir, (), overwrite=True)
     stages_dir = os.path.join(output_dir, "stages")
     state = _load_state(stages_dir, config)
     resumed_after = state["completed"][-1]["stage"] if state["completed"] else None
     model = _resume_model(state)
     if model is None:
-        model = float_model
-        _complete(state, stages_dir, "float", model, x_val, y_val, x_eval, y_eval, seconds=0.0)
+        model = inputs.float_model
+        _complete(state, stages_dir, "float", model, inputs, seconds=0.0)
     done = {s["stage"] for s in state["completed"]}
-    if config.prune and "prune" not in done:
+    for stage in config.stages:
+        if stage in done:
+            continue
         start = time.perf_counter()
         keras.utils.set_random_seed(config.seed)
-        pruned = _pruned(model, config)
-        _compile(pruned, config)
-        pruned.fit(x_train, y_train, batch_size=config.batch_size, epochs=config.prune_epochs, shuffle=True,
-                   validation_data=(x_val, y_val), callbacks=[PruningCallback()], verbose=2)
-        model = strip(pruned)
-        _complete(state, stages_dir, "prune", model, x_val, y_val, x_eval, y_eval,
-                  seconds=time.perf_counter() - start)
-    if config.qat and "qat" not in done:
-        start = time.perf_counter()
-        keras.utils.set_random_seed(config.seed)
-        qat = quantize_aware(model, scheme="prune_preserving" if config.prune else "default",
-                             leave_float=config.leave_float)
-        _compile(qat, config)
-        qat.fit(x_train, y_train, batch_size=config.batch_size, epochs=config.qat_epochs, shuffle=True,
-                validation_data=(x_val, y_val), verbose=2)
-        model = qat
-        _complete(state, stages_dir, "qat", model, x_val, y_val, x_eval, y_eval,
-                  seconds=time.perf_counter() - start)
+        model, details = _STAGES[stage](model, inputs)
+        _complete(state, stages_dir, stage, model, inputs, seconds=time.perf_counter() - start,
+                  details=details)
 
     start = time.perf_counter()
     last = state["completed"][-1]
@@ -160,6 +270,7 @@ def run_optimize(config: OptimizeConfig) -> OptimizeResult:
         input_scale=config.input_scale, input_offset=config.input_offset,
         num_calibration_samples=config.num_calibration_samples,
         max_accuracy_drop=config.max_accuracy_drop, seed=config.seed, target=config.target, overwrite=True,
+        latency_runs=0,  # the run's own report times the final model once
     ))
     model_path = os.path.join(output_dir, "model.tflite")
     with open(converted.model_path, "rb") as f:
@@ -173,13 +284,164 @@ def run_optimize(config: OptimizeConfig) -> OptimizeResult:
         "eval_accuracy": None if accuracy is None else accuracy.tflite_accuracy,
         "accuracy_drop_vs_input_model": None if accuracy is None else accuracy.accuracy_drop,
         "weight_sparsity": converted.report["model"]["weight_sparsity"],
+        # What ships: at most `cluster` values per output channel of each weight tensor.
+        "distinct_values": distinct_values(model_path) if config.cluster is not None else None,
         "micro": converted.report.get("micro"),
         "seconds": round(time.perf_counter() - start, 3),
     }]
     report_path = os.path.join(output_dir, "report.json")
     write_json(report_path, {"schema_version": REPORT_SCHEMA_VERSION, "config": dataclasses.asdict(config),
                              "resumed_after": resumed_after, "stages": stages})
+    run_report.write_report(run_report.compute_report(output_dir, latency_runs=config.latency_runs))
     return OptimizeResult(model_path, report_path, tuple(stages), resumed_after)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training stages: each takes the previous stage's Keras model and returns the next one, plus the
+# stage's own numbers for the report.
+
+
+def _factorize_stage(model, inputs: _Inputs):
+    del model  # the first training stage: its input is the float model, factorized once up front
+    config = inputs.config
+    result = inputs.factorized
+    _fine_tune(result.model, inputs, config.factorize_epochs)
+    return result.model, {"factorization": [dataclasses.asdict(layer) for layer in result.layers],
+                          "factorized_parameters": {"before": result.params_before,
+                                                    "after": result.params_after}}
+
+
+def _prune_stage(model, inputs: _Inputs):
+    pruned = _pruned(model, inputs.config)
+    _fine_tune(pruned, inputs, inputs.config.prune_epochs, callbacks=[PruningCallback()])
+    return strip(pruned), {}
+
+
+def _cluster_stage(model, inputs: _Inputs):
+    config = inputs.config
+    clustered = _clustered(model, config)
+    _fine_tune(clustered, inputs, config.cluster_epochs)
+    plain = strip_clustering(clustered)
+    return plain, {"clusters": config.cluster, "preserve_sparsity": config.prune,
+                   "distinct_values": _distinct_kernel_values(plain)}
+
+
+def _qat_stage(model, inputs: _Inputs):
+    config = inputs.config
+    # Plain fit, also with a teacher: the Distiller is not wired through tfmot's QAT wrappers here, and
+    # QAT is a short fine-tune of a model the teacher has already shaped.
+    qat = quantize_aware(model, scheme=config.qat_scheme, leave_float=config.leave_float)
+    _compile(qat, config)
+    qat.fit(inputs.x_train, inputs.y_train, batch_size=config.batch_size, epochs=config.qat_epochs,
+            shuffle=True, validation_data=(inputs.x_val, inputs.y_val), verbose=progress.keras_verbose())
+    if config.qat_scheme == "cluster_preserving":
+        qat = _reloadable(qat, model, config)
+    return qat, {"scheme": config.qat_scheme}
+
+
+# CQAT's extra per-layer variables; the rest of a CQAT layer's weights are those of a default-scheme one.
+_CLUSTER_VARIABLES = frozenset({"cluster_centroids_tf", "ori_weights_vars_tf", "pulling_indices_tf"})
+
+
+def _reloadable(cqat, stripped, config: OptimizeConfig):
+    """The trained CQAT model as the same model under tfmot's default 8-bit scheme.
+
+    tfmot cannot reload a CQAT model: its quantize configs do not serialise the cluster-preserving weight
+    quantizer, so the saved file comes back with the default quantizer and fewer weights per layer. Out
+    of training the two quantizers compute the same thing (the kernel, which CQAT keeps clustered, fake-
+    quantized with the learned range), so the stage saves the default-scheme model with CQAT's weights.
+    """
+    plain = quantize_aware(stripped, scheme="default", leave_float=config.leave_float)
+    for source, target in zip(cqat.layers, plain.layers):
+        target.set_weights([value for weight, value in zip(source.weights, source.get_weights())
+                            if weight.name.split("/")[-1].split(":")[0] not in _CLUSTER_VARIABLES])
+    return plain
+
+
+_STAGES = {"factorize": _factorize_stage, "prune": _prune_stage, "cluster": _cluster_stage,
+           "qat": _qat_stage}
+
+
+def _fine_tune(model, inputs: _Inputs, epochs: int, callbacks=()) -> None:
+    """Trains `model` in place: on the labels, or through a `Distiller` when there is a teacher."""
+    config = inputs.config
+    trainer = model
+    if inputs.teacher is not None:
+        trainer = Distiller(model, inputs.teacher, temperature=config.distill_temperature,
+                            alpha=config.distill_alpha)
+        trainer.compile(optimizer=keras.optimizers.Adam(config.learning_rate), metrics=["accuracy"])
+    else:
+        _compile(model, config)
+    trainer.fit(inputs.x_train, inputs.y_train, batch_size=config.batch_size, epochs=epochs, shuffle=True,
+                validation_data=(inputs.x_val, inputs.y_val), callbacks=list(callbacks), verbose=progress.keras_verbose())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _check_inputs(config: OptimizeConfig) -> _Inputs:
+    """Loads the model, data and teacher and tries each stage's settings on the model, writing nothing."""
+    float_model = _to_keras(load_model(model_source(config.saved_model_dir, config.keras_model)))
+    data = _load_data(config, tuple(float_model.inputs[0].shape))
+    teacher = _load_teacher(config, float_model)
+    factorized = None
+    if config.factorize_energy is not None:
+        factorized = factorize(float_model, energy=config.factorize_energy,
+                               layers=list(config.factorize_layers) or None)
+    # The later stages see the factorized layers, so their layer settings are checked against those.
+    model = float_model if factorized is None else factorized.model
+    if config.prune:
+        _pruned(model, config)  # checks the layers against the pruning settings; the copy is dropped
+    if config.cluster is not None:
+        _clustered(model, config)
+    return _Inputs(config, *data, float_model=float_model, teacher=teacher, factorized=factorized)
+
+
+def _load_teacher(config: OptimizeConfig, student):
+    if config.distill_from is None:
+        return None
+    teacher = _to_keras(load_model(config.distill_from))
+    for role, model in (("teacher (--distill_from)", teacher), ("model to optimize", student)):
+        if _ends_in_softmax(model):
+            raise ValueError(
+                f"Distillation compares logits, but the {role} ends in a softmax. Save it without the final "
+                f"softmax (the loss applies it). Received: {role.split(' (')[0]}={model.name}"
+            )
+    shapes = {role: ([tuple(t.shape[1:]) for t in m.inputs], [tuple(t.shape[1:]) for t in m.outputs])
+              for role, m in (("teacher", teacher), ("student", student))}
+    if shapes["teacher"] != shapes["student"]:
+        raise ValueError(
+            f"The teacher {config.distill_from} must take the input and give the output shape of the model "
+            "to optimize (one logit per class, the same classes): distill from a teacher trained on the "
+            "same task. Received: "
+            + ", ".join(f"{role} input shape={_shapes(i)}, {role} output shape={_shapes(o)}"
+                        for role, (i, o) in shapes.items())
+        )
+    return teacher
+
+
+def _shapes(shapes: list) -> str:
+    return ", ".join(str((None, *s)) for s in shapes)
+
+
+def _ends_in_softmax(model) -> bool:
+    last = model.layers[-1]
+    return isinstance(last, keras.layers.Softmax) or getattr(last, "activation", None) is keras.activations.softmax
+
+
+def _not_real(value) -> bool:
+    return isinstance(value, bool) or not isinstance(value, numbers.Real)
+
+
+def _clustered(model, config: OptimizeConfig):
+    # Per tensor, as tfmot's CQAT expects; after pruning one cluster is pinned at zero to keep the zeros.
+    return cluster_weights(model, int(config.cluster), preserve_sparsity=config.prune)
+
+
+def _distinct_kernel_values(model) -> dict[str, int]:
+    return {layer.name: int(np.unique(layer.kernel.numpy()).size) for layer in model.layers
+            if getattr(layer, "kernel", None) is not None}
 
 
 def _copy_dir(source: str, destination: str) -> None:
@@ -269,16 +531,22 @@ def _kernel_sparsity(model) -> float:
     return float(sum(np.sum(k == 0) for k in kernels) / total) if total else 0.0
 
 
-def _complete(state, stages_dir, stage, model, x_val, y_val, x_eval, y_eval, seconds) -> None:
+def _complete(state, stages_dir, stage, model, inputs: _Inputs, seconds, details: dict | None = None) -> None:
     # HDF5: tfmot QAT models do not reload from the .keras format (quantize_layer variables go missing).
+    # Without the optimizer: every stage compiles afresh, and the slots of layers rebuilt from a config
+    # (factorize) can share a name, which HDF5 refuses.
     path = os.path.join(stages_dir, f"{stage}.h5")
-    model.save(path)
+    model.save(path, include_optimizer=False)
+    distilled = inputs.teacher is not None and stage in ("factorize", "prune", "cluster")
     state["completed"].append({
         "stage": stage, "artefact": path,
-        "validation_accuracy": _accuracy(model, x_val, y_val),
-        "eval_accuracy": _accuracy(model, x_eval, y_eval),
+        "validation_accuracy": _accuracy(model, inputs.x_val, inputs.y_val),
+        "eval_accuracy": _accuracy(model, inputs.x_eval, inputs.y_eval),
         "parameters": int(model.count_params()),
+        "nonzero_parameters": int(sum(np.count_nonzero(w) for w in model.get_weights())),
         "sparsity": _kernel_sparsity(model),
+        **({"distilled_from": inputs.config.distill_from} if distilled else {}),
+        **(details or {}),
         "seconds": round(seconds, 3),
     })
     write_json(os.path.join(stages_dir, STATE_FILENAME), state)

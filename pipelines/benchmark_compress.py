@@ -1,0 +1,304 @@
+"""Benchmark of weight sharing, low-rank factorization and distillation on the demo LeNet-5.
+
+Run with `tfcompress benchmark_compress [--saved_model_dir=artefacts/demo/float_savedmodel]` (after
+`make demo`). In one run: the float32 and PTQ int8 `.tflite` of the demo model as references; through
+`optimize.run_optimize`: (a) cluster 16 → CQAT, (b) global prune 90% → sparsity-preserving cluster 16 →
+PCQAT, (c) factorize fc1 (energy 0.9) + fine-tune → PTQ int8; and (d) a half-width LeNet-5 trained from
+scratch in pairs with the same seed and epochs, once distilled from the demo model (`tfcompress.Distiller`)
+and once on the labels alone, each converted to int8 with `pipeline.run_convert` (the optimize pipeline
+fine-tunes the model it is given, so training a new student from scratch is done here); the pair is repeated
+over --student_seeds seeds, since one seed's difference is within seed-to-seed noise. Per path: accuracy
+of the `.tflite` on the 10,000 MNIST test images, bytes, gzip -9 bytes, the most distinct stored values in
+any output channel, zero fraction of the stored weights, parameters, seconds. Prints Markdown tables (paths,
+students per seed, targets) and writes them with every number to --output_dir. A failed path or a missed target is
+reported; neither fails the run.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import time
+
+import numpy as np
+from absl import flags
+
+from pipelines import _common
+from tfcompress import baseline, optimize, pipeline
+from tfcompress._keras import keras, tf
+from tfcompress.artefacts import write_atomic, write_json
+from tfcompress.cluster import distinct_values
+from tfcompress.demo import CALIBRATION
+from tfcompress.distill import Distiller
+from tfcompress.tflite_model import read_tflite, weight_sparsity, weight_tensors
+
+_OUTPUT = flags.DEFINE_string("output_dir", "artefacts/benchmark_compress", "Where the results go.")
+_MODEL = flags.DEFINE_string("saved_model_dir", "artefacts/demo/float_savedmodel",
+                             "The trained LeNet-5 SavedModel (the demo's); also the distillation teacher.")
+_PRUNE_EPOCHS = flags.DEFINE_integer("prune_epochs", 2, "Pruning fine-tune epochs.", lower_bound=1)
+_CLUSTER_EPOCHS = flags.DEFINE_integer("cluster_epochs", 1, "Clustering fine-tune epochs.", lower_bound=1)
+_FACTORIZE_EPOCHS = flags.DEFINE_integer("factorize_epochs", 1, "Fine-tune epochs after factorizing.",
+                                         lower_bound=1)
+_QAT_EPOCHS = flags.DEFINE_integer("qat_epochs", 1, "QAT fine-tune epochs.", lower_bound=1)
+_STUDENT_EPOCHS = flags.DEFINE_integer("student_epochs", 5, "Epochs of each half-width student (the demo "
+                                       "model's own recipe: Adam, cosine decay from 2e-3).", lower_bound=1)
+_STUDENT_SEEDS = flags.DEFINE_integer("student_seeds", 3, "Seeds (from --seed on) of the student pair: one "
+                                      "seed's difference is within seed-to-seed noise.", lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float("distill_temperature", 4.0, "Distillation temperature.")
+_ALPHA = flags.DEFINE_float("distill_alpha", 0.1, "Weight of the label loss in distillation.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for training and calibration sampling.")
+
+FLOAT = "float32 (reference)"
+PTQ = "PTQ int8 (reference)"
+# name -> run_optimize settings
+PATHS = {
+    "(a) cluster 16 → CQAT": dict(cluster=16, qat=True),
+    # Global at 90%: benchmark_optimize measured it 0.4 points above local at the same sparsity.
+    "(b) global prune 90% → cluster 16 (zeros kept) → PCQAT": dict(
+        prune=True, final_sparsity=0.9, prune_scope="global", cluster=16, qat=True),
+    "(c) factorize fc1 (energy 0.9) → PTQ": dict(factorize_energy=0.9, factorize_layers=("fc1",)),
+}
+STUDENT = "(d) half-width student, labels only → PTQ"
+DISTILLED = "(d) half-width student, distilled → PTQ"
+STAGES = ("factorize", "prune", "cluster", "qat", "train", "convert")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    summary = run_benchmark(
+        _OUTPUT.value, _MODEL.value, prune_epochs=_PRUNE_EPOCHS.value, cluster_epochs=_CLUSTER_EPOCHS.value,
+        factorize_epochs=_FACTORIZE_EPOCHS.value, qat_epochs=_QAT_EPOCHS.value,
+        student_epochs=_STUDENT_EPOCHS.value, student_seeds=_STUDENT_SEEDS.value,
+        temperature=_TEMPERATURE.value, alpha=_ALPHA.value, seed=_SEED.value)
+    print(summary["tables"])
+
+
+def run_benchmark(output_dir: str, saved_model_dir: str, prune_epochs: int = 2, cluster_epochs: int = 1,
+                  factorize_epochs: int = 1, qat_epochs: int = 1, student_epochs: int = 5,
+                  student_seeds: int = 3, temperature: float = 4.0, alpha: float = 0.1, seed: int = 0) -> dict:
+    start = time.perf_counter()
+    os.makedirs(output_dir, exist_ok=True)
+    rows = {}
+    for name, mode in ((FLOAT, "float32"), (PTQ, "int8")):
+        print(f"Converting the {mode} reference ...", flush=True)
+        rows[name] = _run_convert(output_dir, name, saved_model_dir, mode, seed, {})
+    epochs = dict(prune_epochs=prune_epochs, cluster_epochs=cluster_epochs, factorize_epochs=factorize_epochs,
+                  qat_epochs=qat_epochs)
+    for name, settings in PATHS.items():
+        print(f"Path: {name} ...", flush=True)
+        rows[name] = _run_path(output_dir, saved_model_dir, name, settings | epochs, seed)
+    # Last: the students' recipe turns on TensorFlow's op determinism for the rest of the process.
+    students = {STUDENT: [], DISTILLED: []}
+    for student_seed in range(seed, seed + student_seeds):
+        for name, distill in ((STUDENT, False), (DISTILLED, True)):
+            print(f"Path: {name}, seed {student_seed} ...", flush=True)
+            row = _run_student(output_dir, saved_model_dir, name, distill, student_epochs, temperature,
+                               alpha, student_seed)
+            students[name].append(row | {"seed": student_seed})
+            rows.setdefault(name, row)  # the table shows the first seed's models
+    reference = rows[FLOAT]
+    for row in rows.values():
+        if "error" not in row and "error" not in reference:
+            row["delta_points"] = (row["accuracy"] - reference["accuracy"]) * 100
+            row["gzip_ratio"] = reference["gzip9_bytes"] / row["gzip9_bytes"]
+    summary = {"schema_version": 1, "saved_model_dir": saved_model_dir, "seed": seed, "epochs": epochs,
+               "student_epochs": student_epochs, "distill_temperature": temperature, "distill_alpha": alpha,
+               "cpu_count": os.cpu_count(), "tensorflow": tf.__version__, "rows": rows, "students": students,
+               "targets": _targets(rows, students)}
+    summary["total_seconds"] = time.perf_counter() - start
+    tables = render(summary)
+    write_json(os.path.join(output_dir, "benchmark_compress.json"), summary)
+    write_atomic(os.path.join(output_dir, "benchmark_compress.md"), (tables + "\n").encode())
+    return summary | {"tables": tables}
+
+
+def _convert_config(output_dir, subdir, mode, seed, **model) -> pipeline.ConvertPipelineConfig:
+    return pipeline.ConvertPipelineConfig(
+        output_dir=os.path.join(output_dir, subdir), calibration_data=CALIBRATION, calibration_key="x",
+        eval_data=str(baseline.MNIST_PATH), input_scale=baseline.MNIST_SCALE, mode=mode,
+        max_accuracy_drop=0.01, seed=seed, overwrite=True, **model)
+
+
+def _run_convert(output_dir, name, saved_model_dir, mode, seed, seconds) -> dict:
+    start = time.perf_counter()
+    try:
+        result = pipeline.run_convert(_convert_config(output_dir, _slug(name), mode, seed,
+                                                      saved_model_dir=saved_model_dir))
+    except Exception as e:  # a failed path is a result of the benchmark, not the end of it
+        return _failed(name, e, start)
+    return _model_row(result.model_path, result.verification.accuracy.tflite_accuracy,
+                      seconds | {"convert": time.perf_counter() - start})
+
+
+def _run_path(output_dir, saved_model_dir, name, settings, seed) -> dict:
+    start = time.perf_counter()
+    try:
+        result = optimize.run_optimize(optimize.OptimizeConfig(
+            output_dir=os.path.join(output_dir, _slug(name)), train_data=str(baseline.MNIST_PATH),
+            saved_model_dir=saved_model_dir, eval_data=str(baseline.MNIST_PATH),
+            input_scale=baseline.MNIST_SCALE, calibration_data=CALIBRATION, calibration_key="x",
+            max_accuracy_drop=0.01, seed=seed, overwrite=True, **settings))
+    except Exception as e:  # a failed path is a result of the benchmark, not the end of it
+        return _failed(name, e, start)
+    stages = {s["stage"]: s for s in result.stages}
+    row = _model_row(result.model_path, stages["convert"]["eval_accuracy"],
+                     {k: stages[k]["seconds"] for k in STAGES if k in stages})
+    row["keras_stages"] = [
+        {k: s.get(k) for k in ("stage", "eval_accuracy", "validation_accuracy", "parameters",
+                               "nonzero_parameters", "sparsity", "distinct_values", "factorization",
+                               "scheme", "seconds") if k in s}
+        for s in result.stages]
+    return row
+
+
+def _run_student(output_dir, saved_model_dir, name, distill, epochs, temperature, alpha, seed) -> dict:
+    """A half-width LeNet-5 trained from scratch with the demo model's recipe, with or without the teacher."""
+    start = time.perf_counter()
+    try:
+        data = baseline.load_mnist()
+        teacher = keras.models.load_model(saved_model_dir, compile=False) if distill else None
+        student = _train_student(data, teacher, epochs, temperature, alpha, seed)
+        subdir = os.path.join(_slug(name), f"seed_{seed}")
+        path = os.path.join(output_dir, subdir, "student.h5")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        student.save(path)
+        trained = time.perf_counter()
+        result = pipeline.run_convert(_convert_config(output_dir, os.path.join(subdir, "int8"), "int8", seed,
+                                                      keras_model=path))
+    except Exception as e:  # a failed path is a result of the benchmark, not the end of it
+        return _failed(name, e, start)
+    row = _model_row(result.model_path, result.verification.accuracy.tflite_accuracy,
+                     {"train": trained - start, "convert": time.perf_counter() - trained})
+    row["keras_test_accuracy"] = float(np.mean(
+        np.argmax(student.predict(data.x_test, batch_size=1000, verbose=0), axis=1) == data.y_test))
+    return row
+
+
+def _train_student(data: baseline.Mnist, teacher, epochs, temperature, alpha, seed, batch_size=128):
+    # baseline.train_lenet5's recipe (seed, op determinism, Adam with cosine decay from 2e-3), half width.
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    steps = -(-len(data.x_train) // batch_size) * epochs
+    rate = keras.optimizers.schedules.CosineDecay(2e-3, steps)
+    student = baseline.lenet5(width=0.5)
+    if teacher is None:
+        trainer = baseline.compile_classifier(student, rate)
+    else:
+        trainer = Distiller(student, teacher, temperature=temperature, alpha=alpha)
+        trainer.compile(keras.optimizers.Adam(rate), metrics=["accuracy"])
+    trainer.fit(data.x_train, data.y_train, batch_size=batch_size, epochs=epochs, shuffle=True,
+                validation_data=(data.x_val, data.y_val), verbose=2)
+    return student
+
+
+def _failed(name: str, error: Exception, start: float) -> dict:
+    print(f"  {name} failed: {type(error).__name__}: {error}", flush=True)
+    return {"error": f"{type(error).__name__}: {error}", "seconds": {"total": time.perf_counter() - start}}
+
+
+def _model_row(path: str, accuracy: float, seconds: dict) -> dict:
+    with open(path, "rb") as f:
+        data = f.read()
+    found = weight_tensors(read_tflite(data))
+    sizes = {w.name: int(np.prod(w.shape)) for _, w, _ in found}
+    parameters = sum(sizes.values()) + sum(int(np.prod(b.shape)) for _, _, b in found if b is not None)
+    per_tensor = weight_sparsity(data)
+    total = sum(sizes[name] for name in per_tensor)
+    zeros = sum(per_tensor[name] * sizes[name] for name in per_tensor)
+    distinct = distinct_values(data)
+    return {"path": path, "accuracy": accuracy, "bytes": len(data),
+            "gzip9_bytes": len(gzip.compress(data, compresslevel=9, mtime=0)),
+            "zero_fraction": zeros / total if total else 0.0, "parameters": parameters,
+            "max_distinct_per_channel": max((v["max_per_channel"] for v in distinct.values()), default=0),
+            "distinct_values": distinct, "weight_sparsity": per_tensor,
+            "seconds": seconds | {"total": sum(seconds.values())}}
+
+
+def _targets(rows: dict, students: dict) -> dict:
+    targets = {}
+    a, b = rows["(a) cluster 16 → CQAT"], rows["(b) global prune 90% → cluster 16 (zeros kept) → PCQAT"]
+    f32 = rows[FLOAT]
+    for label, row in (("(a)", a), ("(b)", b)):
+        if "error" not in row:
+            targets[f"{label} distinct stored values per channel (max)"] = _target(
+                row["max_distinct_per_channel"], 16, True,
+                "some output channel holds more values than clusters: the clusters did not survive.")
+    if "error" not in b and "delta_points" in b:
+        drop = -b["delta_points"]
+        targets["(b) accuracy drop vs float (points)"] = _target(
+            drop, 0.5, True, f"the int8 model lost {drop:.2f} points; its Keras stages scored "
+            + ", ".join(f"{s['stage']} {s['eval_accuracy']:.4f}" for s in b["keras_stages"]) + ".")
+        targets["(b) gzip bytes: float gzip / gzip"] = _target(
+            b["gzip_ratio"], 25.0, False,
+            f"gzip keeps {b['gzip9_bytes']:,} bytes against {f32['gzip9_bytes'] / 25:,.0f} allowed.")
+    pairs = [(d["accuracy"] - u["accuracy"]) * 100 for u, d in zip(students[STUDENT], students[DISTILLED])
+             if "error" not in u and "error" not in d]
+    if pairs:
+        wins = sum(p > 0 for p in pairs)
+        targets[f"(d) distilled − labels-only student accuracy (points), mean of {len(pairs)} seeds"] = _target(
+            float(np.mean(pairs)), 0.01, False,
+            f"per seed {', '.join(f'{p:+.2f}' for p in pairs)} ({wins} of {len(pairs)} distilled students "
+            "ahead; same seed, epochs and schedule in each pair).")
+    for name, row in rows.items():
+        if "error" in row:
+            targets[f"{name} runs"] = {"measured": None, "target": None, "at_most": None, "passed": False,
+                                       "why": row["error"]}
+    return targets
+
+
+def _target(value: float, target: float, at_most: bool, why: str) -> dict:
+    passed = value <= target if at_most else value >= target
+    return {"measured": value, "target": target, "at_most": at_most, "passed": passed,
+            "why": None if passed else why}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.replace("%", "pct")).strip("_").lower()
+
+
+def render(summary: dict) -> str:
+    epochs = summary["epochs"]
+    lines = [
+        f"LeNet-5 on MNIST ({summary['cpu_count']} CPUs, TF {summary['tensorflow']}); fine-tunes: factorize "
+        f"{epochs['factorize_epochs']}, prune {epochs['prune_epochs']}, cluster {epochs['cluster_epochs']}, "
+        f"QAT {epochs['qat_epochs']} epochs; students {summary['student_epochs']} epochs (T="
+        f"{summary['distill_temperature']:g}, alpha={summary['distill_alpha']:g}); accuracy of the .tflite on "
+        "all 10,000 test images", "",
+        "| path | test accuracy (.tflite) | Δ vs float (points) | bytes | gzip -9 bytes | float gzip / gzip "
+        "| distinct values per channel (max) | zero fraction | parameters | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in summary["rows"].items():
+        if "error" in row:
+            lines.append(f"| {name} | failed: {row['error'][:120]} | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {name} | {row['accuracy']:.4f} | {row.get('delta_points', float('nan')):+.2f} | "
+            f"{row['bytes']:,} | {row['gzip9_bytes']:,} | {row.get('gzip_ratio', float('nan')):.2f} | "
+            f"{row['max_distinct_per_channel']:,} | {row['zero_fraction']:.3f} | {row['parameters']:,} | "
+            f"{row['seconds']['total']:.1f} |")
+    students = summary["students"]
+    if any(students.values()):
+        lines += ["", "| half-width student (.tflite test accuracy) | "
+                  + " | ".join(f"seed {r['seed']}" for r in students[STUDENT]) + " | mean |",
+                  "|---|" + "---|" * (len(students[STUDENT]) + 1)]
+        for name, runs in students.items():
+            values = [r.get("accuracy") for r in runs]
+            known = [v for v in values if v is not None]
+            mean = f"{np.mean(known):.4f}" if known else "—"
+            lines.append(f"| {name} | " + " | ".join("failed" if v is None else f"{v:.4f}" for v in values)
+                         + f" | {mean} |")
+    lines += ["", "| target | measured | target | result |", "|---|---|---|---|"]
+    whys = []
+    for name, t in summary["targets"].items():
+        measured = "—" if t["measured"] is None else f"{t['measured']:.3f}"
+        goal = "—" if t["target"] is None else f"{'≤' if t['at_most'] else '≥'} {t['target']:g}"
+        lines.append(f"| {name} | {measured} | {goal} | {'PASS' if t['passed'] else 'MISS'} |")
+        if not t["passed"]:
+            whys.append(f"- MISS {name}: {t['why']}")
+    lines += ["", *whys, "" if whys else "", f"Total run {summary['total_seconds']:.1f} s."]
+    return "\n".join(line for i, line in enumerate(lines) if line or (i and lines[i - 1]))
+
+
+if __name__ == "__main__":
+    _common.run(main)

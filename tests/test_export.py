@@ -188,6 +188,31 @@ def test_compress_shrinks_flash_and_decodes_exactly_in_tflm(trained_model, calib
     assert read_tflite(str(tmp_path / "out" / "shared.tflite")).op_counts()["CUSTOM"] == len(c["tensors"])
 
 
+def test_compress_follows_per_tensor_quantization(trained_model, mnist_subset, tmp_path):
+    """QAT quantizes Dense kernels per tensor; TFLM decodes those with one table, so one table is written."""
+    from tfcompress._keras import keras
+    from tfcompress.quantize import quantize_aware
+
+    shared = keras.models.clone_model(trained_model)
+    weights = trained_model.get_weights()
+    for i in (0, 2, 4):  # kernels: 16 values over the whole tensor
+        grid = np.linspace(weights[i].min(), weights[i].max(), 16)
+        weights[i] = grid[np.abs(weights[i][..., None] - grid).argmin(-1)].astype(np.float32)
+    shared.set_weights(weights)
+    qat = quantize_aware(shared)
+    qat.compile(keras.optimizers.SGD(0.0), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x_train, y_train, x_test, _ = mnist_subset
+    qat.fit(x_train[:64], y_train[:64], batch_size=64, epochs=1, verbose=0)  # sets the ranges, moves nothing
+    data = convert(load_model(qat), ConvertConfig())
+    lut = micro.lut_compress(data)
+    modes = {t.name.split(";")[0]: t.mode for t in lut.tensors}
+    assert modes["small_cnn/quant_fc/MatMul"] == "per-tensor"
+    inputs = (x_test[:50] * 255).astype(np.uint8)
+    reference = micro.run_tflm(data, inputs, 1 << 20)
+    exact = micro.compare_tflm_exact(lut.flatbuffer, inputs, 1 << 21, reference, "50 samples")
+    assert exact.passed and exact.max_step_difference == 0
+
+
 def test_compress_refuses_a_model_without_shared_weights(int8_path, tmp_path):
     with pytest.raises(MicroTargetError, match="no weight tensor has at most 16 distinct values per channel"):
         micro.lut_compress(open(int8_path, "rb").read())

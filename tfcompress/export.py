@@ -148,7 +148,8 @@ def build_micro_export(flatbuffer: bytes, inputs: np.ndarray, samples: str, *, n
     _check_single_io(model, source)
     labels = _check_labels(labels, model)
     arena = micro.measure_arena(flatbuffer, inputs[:1])
-    check = micro.compare_with_litert(flatbuffer, inputs, arena.arena_bytes, samples)
+    tflm_outputs = micro.run_tflm(flatbuffer, inputs, arena.arena_bytes)  # run with the reported arena
+    check = micro.compare_with_litert(flatbuffer, inputs, tflm_outputs, samples)
     if not check.passed:
         raise VerificationError(check.failures)
     shipped, compression = flatbuffer, None
@@ -156,7 +157,7 @@ def build_micro_export(flatbuffer: bytes, inputs: np.ndarray, samples: str, *, n
         lut = micro.lut_compress(flatbuffer)
         shipped = lut.flatbuffer
         arena_before, arena = arena, micro.measure_arena(shipped, inputs[:1])
-        exact = micro.compare_tflm_exact(shipped, flatbuffer, inputs, arena.arena_bytes, samples)
+        exact = micro.compare_tflm_exact(shipped, inputs, arena.arena_bytes, tflm_outputs, samples)
         if not exact.passed:
             raise VerificationError(exact.failures)
         compression = {

@@ -118,7 +118,8 @@ class TflmComparison:
 @dataclasses.dataclass(frozen=True)
 class CompressedTensor:
     name: str
-    distinct_values: int
+    mode: str  # "per-channel" (one value table per output channel) or "per-tensor"
+    distinct_values: int  # the most values in one table
     index_bitwidth: int
     bytes_before: int
 
@@ -230,14 +231,21 @@ def run_tflm(flatbuffer: bytes, inputs: np.ndarray, arena_bytes: int) -> np.ndar
     return np.concatenate(outputs, axis=0)
 
 
-def compare_with_litert(flatbuffer: bytes, inputs: np.ndarray, arena_bytes: int,
+def compare_with_litert(flatbuffer: bytes, inputs: np.ndarray, tflm_outputs: np.ndarray,
                         samples: str) -> TflmComparison:
-    """TFLM against LiteRT on the same quantized inputs, within `tolerance_steps(model)`."""
-    tflm = run_tflm(flatbuffer, inputs, arena_bytes)
+    """TFLM's outputs (from `run_tflm`) against LiteRT's on the same inputs, within `tolerance_steps`."""
     litert = run_tflite_raw(flatbuffer, inputs)
     model = read_tflite(flatbuffer)
     step = _output_step(model)
-    return compare_outputs(tflm / step, litert / step, samples, "LiteRT", tolerance_steps(model), MIN_TOP1_AGREEMENT)
+    return compare_outputs(tflm_outputs / step, litert / step, samples, "LiteRT", tolerance_steps(model),
+                           MIN_TOP1_AGREEMENT)
+
+
+def compare_tflm_exact(compressed: bytes, inputs: np.ndarray, arena_bytes: int, reference_outputs: np.ndarray,
+                       samples: str) -> TflmComparison:
+    """A compressed model in TFLM against the original's TFLM outputs: decoding is lossless, no tolerance."""
+    decoded = run_tflm(compressed, inputs, arena_bytes)
+    return compare_outputs(decoded, reference_outputs, samples, "uncompressed TFLM", 0, 1.0)
 
 
 def tolerance_steps(model: TfliteModel) -> int:
@@ -256,14 +264,6 @@ def _output_step(model: TfliteModel) -> float:
             if source.scale:
                 return float(source.scale[0])
     return 1.0
-
-
-def compare_tflm_exact(compressed: bytes, original: bytes, inputs: np.ndarray, arena_bytes: int,
-                       samples: str) -> TflmComparison:
-    """A compressed model in TFLM against the original in TFLM: decoding is lossless, so no tolerance."""
-    decoded = run_tflm(compressed, inputs, arena_bytes)
-    reference = run_tflm(original, inputs, max(10 * len(original), 1 << 20))
-    return compare_outputs(decoded, reference, samples, "uncompressed TFLM", 0, 1.0)
 
 
 def compare_outputs(a: np.ndarray, b: np.ndarray, samples: str, reference: str, tolerance: int,
@@ -286,10 +286,12 @@ def compare_outputs(a: np.ndarray, b: np.ndarray, samples: str, reference: str, 
 
 
 def lut_compress(flatbuffer: bytes, max_index_bitwidth: int = 4) -> LutCompression:
-    """Look-up-table compresses the weight tensors whose channels take at most 2**bitwidth values.
+    """Look-up-table compresses the weight tensors whose values fit tables of at most 2**bitwidth entries.
 
-    Uses `tflite_micro.compression` (per-channel tables along the quantized axis); TFLM inserts a
-    DECODE op per tensor that expands the weights into the arena at run time.
+    Uses `tflite_micro.compression`; TFLM inserts a DECODE op per tensor that expands the weights into the
+    arena at run time. The tables follow the tensor's quantization: one per channel along the quantized
+    dimension for per-channel weights, one for the tensor otherwise (TFLM decodes a per-tensor-quantized
+    tensor with its first table only: per-channel tables there change the model, measured up to 176 steps).
 
     Raises:
         MicroTargetError: no weight tensor has few enough distinct values (cluster the model first).
@@ -308,18 +310,22 @@ def lut_compress(flatbuffer: bytes, max_index_bitwidth: int = 4) -> LutCompressi
         data = values.get(weights.index)
         if data is None or weights.dtype != "int8" or data.ndim < 1 or weights.index in {c[0] for c in chosen}:
             continue
-        channels = data.reshape(data.shape[0], -1)
-        distinct = max(len(np.unique(row)) for row in channels)
+        per_channel = len(weights.scale) > 1
+        axis = weights.quantized_dimension
+        groups = np.moveaxis(data, axis, 0).reshape(data.shape[axis], -1) if per_channel else data.reshape(1, -1)
+        distinct = max(len(np.unique(group)) for group in groups)
         bits = max(1, math.ceil(math.log2(distinct))) if distinct > 1 else 1
-        encoded = math.ceil(data.size * bits / 8) + channels.shape[0] * (1 << bits)
+        encoded = math.ceil(data.size * bits / 8) + groups.shape[0] * (1 << bits)
         if bits > max_index_bitwidth or encoded >= data.size:
             continue
-        builder.add_tensor(subgraph=0, tensor=weights.index).with_lut(index_bitwidth=bits,
-                                                                      mode=spec.PerChannel(axis=0))
-        chosen.append((weights.index, CompressedTensor(weights.name, distinct, bits, int(data.size))))
+        mode = spec.PerChannel(axis=axis) if per_channel else spec.PerTensor()
+        builder.add_tensor(subgraph=0, tensor=weights.index).with_lut(index_bitwidth=bits, mode=mode)
+        chosen.append((weights.index, CompressedTensor(weights.name, "per-channel" if per_channel else "per-tensor",
+                                                       distinct, bits, int(data.size))))
     if not chosen:
         raise MicroTargetError(
-            f"no weight tensor has at most {1 << max_index_bitwidth} distinct values per channel, so LUT "
+            f"no weight tensor has at most {1 << max_index_bitwidth} distinct values per channel (per tensor "
+            "where it is quantized per tensor), so LUT "
             "compression would save nothing. Cluster the weights first (weight sharing), or drop --compress."
         )
     with warnings.catch_warnings(), native_output_captured():

@@ -34,6 +34,7 @@ class Tensor:
     scale: tuple[float, ...]
     zero_point: tuple[int, ...]
     is_constant: bool
+    quantized_dimension: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +142,7 @@ def read_tflite(model: bytes | str | os.PathLike) -> TfliteModel:
                 scale=scale,
                 zero_point=zps,
                 is_constant=is_constant,
+                quantized_dimension=int(q.quantizedDimension) if q is not None else 0,
             )
         )
     operators = []

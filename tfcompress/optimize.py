@@ -18,8 +18,10 @@ data; the evaluation data (a test split) is only ever measured on, never used to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
@@ -166,13 +168,38 @@ def _qat_stage(model, inputs: _Inputs):
     config = inputs.config
     # Plain fit, also with a teacher: the Distiller is not wired through tfmot's QAT wrappers here, and
     # QAT is a short fine-tune of a model the teacher has already shaped.
-    qat = quantize_aware(model, scheme=config.qat_scheme, leave_float=config.leave_float)
-    _compile(qat, config)
-    qat.fit(inputs.x_train, inputs.y_train, batch_size=config.batch_size, epochs=config.qat_epochs,
-            shuffle=True, validation_data=(inputs.x_val, inputs.y_val), verbose=progress.keras_verbose())
+    with _expected_cqat_warnings_dropped(config.qat_scheme == "cluster_preserving"):
+        qat = quantize_aware(model, scheme=config.qat_scheme, leave_float=config.leave_float)
+        _compile(qat, config)
+        qat.fit(inputs.x_train, inputs.y_train, batch_size=config.batch_size, epochs=config.qat_epochs,
+                shuffle=True, validation_data=(inputs.x_val, inputs.y_val), verbose=progress.keras_verbose())
     if config.qat_scheme == "cluster_preserving":
         qat = _reloadable(qat, model, config)
     return qat, {"scheme": config.qat_scheme}
+
+
+# What CQAT always says: its kernels are assigned from the trained centroids, so Keras finds no gradient for
+# them ("did you forget to provide a loss?"), and tfmot notes each layer without zeros. Neither is a fault.
+_CQAT_NOISE = ("Gradients do not exist for variables", "does not contain zero weights, so apply CQAT instead")
+
+
+class _DropMessages(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(fragment in record.getMessage() for fragment in _CQAT_NOISE)
+
+
+@contextlib.contextmanager
+def _expected_cqat_warnings_dropped(active: bool):
+    # tf_keras logs through "tensorflow"; tfmot through the root logger.
+    loggers = [logging.getLogger("tensorflow"), logging.getLogger()] if active else []
+    drop = _DropMessages()
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
 
 
 # CQAT's extra per-layer variables; the rest of a CQAT layer's weights are those of a default-scheme one.
@@ -209,7 +236,8 @@ def _fine_tune(model, inputs: _Inputs, epochs: int, callbacks=()) -> None:
     else:
         _compile(model, config)
     trainer.fit(inputs.x_train, inputs.y_train, batch_size=config.batch_size, epochs=epochs, shuffle=True,
-                validation_data=(inputs.x_val, inputs.y_val), callbacks=list(callbacks), verbose=progress.keras_verbose())
+                validation_data=(inputs.x_val, inputs.y_val), callbacks=list(callbacks),
+                verbose=progress.keras_verbose())
 
 
 # ---------------------------------------------------------------------------------------------------

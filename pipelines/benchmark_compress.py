@@ -23,7 +23,7 @@ import time
 import numpy as np
 from absl import flags
 
-from pipelines import _common
+from pipelines import _benchmark, _common
 from tfcompress import baseline, optimize, pipeline
 from tfcompress._keras import keras, tf
 from tfcompress.artefacts import write_atomic, write_json
@@ -122,7 +122,7 @@ def _convert_config(output_dir, subdir, mode, seed, **model) -> pipeline.Convert
 def _run_convert(output_dir, name, saved_model_dir, mode, seed, seconds) -> dict:
     start = time.perf_counter()
     try:
-        result = pipeline.run_convert(_convert_config(output_dir, _slug(name), mode, seed,
+        result = pipeline.run_convert(_convert_config(output_dir, _benchmark.slug(name), mode, seed,
                                                       saved_model_dir=saved_model_dir))
     except Exception as e:  # a failed path is a result of the benchmark, not the end of it
         return _failed(name, e, start)
@@ -134,7 +134,7 @@ def _run_path(output_dir, saved_model_dir, name, settings, seed) -> dict:
     start = time.perf_counter()
     try:
         result = optimize.run_optimize(optimize.OptimizeConfig(
-            output_dir=os.path.join(output_dir, _slug(name)), train_data=str(baseline.MNIST_PATH),
+            output_dir=os.path.join(output_dir, _benchmark.slug(name)), train_data=str(baseline.MNIST_PATH),
             saved_model_dir=saved_model_dir, eval_data=str(baseline.MNIST_PATH),
             input_scale=baseline.MNIST_SCALE, calibration_data=CALIBRATION, calibration_key="x",
             max_accuracy_drop=0.01, seed=seed, overwrite=True, **settings))
@@ -158,7 +158,7 @@ def _run_student(output_dir, saved_model_dir, name, distill, epochs, temperature
         data = baseline.load_mnist()
         teacher = keras.models.load_model(saved_model_dir, compile=False) if distill else None
         student = _train_student(data, teacher, epochs, temperature, alpha, seed)
-        subdir = os.path.join(_slug(name), f"seed_{seed}")
+        subdir = os.path.join(_benchmark.slug(name), f"seed_{seed}")
         path = os.path.join(output_dir, subdir, "student.h5")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         student.save(path)
@@ -220,40 +220,28 @@ def _targets(rows: dict, students: dict) -> dict:
     f32 = rows[FLOAT]
     for label, row in (("(a)", a), ("(b)", b)):
         if "error" not in row:
-            targets[f"{label} distinct stored values per channel (max)"] = _target(
+            targets[f"{label} distinct stored values per channel (max)"] = _benchmark.target(
                 row["max_distinct_per_channel"], 16, True,
                 "some output channel holds more values than clusters: the clusters did not survive.")
     if "error" not in b and "delta_points" in b:
         drop = -b["delta_points"]
-        targets["(b) accuracy drop vs float (points)"] = _target(
+        targets["(b) accuracy drop vs float (points)"] = _benchmark.target(
             drop, 0.5, True, f"the int8 model lost {drop:.2f} points; its Keras stages scored "
             + ", ".join(f"{s['stage']} {s['eval_accuracy']:.4f}" for s in b["keras_stages"]) + ".")
-        targets["(b) gzip bytes: float gzip / gzip"] = _target(
+        targets["(b) gzip bytes: float gzip / gzip"] = _benchmark.target(
             b["gzip_ratio"], 25.0, False,
             f"gzip keeps {b['gzip9_bytes']:,} bytes against {f32['gzip9_bytes'] / 25:,.0f} allowed.")
     pairs = [(d["accuracy"] - u["accuracy"]) * 100 for u, d in zip(students[STUDENT], students[DISTILLED])
              if "error" not in u and "error" not in d]
     if pairs:
         wins = sum(p > 0 for p in pairs)
-        targets[f"(d) distilled − labels-only student accuracy (points), mean of {len(pairs)} seeds"] = _target(
+        name = f"(d) distilled − labels-only student accuracy (points), mean of {len(pairs)} seeds"
+        targets[name] = _benchmark.target(
             float(np.mean(pairs)), 0.01, False,
             f"per seed {', '.join(f'{p:+.2f}' for p in pairs)} ({wins} of {len(pairs)} distilled students "
             "ahead; same seed, epochs and schedule in each pair).")
-    for name, row in rows.items():
-        if "error" in row:
-            targets[f"{name} runs"] = {"measured": None, "target": None, "at_most": None, "passed": False,
-                                       "why": row["error"]}
+    targets.update(_benchmark.failed_paths(rows))
     return targets
-
-
-def _target(value: float, target: float, at_most: bool, why: str) -> dict:
-    passed = value <= target if at_most else value >= target
-    return {"measured": value, "target": target, "at_most": at_most, "passed": passed,
-            "why": None if passed else why}
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.replace("%", "pct")).strip("_").lower()
 
 
 def render(summary: dict) -> str:

@@ -19,7 +19,7 @@ import time
 import numpy as np
 from absl import flags
 
-from pipelines import _common, _reference
+from pipelines import _benchmark, _common, _reference
 from tfcompress import baseline, optimize, pipeline
 from tfcompress._keras import keras, tf
 from tfcompress.artefacts import write_atomic, write_json
@@ -94,7 +94,7 @@ def _convert_config(output_dir, subdir, saved_model_dir, mode, seed) -> pipeline
 
 
 def _run_path(output_dir, saved_model_dir, name, settings, prune_epochs, qat_epochs, seed) -> dict:
-    subdir = _slug(name)
+    subdir = _benchmark.slug(name)
     start = time.perf_counter()
     try:
         if settings is None:
@@ -179,37 +179,24 @@ def _targets(rows: dict) -> dict:
     targets = {}
     if "error" not in pqat:
         drop = -pqat["delta_points"]
-        targets["prune 80% + PQAT accuracy drop vs float (points)"] = _target(
+        targets["prune 80% + PQAT accuracy drop vs float (points)"] = _benchmark.target(
             drop, 0.3, True, f"the int8 model lost {drop:.2f} points; its Keras stages scored "
             + ", ".join(f"{s['stage']} {s['eval_accuracy']:.4f}" for s in pqat["keras_stages"]) + ".")
         nnz = pqat["weights"] * (1 - pqat["zero_fraction"])
         p = pqat["zero_fraction"]
         floor = nnz + pqat["weights"] * -(p * math.log2(p) + (1 - p) * math.log2(1 - p)) / 8 if 0 < p < 1 else nnz
-        targets["prune 80% + PQAT gzip bytes: float gzip / gzip"] = _target(
+        targets["prune 80% + PQAT gzip bytes: float gzip / gzip"] = _benchmark.target(
             pqat["gzip_ratio"], 12.0, False,
             f"gzip keeps {pqat['gzip9_bytes']:,} bytes against {f32['gzip9_bytes'] / 12:,.0f} needed; "
             f"{nnz:,.0f} non-zero int8 weights plus a {p:.1%}-zero mask are already ~{floor:,.0f} bytes "
             "of entropy before gzip's own overhead.")
     if "error" not in glob and "error" not in loc:
-        targets["global 90% − local 90% accuracy (points), both PQAT"] = _target(
+        targets["global 90% − local 90% accuracy (points), both PQAT"] = _benchmark.target(
             (glob["accuracy"] - loc["accuracy"]) * 100, 0.0, False,
             f"global scored {glob['accuracy']:.4f} at zero fraction {glob['zero_fraction']:.3f}, local "
             f"{loc['accuracy']:.4f} at {loc['zero_fraction']:.3f}.")
-    for name, row in rows.items():
-        if "error" in row:
-            targets[f"{name} runs"] = {"measured": None, "target": None, "at_most": None, "passed": False,
-                                       "why": row["error"]}
+    targets.update(_benchmark.failed_paths(rows))
     return targets
-
-
-def _target(value: float, target: float, at_most: bool, why: str) -> dict:
-    passed = value <= target if at_most else value >= target
-    return {"measured": value, "target": target, "at_most": at_most, "passed": passed,
-            "why": None if passed else why}
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.replace("%", "pct")).strip("_").lower()
 
 
 def render(summary: dict) -> str:

@@ -78,7 +78,8 @@ def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> Non
     argv = list(sys.argv if argv is None else argv)
     # A script may name one flag that a bare argument fills (`tfcompress inspect model.tflite`).
     positional = getattr(sys.modules[main.__module__], "POSITIONAL_FLAG", None)
-    bare = [arg for arg in argv[1:] if not arg.startswith("-")]
+    bare = [arg for i, arg in enumerate(argv[1:], 1)
+            if not arg.startswith("-") and argv[i - 1] not in (f"--{positional}", f"-{positional}")]
     if positional and len(bare) == 1:
         argv = [argv[0], *(a if a is not bare[0] else f"--{positional}={a}" for a in argv[1:])]
     if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv[1:]):

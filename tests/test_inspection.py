@@ -158,7 +158,9 @@ def test_bad_files_are_one_line_model_load_errors(tmp_path, content, message):
 
 def test_script_prints_text_or_json_and_exits_0(lenet_path):
     # `tfcompress inspect model.tflite`: the path may be given bare.
-    text, as_json = run_scripts(SCRIPT, [str(lenet_path)], [f"--tflite={lenet_path}", "--json"])
+    text, as_json, spaced = run_scripts(SCRIPT, [str(lenet_path)], [f"--tflite={lenet_path}", "--json"],
+                                        ["--tflite", str(lenet_path)])
+    assert spaced.returncode == 0 and spaced.stdout == text.stdout
     assert text.returncode == 0, text.stderr
     assert "2,293,000 MACs" in text.stdout and "FULLY_CONNECTED" in text.stdout
     assert as_json.returncode == 0, as_json.stderr

@@ -82,7 +82,12 @@ def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> Non
             if not arg.startswith("-") and argv[i - 1] not in (f"--{positional}", f"-{positional}")]
     if positional and len(bare) == 1:
         argv = [argv[0], *(a if a is not bare[0] else f"--{positional}={a}" for a in argv[1:])]
-    if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv[1:]):
-        _print_help(main, argv)
-        sys.exit(0)
-    app.run(_guarded(main), argv=argv, flags_parser=_parse_flags)
+    try:
+        if any(arg in ("-h", "--help", "-help", "--helpshort") for arg in argv[1:]):
+            _print_help(main, argv)
+            sys.exit(0)
+        app.run(_guarded(main), argv=argv, flags_parser=_parse_flags)
+    except BrokenPipeError:
+        # The reader went away (`tfcompress inspect m.tflite | head`): stop quietly, as Python's docs advise.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -306,3 +306,9 @@ def test_a_disagreeing_interpreter_fails_the_check():
     assert check.failures[1].startswith("tflm_top1_agreement:")
     same = micro.compare_outputs(litert, litert, "1000 samples", "LiteRT", tolerance=0, min_agreement=1.0)
     assert same.passed and same.max_step_difference == 0
+
+
+def test_arena_is_measured_even_when_native_output_is_let_through(int8_path, monkeypatch):
+    monkeypatch.setenv("TFCOMPRESS_NATIVE_LOG", "1")  # debugging switch: TF's C++ output goes through
+    sample = np.zeros((1, 28, 28, 1), np.uint8)
+    assert micro.measure_arena(open(int8_path, "rb").read(), sample).recorded_bytes > 0

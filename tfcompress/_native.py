@@ -24,10 +24,14 @@ def terminal_stderr():
 
 
 @contextlib.contextmanager
-def native_output_captured() -> Iterator[list[str]]:
-    """Yields a list that holds the captured text once the block ends."""
+def native_output_captured(always: bool = False) -> Iterator[list[str]]:
+    """Yields a list that holds the captured text once the block ends.
+
+    With TFCOMPRESS_NATIVE_LOG=1 nothing is captured (the output goes through), unless `always`: for
+    output that is parsed, not shown (TFLM's allocation report).
+    """
     captured: list[str] = []
-    if os.environ.get("TFCOMPRESS_NATIVE_LOG") == "1":
+    if os.environ.get("TFCOMPRESS_NATIVE_LOG") == "1" and not always:
         yield captured
         return
     with tempfile.TemporaryFile("w+", errors="replace") as log:

@@ -210,7 +210,7 @@ def measure_arena(flatbuffer: bytes, sample: np.ndarray, margin: float = ARENA_M
     interpreter = _interpreter(flatbuffer, generous)
     interpreter.set_input(sample, 0)
     interpreter.invoke()
-    with native_output_captured() as log:
+    with native_output_captured(always=True) as log:  # parsed, so captured even with TFCOMPRESS_NATIVE_LOG=1
         interpreter.print_allocations()
     match = _ARENA_LINE.search(log[0])
     if match is None:

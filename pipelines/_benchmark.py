@@ -20,3 +20,17 @@ def failed_paths(rows: dict) -> dict:
 def slug(name: str) -> str:
     """A directory name for a path's label."""
     return "".join(c if c.isalnum() else "_" for c in name.replace("%", "pct")).strip("_").lower()
+
+
+def finish_tables(lines: list[str], targets: dict, total_seconds: float) -> str:
+    """Appends the targets table (and why each miss happened) and the run time to `lines`; joins them."""
+    lines = [*lines, "", "| target | measured | target | result |", "|---|---|---|---|"]
+    whys = []
+    for name, t in targets.items():
+        measured = "—" if t["measured"] is None else f"{t['measured']:.3f}"
+        goal = "—" if t["target"] is None else f"{'≤' if t['at_most'] else '≥'} {t['target']:g}"
+        lines.append(f"| {name} | {measured} | {goal} | {'PASS' if t['passed'] else 'MISS'} |")
+        if not t["passed"]:
+            whys.append(f"- MISS {name}: {t['why']}")
+    lines += ["", *whys, "" if whys else "", f"Total run {total_seconds:.1f} s."]
+    return "\n".join(line for i, line in enumerate(lines) if line or (i and lines[i - 1]))

@@ -276,16 +276,7 @@ def render(summary: dict) -> str:
             mean = f"{np.mean(known):.4f}" if known else "—"
             lines.append(f"| {name} | " + " | ".join("failed" if v is None else f"{v:.4f}" for v in values)
                          + f" | {mean} |")
-    lines += ["", "| target | measured | target | result |", "|---|---|---|---|"]
-    whys = []
-    for name, t in summary["targets"].items():
-        measured = "—" if t["measured"] is None else f"{t['measured']:.3f}"
-        goal = "—" if t["target"] is None else f"{'≤' if t['at_most'] else '≥'} {t['target']:g}"
-        lines.append(f"| {name} | {measured} | {goal} | {'PASS' if t['passed'] else 'MISS'} |")
-        if not t["passed"]:
-            whys.append(f"- MISS {name}: {t['why']}")
-    lines += ["", *whys, "" if whys else "", f"Total run {summary['total_seconds']:.1f} s."]
-    return "\n".join(line for i, line in enumerate(lines) if line or (i and lines[i - 1]))
+    return _benchmark.finish_tables(lines, summary["targets"], summary["total_seconds"])
 
 
 if __name__ == "__main__":

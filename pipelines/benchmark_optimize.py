@@ -215,16 +215,7 @@ def render(summary: dict) -> str:
         secs = " / ".join("—" if row["seconds"].get(k) is None else f"{row['seconds'][k]:.1f}" for k in STAGES)
         lines.append(f"| {name} | {row['accuracy']:.4f} | {row['delta_points']:+.2f} | {row['bytes']:,} | "
                      f"{row['gzip9_bytes']:,} | {row['gzip_ratio']:.2f} | {row['zero_fraction']:.3f} | {secs} |")
-    lines += ["", "| target | measured | target | result |", "|---|---|---|---|"]
-    whys = []
-    for name, t in summary["targets"].items():
-        measured = "—" if t["measured"] is None else f"{t['measured']:.3f}"
-        goal = "—" if t["target"] is None else f"{'≤' if t['at_most'] else '≥'} {t['target']:g}"
-        lines.append(f"| {name} | {measured} | {goal} | {'PASS' if t['passed'] else 'MISS'} |")
-        if not t["passed"]:
-            whys.append(f"- MISS {name}: {t['why']}")
-    lines += ["", *whys, "" if whys else "", f"Total run {summary['total_seconds']:.1f} s."]
-    return "\n".join(line for i, line in enumerate(lines) if line or (i and lines[i - 1]))
+    return _benchmark.finish_tables(lines, summary["targets"], summary["total_seconds"])
 
 
 if __name__ == "__main__":

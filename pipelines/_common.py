@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from absl import app, flags, logging
 
-from tfcompress import progress
-from tfcompress.errors import EXIT_BAD_INPUT, TfcompressError, VerificationError
+from tfcompress.core import progress
+from tfcompress.core.errors import EXIT_BAD_INPUT, TfcompressError, VerificationError
 
 flags.DEFINE_bool("verbose", False, "On failure, also print the traceback and the converter's log.")
 flags.DEFINE_bool("progress", True, "Progress bars on long steps (calibration, evaluation, the TFLM check) "

@@ -11,12 +11,12 @@ import os
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from tfcompress import baseline
-from tfcompress._keras import tf
-from tfcompress.demo import CALIBRATION
+from tfcompress.models import baseline
+from tfcompress.core._keras import tf
+from tfcompress.runs.demo import CALIBRATION
 
 
-def int8_convert(converter: "tf.lite.TFLiteConverter") -> bytes:
+def int8_convert(converter: tf.lite.TFLiteConverter) -> bytes:
     """Full-integer conversion with uint8 I/O, calibrated on the shipped 500 MNIST training images."""
     with np.load(CALIBRATION) as d:
         images = d["x"].astype(np.float32) / 255.0

@@ -24,13 +24,15 @@ import numpy as np
 from absl import flags
 
 from pipelines import _benchmark, _common
-from tfcompress import baseline, optimize, pipeline
-from tfcompress._keras import keras, tf
-from tfcompress.artefacts import write_atomic, write_json
-from tfcompress.cluster import distinct_values
-from tfcompress.demo import CALIBRATION
-from tfcompress.distill import Distiller
-from tfcompress.tflite_model import read_tflite, weight_sparsity, weight_tensors
+from tfcompress.models import baseline
+from tfcompress.runs import optimize
+from tfcompress.runs import pipeline
+from tfcompress.core._keras import keras, tf
+from tfcompress.core.artefacts import write_atomic, write_json
+from tfcompress.training.cluster import distinct_values
+from tfcompress.runs.demo import CALIBRATION
+from tfcompress.training.distill import Distiller
+from tfcompress.core.tflite_model import read_tflite, weight_sparsity, weight_tensors
 
 _OUTPUT = flags.DEFINE_string("output_dir", "artefacts/benchmark_compress", "Where the results go.")
 _MODEL = flags.DEFINE_string("saved_model_dir", "artefacts/demo/float_savedmodel",

@@ -20,11 +20,13 @@ from absl import flags
 from ai_edge_litert.interpreter import Interpreter
 
 from pipelines import _common, _reference
-from tfcompress import baseline, latency, pipeline
-from tfcompress.demo import CALIBRATION
-from tfcompress._keras import tf
-from tfcompress.artefacts import write_atomic, write_json
-from tfcompress.verify import quantize, run_tflite
+from tfcompress.models import baseline
+from tfcompress.analysis import latency
+from tfcompress.runs import pipeline
+from tfcompress.runs.demo import CALIBRATION
+from tfcompress.core._keras import tf
+from tfcompress.core.artefacts import write_atomic, write_json
+from tfcompress.conversion.verify import quantize, run_tflite
 
 _OUTPUT = flags.DEFINE_string("output_dir", "artefacts/benchmark_convert", "Where the results go.")
 _MODEL = flags.DEFINE_string("saved_model_dir", None, "Reuse this LeNet-5 SavedModel (e.g. "

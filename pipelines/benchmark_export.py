@@ -17,10 +17,12 @@ import time
 from absl import flags
 
 from pipelines import _common
-from tfcompress import export, optimize, pipeline
-from tfcompress.artefacts import write_atomic, write_json
-from tfcompress.baseline import MNIST_PATH, MNIST_SCALE
-from tfcompress.demo import CALIBRATION
+from tfcompress.targets import export
+from tfcompress.runs import optimize
+from tfcompress.runs import pipeline
+from tfcompress.core.artefacts import write_atomic, write_json
+from tfcompress.models.baseline import MNIST_PATH, MNIST_SCALE
+from tfcompress.runs.demo import CALIBRATION
 
 _OUTPUT = flags.DEFINE_string("output_dir", "artefacts/benchmark_export", "Where the results go.")
 _MODEL = flags.DEFINE_string("saved_model_dir", "artefacts/demo/float_savedmodel",
@@ -68,7 +70,7 @@ def run_benchmark(output_dir: str, saved_model_dir: str, num_eval_samples: int |
 
 
 def _vela_available() -> bool:
-    from tfcompress import vela
+    from tfcompress.targets import vela
 
     try:
         vela.vela_executable()

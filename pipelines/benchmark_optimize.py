@@ -20,13 +20,15 @@ import numpy as np
 from absl import flags
 
 from pipelines import _benchmark, _common, _reference
-from tfcompress import baseline, optimize, pipeline
-from tfcompress._keras import keras, tf
-from tfcompress.artefacts import write_atomic, write_json
-from tfcompress.demo import CALIBRATION
-from tfcompress.tflite_model import read_tflite, weight_sparsity
+from tfcompress.models import baseline
+from tfcompress.runs import optimize
+from tfcompress.runs import pipeline
+from tfcompress.core._keras import keras, tf
+from tfcompress.core.artefacts import write_atomic, write_json
+from tfcompress.runs.demo import CALIBRATION
+from tfcompress.core.tflite_model import read_tflite, weight_sparsity
 
-import tensorflow_model_optimization as tfmot  # noqa: E402  (after tfcompress._keras picks tf_keras)
+import tensorflow_model_optimization as tfmot  # after _keras: needs TF_USE_LEGACY_KERAS
 
 _OUTPUT = flags.DEFINE_string("output_dir", "artefacts/benchmark_optimize", "Where the results go.")
 _MODEL = flags.DEFINE_string("saved_model_dir", "artefacts/demo/float_savedmodel",

@@ -15,8 +15,8 @@ from __future__ import annotations
 from absl import flags
 
 from pipelines import _common
-from tfcompress import pipeline
-from tfcompress.convert import IO_DTYPES, Mode
+from tfcompress.runs import pipeline
+from tfcompress.conversion.convert import IO_DTYPES, Mode
 
 _MODEL = flags.DEFINE_string("saved_model_dir", None, "SavedModel directory of the float model.")
 _KERAS_MODEL = flags.DEFINE_string("keras_model", None, "A .keras or .h5 tf_keras model file (instead of "

@@ -18,7 +18,7 @@ import json
 from absl import flags
 
 from pipelines import _common
-from tfcompress import debug
+from tfcompress.analysis import debug
 
 _MODEL = flags.DEFINE_string("saved_model_dir", None, "SavedModel directory of the float model.")
 _KERAS_MODEL = flags.DEFINE_string("keras_model", None, "A .keras or .h5 tf_keras model file (instead of "

@@ -1,6 +1,6 @@
 """The demo: train LeNet-5 on the shipped MNIST, convert it to a verified int8 model, print a report.
 
-Run with no flags (`make demo` or `tfcompress demo`). The work is `tfcompress.demo.run_demo`: train the
+Run with no flags (`make demo` or `tfcompress demo`). The work is `tfcompress.runs.demo.run_demo`: train the
 baseline (seeded), save it as a SavedModel, convert it to float32 and to int8 with uint8 I/O, verify both
 on all 10,000 test images, time each single-threaded in a fresh process, print a table. Everything lands
 in --output_dir (replaced on each run).
@@ -11,7 +11,7 @@ from __future__ import annotations
 from absl import flags
 
 from pipelines import _common
-from tfcompress import demo
+from tfcompress.runs import demo
 
 _OUTPUT = flags.DEFINE_string("output_dir", "artefacts/demo", "Where the demo's artefacts go (replaced).")
 _EPOCHS = flags.DEFINE_integer("epochs", 5, "Training epochs of the baseline LeNet-5.", lower_bound=1)

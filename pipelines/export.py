@@ -15,7 +15,7 @@ from __future__ import annotations
 from absl import flags
 
 from pipelines import _common
-from tfcompress import export
+from tfcompress.targets import export
 
 _TFLITE = flags.DEFINE_string("tflite", None, "The verified .tflite model to export.", required=True)
 _TARGET = flags.DEFINE_enum("target", "micro", list(export.TARGETS), "What to export for.")

@@ -16,7 +16,7 @@ import json
 from absl import flags
 
 from pipelines import _common
-from tfcompress import inspection
+from tfcompress.analysis import inspection
 
 _TFLITE = flags.DEFINE_string("tflite", None, "The .tflite model to inspect (or pass the path alone).",
                               required=True)

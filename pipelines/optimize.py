@@ -20,7 +20,7 @@ from __future__ import annotations
 from absl import flags
 
 from pipelines import _common
-from tfcompress import optimize
+from tfcompress.runs import optimize
 
 _MODEL = flags.DEFINE_string("saved_model_dir", None, "Keras SavedModel of the float model.")
 _KERAS_MODEL = flags.DEFINE_string("keras_model", None, "A .keras or .h5 model (instead of --saved_model_dir).")

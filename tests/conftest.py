@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tfcompress._keras import keras, tf
+from tfcompress.core._keras import keras, tf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MNIST = ROOT / "data" / "mnist.npz"
@@ -30,7 +30,7 @@ def run_scripts(script: str, *argument_lists: list[str]) -> list[subprocess.Comp
     return results
 
 
-def small_cnn(seed: int = 0) -> "keras.Model":
+def small_cnn(seed: int = 0) -> keras.Model:
     keras.utils.set_random_seed(seed)
     return keras.Sequential([
         keras.layers.Input((28, 28, 1)),

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tfcompress import calibration
-from tfcompress.calibration import (
+from tfcompress.conversion import calibration
+from tfcompress.conversion.calibration import (
     MIN_CALIBRATION_SAMPLES,
     CalibrationData,
     fit_to_input,
@@ -21,7 +21,7 @@ from tfcompress.calibration import (
     representative_dataset,
     select,
 )
-from tfcompress.errors import CalibrationDataError, InputError
+from tfcompress.core.errors import CalibrationDataError, InputError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MNIST = ROOT / "data" / "mnist.npz"

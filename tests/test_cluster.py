@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from conftest import small_cnn
 
-from tfcompress._keras import keras
-from tfcompress.cluster import ClusterWeights, cluster, distinct_values, strip
-from tfcompress.convert import ConvertConfig, convert
-from tfcompress.model_io import load_model
-from tfcompress.quantize import quantize_aware
-from tfcompress.tflite_model import weight_sparsity
-from tfcompress.verify import verify
+from tfcompress.core._keras import keras
+from tfcompress.training.cluster import ClusterWeights, cluster, distinct_values, strip
+from tfcompress.conversion.convert import ConvertConfig, convert
+from tfcompress.core.model_io import load_model
+from tfcompress.training.quantize import quantize_aware
+from tfcompress.core.tflite_model import weight_sparsity
+from tfcompress.conversion.verify import verify
 
 CLUSTERS = 16
 SAMPLES = 2000
@@ -38,15 +38,15 @@ def clustered(trained_model, mnist_subset):
     wrapped = cluster(trained_model, CLUSTERS)
     for old, new in zip(before, trained_model.get_weights()):
         np.testing.assert_array_equal(old, new)  # the caller's model is untouched
-    assert not any(isinstance(l, ClusterWeights) for l in trained_model.layers)
-    assert {l.layer.name for l in wrapped.layers if isinstance(l, ClusterWeights)} == {"conv", "fc", "logits"}
+    assert not any(isinstance(lyr, ClusterWeights) for lyr in trained_model.layers)
+    assert {lyr.layer.name for lyr in wrapped.layers if isinstance(lyr, ClusterWeights)} == {"conv", "fc", "logits"}
     return strip(_fit(wrapped, mnist_subset))
 
 
 def test_clustered_model_keeps_its_values_in_the_int8_flatbuffer(clustered, mnist_subset,
                                                                  calibration_samples):
     _, _, x_test, y_test = mnist_subset
-    assert [l.name for l in clustered.layers] == ["conv", "pool", "flatten", "fc", "logits"]
+    assert [lyr.name for lyr in clustered.layers] == ["conv", "pool", "flatten", "fc", "logits"]
     for name in ("conv", "fc", "logits"):
         assert np.unique(clustered.get_layer(name).kernel.numpy()).size <= CLUSTERS
     flatbuffer = convert(load_model(clustered), ConvertConfig(), calibration_samples)
@@ -108,7 +108,7 @@ def test_sparsity_survives_cluster_preserving_qat(trained_model, mnist_subset):
     pcqat.fit(x_train[:512], y_train[:512], epochs=1, batch_size=64, verbose=0, shuffle=False)
     shipped = _by_layer(weight_sparsity(convert(load_model(pcqat), ConvertConfig())))
     # tfmot alone loses these zeros: its registry shares one weight quantizer between all Dense layers,
-    # and logits (no zeros) switches preserve_sparsity off for fc too. tfcompress.quantize keeps one per layer.
+    # and logits (no zeros) switches preserve_sparsity off for fc too. tfcompress.training.quantize keeps one per layer.
     assert shipped["fc"] >= 0.5
 
 
@@ -119,7 +119,7 @@ def test_quantize_aware_asks_to_strip_clustering_first(trained_model):
 
 def test_per_channel_and_layer_selection(trained_model):
     wrapped = cluster(trained_model, 4, centroid_init="linear", per_channel=True, layers=["conv"])
-    (conv,) = [l for l in wrapped.layers if isinstance(l, ClusterWeights)]
+    (conv,) = [lyr for lyr in wrapped.layers if isinstance(lyr, ClusterWeights)]
     assert conv.layer.name == "conv" and conv.cluster_per_channel
     assert conv.cluster_centroids["kernel"].shape == (8, 4)  # 4 centroids for each of 8 output channels
     kernel = strip(wrapped).get_layer("conv").kernel.numpy()
@@ -176,7 +176,7 @@ def test_layers_tfmot_cannot_cluster_are_skipped_by_default_or_named():
     model = keras.Sequential([keras.layers.Input((8, 8, 4)), keras.layers.DepthwiseConv2D(3, name="dw"),
                               keras.layers.Flatten(), keras.layers.Dense(4, name="out")])
     wrapped = cluster(model, 8)  # tfmot never clusters depthwise kernels: left as they are
-    assert [l.layer.name for l in wrapped.layers if isinstance(l, ClusterWeights)] == ["out"]
+    assert [lyr.layer.name for lyr in wrapped.layers if isinstance(lyr, ClusterWeights)] == ["out"]
     with pytest.raises(ValueError, match=r"cannot cluster the weights of dw \(DepthwiseConv2D\).* layers="):
         cluster(model, 8, layers=["dw", "out"])
     custom = keras.Sequential(
@@ -184,4 +184,4 @@ def test_layers_tfmot_cannot_cluster_are_skipped_by_default_or_named():
     with pytest.raises(ValueError, match=r"weights of scale \(_Scale\).* Received: layers=None"):
         cluster(custom, 8)
     wrapped = cluster(custom, 8, layers=["out"])
-    assert [l.layer.name for l in wrapped.layers if isinstance(l, ClusterWeights)] == ["out"]
+    assert [lyr.layer.name for lyr in wrapped.layers if isinstance(lyr, ClusterWeights)] == ["out"]

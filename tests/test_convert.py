@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tfcompress._keras import keras, tf
-from tfcompress.convert import IO_DTYPES, ConvertConfig, Mode, convert
-from tfcompress.errors import NotFullyQuantizedError
-from tfcompress.model_io import load_model
-from tfcompress.tflite_model import read_tflite, weight_tensors
+from tfcompress.core._keras import keras, tf
+from tfcompress.conversion.convert import IO_DTYPES, ConvertConfig, Mode, convert
+from tfcompress.core.errors import NotFullyQuantizedError
+from tfcompress.core.model_io import load_model
+from tfcompress.core.tflite_model import read_tflite, weight_tensors
 
 def _dtypes(parsed, indices):
     return {parsed.tensors[i].dtype for i in indices}

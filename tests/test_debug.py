@@ -1,4 +1,4 @@
-"""`tfcompress.debug` and `pipelines/debug.py`: per-layer int8 error from the QuantizationDebugger.
+"""`tfcompress.analysis.debug` and `pipelines/debug.py`: per-layer int8 error from the QuantizationDebugger.
 
 Models have random weights (the debugger measures rounding, not accuracy) and 50 calibration samples.
 The script runs in subprocesses: its flags share names with pipelines/convert.py's.
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from conftest import CALIBRATION, ROOT, SCALE, run_scripts
-from tfcompress import baseline
-from tfcompress._keras import keras, tf
-from tfcompress.debug import (
+from tfcompress.models import baseline
+from tfcompress.core._keras import keras, tf
+from tfcompress.analysis.debug import (
     CSV_FIELDS,
     DebugConfig,
     QuantizationDebugError,
@@ -29,8 +29,8 @@ from tfcompress.debug import (
     to_csv,
     to_json,
 )
-from tfcompress.errors import CalibrationDataError, InputError, NotFullyQuantizedError, OutputPathError
-from tfcompress.model_io import load_model
+from tfcompress.core.errors import CalibrationDataError, InputError, NotFullyQuantizedError, OutputPathError
+from tfcompress.core.model_io import load_model
 
 SCRIPT = str(ROOT / "pipelines" / "debug.py")
 
@@ -52,7 +52,7 @@ def lenet_result(lenet, samples):
     return debug_quantization(load_model(lenet), samples)
 
 
-def _with(layer) -> "keras.Model":
+def _with(layer) -> keras.Model:
     keras.utils.set_random_seed(0)
     return keras.Sequential([keras.layers.Input((28, 28, 1)), keras.layers.Conv2D(4, 3, name="conv"), layer,
                              keras.layers.Flatten(name="flatten"), keras.layers.Dense(10, name="logits")],
@@ -134,7 +134,7 @@ def test_model_with_nothing_quantized_is_a_debug_error(samples):
 
 
 def test_quantization_aware_model_is_refused(lenet, samples):
-    from tfcompress.quantize import quantize_aware
+    from tfcompress.training.quantize import quantize_aware
 
     message = r"lenet5 is quantization-aware \(QAT\): .*Debug the float model"
     with pytest.raises(InputError, match=message) as e:
@@ -181,7 +181,7 @@ def test_script_exit_codes_0_1_2(lenet, tmp_path):
     data = [f"--calibration_data={CALIBRATION}", "--calibration_key=x", f"--input_scale={SCALE}",
             "--num_calibration_samples=50"]
     out = tmp_path / "out"
-    ok, in_float, missing = run_scripts(SCRIPT, 
+    ok, in_float, missing = run_scripts(SCRIPT,
         [f"--keras_model={keras_file}", *data, f"--output_dir={out}", "--json"],
         [f"--saved_model_dir={sin_dir}", *data, "--top=2"],
         [f"--keras_model={tmp_path / 'nowhere.keras'}", *data],

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tfcompress.demo import run_demo
-from tfcompress.tflite_model import read_tflite
+from tfcompress.runs.demo import run_demo
+from tfcompress.core.tflite_model import read_tflite
 
 
 @pytest.mark.slow

@@ -5,17 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tfcompress._keras import keras, tf
-from tfcompress.convert import ConvertConfig, convert
-from tfcompress.distill import Distiller
-from tfcompress.model_io import load_model
-from tfcompress.verify import verify
+from tfcompress.core._keras import keras, tf
+from tfcompress.conversion.convert import ConvertConfig, convert
+from tfcompress.training.distill import Distiller
+from tfcompress.core.model_io import load_model
+from tfcompress.conversion.verify import verify
 
 SAMPLES = 4000
 LOGS = {"loss", "student_loss", "distillation_loss", "accuracy"}
 
 
-def _student(units: int = 10, seed: int = 1) -> "keras.Model":
+def _student(units: int = 10, seed: int = 1) -> keras.Model:
     keras.utils.set_random_seed(seed)
     return keras.Sequential([
         keras.layers.Input((28, 28, 1)),

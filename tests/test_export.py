@@ -16,11 +16,12 @@ import pytest
 from ai_edge_litert import schema_py_generated as schema
 
 from conftest import CALIBRATION, ROOT, SCALE
-from tfcompress import export, micro
-from tfcompress.convert import ConvertConfig, convert
-from tfcompress.errors import InputError, MicroTargetError, ModelLoadError
-from tfcompress.model_io import load_model
-from tfcompress.tflite_model import read_tflite
+from tfcompress.targets import export
+from tfcompress.targets import micro
+from tfcompress.conversion.convert import ConvertConfig, convert
+from tfcompress.core.errors import InputError, MicroTargetError, ModelLoadError
+from tfcompress.core.model_io import load_model
+from tfcompress.core.tflite_model import read_tflite
 
 STUB_INCLUDE = ROOT / "tests" / "data" / "tflm_stub"
 NUM_CHECK = 300
@@ -154,7 +155,7 @@ def test_same_input_gives_the_same_files(int8_path, eval_npz, tmp_path):
 
 def _shared_weights(model, levels: int = 16):
     """Weight sharing by hand: every kernel's output channel takes at most `levels` values."""
-    from tfcompress._keras import keras
+    from tfcompress.core._keras import keras
 
     shared = keras.models.clone_model(model)
     shared.set_weights(model.get_weights())
@@ -190,8 +191,8 @@ def test_compress_shrinks_flash_and_decodes_exactly_in_tflm(trained_model, calib
 
 def test_compress_follows_per_tensor_quantization(trained_model, mnist_subset, tmp_path):
     """QAT quantizes Dense kernels per tensor; TFLM decodes those with one table, so one table is written."""
-    from tfcompress._keras import keras
-    from tfcompress.quantize import quantize_aware
+    from tfcompress.core._keras import keras
+    from tfcompress.training.quantize import quantize_aware
 
     shared = keras.models.clone_model(trained_model)
     weights = trained_model.get_weights()
@@ -286,7 +287,7 @@ def test_cli_exit_codes(int8_path, tmp_path):
 @pytest.mark.skipif(shutil.which("vela") is None and not os.path.exists(
     os.path.join(os.path.dirname(sys.executable), "vela")), reason="ethos-u-vela (extra 'npu') not installed")
 def test_vela_puts_every_op_on_the_npu(int8_path, tmp_path):
-    from tfcompress import vela
+    from tfcompress.targets import vela
 
     result = vela.compile_for_ethos_u(open(int8_path, "rb").read(), str(tmp_path), "m")
     assert result.npu_ops > 0 and result.cpu_ops == 0

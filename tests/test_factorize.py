@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tfcompress._keras import keras
-from tfcompress.convert import ConvertConfig, convert
-from tfcompress.factorize import FactorizeResult, LayerFactorization, factorize
-from tfcompress.model_io import load_model
-from tfcompress.verify import verify
+from tfcompress.core._keras import keras
+from tfcompress.conversion.convert import ConvertConfig, convert
+from tfcompress.training.factorize import FactorizeResult, LayerFactorization, factorize
+from tfcompress.core.model_io import load_model
+from tfcompress.conversion.verify import verify
 
 M, N = 1352, 32  # small_cnn's fc kernel: 13·13·8 pooled features in, 32 units out
 
@@ -29,7 +29,7 @@ def test_energy_picks_the_smallest_rank_and_counts_match_by_hand(trained_model):
     assert result.params_before - result.params_after == M * N - r * (M + N)
     new = result.model
     assert isinstance(new, keras.Model) and not isinstance(new, keras.Sequential)
-    assert [l.name for l in new.layers][1:] == ["conv", "pool", "flatten", "fc_lowrank", "fc", "logits"]
+    assert [lyr.name for lyr in new.layers][1:] == ["conv", "pool", "flatten", "fc_lowrank", "fc", "logits"]
     assert new.get_layer("fc_lowrank").kernel.shape == (M, r) and not new.get_layer("fc_lowrank").use_bias
     assert new.get_layer("fc").kernel.shape == (r, N)
     assert new.get_layer("fc").activation is keras.activations.relu
@@ -73,7 +73,7 @@ def test_exact_low_rank_kernels_give_the_same_outputs_in_a_functional_dag():
     hidden = model.get_layer("hidden")
     hidden.kernel.assign(_low_rank(tuple(hidden.kernel.shape), 8, 1))
     result = factorize(model, energy=1.0)
-    by_name = {l.name: l for l in result.layers}
+    by_name = {lyr.name: lyr for lyr in result.layers}
     assert set(by_name) == {"pw", "hidden", "out"}  # 3×3 convolutions are left out
     assert (by_name["pw"].rank, by_name["hidden"].rank) == (4, 8)
     assert by_name["pw"].macs_before == 8 * 8 * 32 * 32  # 64 positions, 32×32 each
@@ -88,13 +88,13 @@ def test_exact_low_rank_kernels_give_the_same_outputs_in_a_functional_dag():
 
 def test_rank_leaves_layers_that_would_grow_and_says_why(trained_model):
     result = factorize(trained_model, rank=8)
-    by_name = {l.name: l for l in result.layers}
+    by_name = {lyr.name: lyr for lyr in result.layers}
     assert by_name["fc"].factorized and by_name["fc"].params_after == 8 * (M + N) + N
     # logits is 32×10: rank 8 needs 8·42 = 336 weights, more than its 320.
     logits = by_name["logits"]
     assert not logits.factorized
     assert logits.reason == "rank 8 needs r·(m+n) = 336 weights, not fewer than m·n = 320"
-    assert "logits_lowrank" not in [l.name for l in result.model.layers]
+    assert "logits_lowrank" not in [lyr.name for lyr in result.model.layers]
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -1,4 +1,4 @@
-"""`tfcompress.inspection` and `pipelines/inspect_model.py`: every number against an independent source.
+"""`tfcompress.analysis.inspection` and `pipelines/inspect_model.py`: every number against an independent source.
 
 Sizes and hashes come from the file system and hashlib, tensors and weights from the LiteRT interpreter,
 MACs from a hand count. The script runs in subprocesses (its absl flags would clash in this process).
@@ -15,13 +15,13 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 
 from conftest import CALIBRATION, ROOT, SCALE, run_scripts
-from tfcompress import baseline
-from tfcompress._keras import keras
-from tfcompress.convert import ConvertConfig, convert
-from tfcompress.errors import ModelLoadError
-from tfcompress.inspection import inspect_tflite, render_text, to_json
-from tfcompress.model_io import load_model
-from tfcompress.tflite_model import weight_sparsity
+from tfcompress.models import baseline
+from tfcompress.core._keras import keras
+from tfcompress.conversion.convert import ConvertConfig, convert
+from tfcompress.core.errors import ModelLoadError
+from tfcompress.analysis.inspection import inspect_tflite, render_text, to_json
+from tfcompress.core.model_io import load_model
+from tfcompress.core.tflite_model import weight_sparsity
 
 LENET_MACS = 24 * 24 * 20 * 25 + 8 * 8 * 50 * 25 * 20 + 800 * 500 + 500 * 10  # 2,293,000
 SCRIPT = str(ROOT / "pipelines" / "inspect_model.py")
@@ -87,7 +87,7 @@ def test_io_matches_the_interpreter(lenet_path):
 def test_weights_and_zero_fractions_match_the_interpreter(lenet_path):
     found = inspect_tflite(lenet_path)
     interpreter = _interpreter(lenet_path)
-    ops = {op["index"]: op for op in interpreter._get_ops_details()}  # noqa: SLF001 - no public op list
+    ops = {op["index"]: op for op in interpreter._get_ops_details()}  # private, but there is no public op list
     weighted = [layer for layer in found.layers if layer.weight_zero_fraction is not None]
     assert [layer.op for layer in weighted] == ["CONV_2D", "CONV_2D", "FULLY_CONNECTED", "FULLY_CONNECTED"]
     sparsity = weight_sparsity(lenet_path)

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from conftest import CALIBRATION, SCALE
-from tfcompress import baseline
-from tfcompress._keras import keras
-from tfcompress.convert import ConvertConfig, convert
-from tfcompress.errors import ModelLoadError
-from tfcompress.macs import count_macs
-from tfcompress.model_io import load_model
+from tfcompress.models import baseline
+from tfcompress.core._keras import keras
+from tfcompress.conversion.convert import ConvertConfig, convert
+from tfcompress.core.errors import ModelLoadError
+from tfcompress.analysis.macs import count_macs
+from tfcompress.core.model_io import load_model
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import CALIBRATION, MNIST, SCALE, run_scripts
-from tfcompress._keras import keras, tf
-from tfcompress.errors import NotFullyQuantizedError, OutputPathError
-from tfcompress.optimize import OptimizeConfig, run_optimize
-from tfcompress.tflite_model import read_tflite
+from tfcompress.core._keras import keras, tf
+from tfcompress.core.errors import NotFullyQuantizedError, OutputPathError
+from tfcompress.runs.optimize import OptimizeConfig, run_optimize
+from tfcompress.core.tflite_model import read_tflite
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_nothing_to_do_and_bad_split_are_refused(keras_file, train_npz, tmp_path
 
 
 def test_training_data_errors_name_the_training_flags(keras_file, eval_npz, tmp_path):
-    from tfcompress.errors import CalibrationDataError
+    from tfcompress.core.errors import CalibrationDataError
 
     with pytest.raises(CalibrationDataError, match=r"^Training data .* has no array named 'x_train'.*"
                                                    r"--train_key / --train_labels_key"):

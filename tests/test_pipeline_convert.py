@@ -19,13 +19,13 @@ from absl.testing import flagsaver
 from conftest import CALIBRATION, SCALE
 from pipelines import _common
 from pipelines import convert as convert_script
-from tfcompress.errors import (
+from tfcompress.core.errors import (
     CalibrationDataError,
     ModelLoadError,
     OutputPathError,
 )
-from tfcompress.pipeline import ConvertPipelineConfig, run_convert
-from tfcompress.tflite_model import read_tflite
+from tfcompress.runs.pipeline import ConvertPipelineConfig, run_convert
+from tfcompress.core.tflite_model import read_tflite
 
 
 def _config(saved_model_dir, eval_npz, output_dir, **overrides) -> ConvertPipelineConfig:

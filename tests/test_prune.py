@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from conftest import small_cnn
 
-from tfcompress._keras import keras, tf
-from tfcompress.errors import TfcompressError
-from tfcompress.prune import (
+from tfcompress.core._keras import keras, tf
+from tfcompress.core.errors import TfcompressError
+from tfcompress.training.prune import (
     ConstantSparsity,
     PolynomialDecay,
     PruneLowMagnitude,
@@ -40,7 +40,7 @@ def _fit(model, data, epochs=1, callbacks=None, **kwargs):
 
 
 def _wrappers(model):
-    return {l.layer.name: l for l in model.layers if isinstance(l, PruneLowMagnitude)}
+    return {lyr.layer.name: lyr for lyr in model.layers if isinstance(lyr, PruneLowMagnitude)}
 
 
 def test_reaches_final_sparsity_with_auto_frequency_and_logs_it(data):
@@ -57,8 +57,8 @@ def test_reaches_final_sparsity_with_auto_frequency_and_logs_it(data):
     assert history.history["sparsity"][0] < history.history["sparsity"][-1]  # the cubic ramp
     assert {"sparsity/conv", "sparsity/fc", "sparsity/logits"} <= set(history.history)
     plain = strip(pruned)
-    assert not any(isinstance(l, PruneLowMagnitude) for l in plain.layers)
-    assert [l.name for l in plain.layers] == ["conv", "pool", "flatten", "fc", "logits"]
+    assert not any(isinstance(lyr, PruneLowMagnitude) for lyr in plain.layers)
+    assert [lyr.name for lyr in plain.layers] == ["conv", "pool", "flatten", "fc", "logits"]
     assert sparsity(plain)["overall"] == pytest.approx(0.8, abs=0.01)
 
 
@@ -78,7 +78,7 @@ def test_callers_model_is_untouched(data):
     pruned = prune(model, 0.5, end_step=STEPS)
     _fit(pruned, data)
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
-    assert not any(isinstance(l, PruneLowMagnitude) for l in model.layers)
+    assert not any(isinstance(lyr, PruneLowMagnitude) for lyr in model.layers)
     # The copy starts from the caller's weights.
     fresh = prune(model, 0.5, end_step=STEPS)
     np.testing.assert_array_equal(_wrappers(fresh)["fc"].layer.kernel.numpy(), before[2])
@@ -264,9 +264,9 @@ def test_functional_model(data):
 
 
 def test_sparsity_survives_into_the_int8_flatbuffer(data, calibration_samples):
-    from tfcompress.convert import ConvertConfig, convert
-    from tfcompress.model_io import load_model
-    from tfcompress.tflite_model import weight_sparsity
+    from tfcompress.conversion.convert import ConvertConfig, convert
+    from tfcompress.core.model_io import load_model
+    from tfcompress.core.tflite_model import weight_sparsity
 
     pruned = prune(small_cnn(), 0.8)
     _fit(pruned, data, epochs=2)

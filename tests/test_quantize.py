@@ -7,13 +7,13 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 
 from conftest import small_cnn
-from tfcompress._keras import keras, tf
-from tfcompress.convert import ConvertConfig, convert
-from tfcompress.errors import NotFullyQuantizedError
-from tfcompress.model_io import load_model
-from tfcompress.quantize import quantize_aware, unsupported_layers
-from tfcompress.tflite_model import read_tflite
-from tfcompress.verify import verify
+from tfcompress.core._keras import keras, tf
+from tfcompress.conversion.convert import ConvertConfig, convert
+from tfcompress.core.errors import NotFullyQuantizedError
+from tfcompress.core.model_io import load_model
+from tfcompress.training.quantize import quantize_aware, unsupported_layers
+from tfcompress.core.tflite_model import read_tflite
+from tfcompress.conversion.verify import verify
 
 
 def _compile(model):

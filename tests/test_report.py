@@ -14,10 +14,11 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 
 from conftest import CALIBRATION, ROOT, SCALE
-from tfcompress import progress, report
-from tfcompress.pipeline import ConvertPipelineConfig, run_convert
-from tfcompress.tflite_model import read_tflite, weight_tensors
-from tfcompress.verify import run_tflite
+from tfcompress.core import progress
+from tfcompress.analysis import report
+from tfcompress.runs.pipeline import ConvertPipelineConfig, run_convert
+from tfcompress.core.tflite_model import read_tflite, weight_tensors
+from tfcompress.conversion.verify import run_tflite
 
 # small_cnn: conv 3x3x1 -> 8 on 28x28 (valid: 26x26), fc 1352 -> 32, logits 32 -> 10.
 HAND_MACS = 26 * 26 * 8 * 3 * 3 * 1 + 1352 * 32 + 32 * 10
@@ -102,10 +103,10 @@ def test_worst_tensors_come_from_the_debugger_sorted(run_dir):
 
 def test_progress_bars_only_on_a_terminal():
     assert not progress.enabled()  # pytest captures stderr: no terminal, no bar
-    code = ("import time\nfrom tfcompress import progress\n"
+    code = ("import time\nfrom tfcompress.core import progress\n"
             "for _ in progress.progress(range(40), 40, 'working'): time.sleep(0.02)\n")
     for enabled, expected in ((True, True), (False, False)):
-        snippet = code if enabled else code.replace("import time\n", "import time\nfrom tfcompress import "
+        snippet = code if enabled else code.replace("import time\n", "import time\nfrom tfcompress.core import "
                                                                      "progress as p\np.set_enabled(False)\n")
         output = _run_in_pty([sys.executable, "-c", snippet])
         assert ("working:" in output) is expected

@@ -7,11 +7,11 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 
 from conftest import small_cnn
-from tfcompress.convert import ConvertConfig, convert
-from tfcompress.errors import ModelLoadError, VerificationError
-from tfcompress.model_io import load_model
-from tfcompress.tflite_model import read_tflite
-from tfcompress.verify import quantize, run_tflite, verify
+from tfcompress.conversion.convert import ConvertConfig, convert
+from tfcompress.core.errors import ModelLoadError, VerificationError
+from tfcompress.core.model_io import load_model
+from tfcompress.core.tflite_model import read_tflite
+from tfcompress.conversion.verify import quantize, run_tflite, verify
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,26 @@
 
 The public API is re-exported here. Importing tfcompress sets TF_USE_LEGACY_KERAS=1 (tfmot needs Keras 2)
 before TensorFlow loads.
+
+The library is in sub-packages by phase, each importing only from the floors below it (the contract is
+declared in `.importlinter` and checked by the tests):
+
+    runs                                 the convert and optimize runs, their configs, the demo
+    targets | analysis                   deployment (micro, export, vela) | report, inspection, macs, latency, debug
+    training | conversion | models       prune, cluster, QAT, distill, factorize | convert, verify, calibration |
+                                         the reference models (LeNet-5)
+    core                                 errors, artefacts, the flatbuffer and model readers, the Keras import,
+                                         progress, native-output capture
 """
 
-__version__ = "0.1.0"
-
-from tfcompress import _keras  # noqa: F401,E402  (must run before anything imports TensorFlow)
-from tfcompress.cluster import cluster, distinct_values  # noqa: E402
-from tfcompress.cluster import strip as strip_clustering  # noqa: E402
-from tfcompress.convert import ConvertConfig, Mode, convert  # noqa: E402
-from tfcompress.debug import QuantizationDebugResult, debug_quantization  # noqa: E402
-from tfcompress.distill import Distiller  # noqa: E402
-from tfcompress.errors import (  # noqa: E402
+from tfcompress.core import _keras  # noqa: F401  (must run before anything imports TensorFlow)
+from tfcompress.core.version import __version__
+from tfcompress.training.cluster import cluster, distinct_values
+from tfcompress.training.cluster import strip as strip_clustering
+from tfcompress.conversion.convert import ConvertConfig, Mode, convert
+from tfcompress.analysis.debug import QuantizationDebugResult, debug_quantization
+from tfcompress.training.distill import Distiller
+from tfcompress.core.errors import (
     CalibrationDataError,
     ConversionError,
     InputError,
@@ -22,17 +31,22 @@ from tfcompress.errors import (  # noqa: E402
     TfcompressError,
     VerificationError,
 )
-from tfcompress.export import ExportConfig, run_export  # noqa: E402
-from tfcompress.factorize import FactorizeResult, LayerFactorization, factorize  # noqa: E402
-from tfcompress.inspection import Inspection, inspect_tflite  # noqa: E402
-from tfcompress.macs import MacCount, count_macs  # noqa: E402
-from tfcompress.model_io import FloatModel, load_model  # noqa: E402
-from tfcompress.pipeline import ConvertPipelineConfig, ConvertPipelineResult, run_convert  # noqa: E402
-from tfcompress.prune import PruningCallback, SparsityNotReachedError, prune, sparsity, strip  # noqa: E402
-from tfcompress.quantize import quantize_aware  # noqa: E402
-from tfcompress.verify import VerificationResult, run_tflite, verify  # noqa: E402
+from tfcompress.targets.export import ExportConfig, run_export
+from tfcompress.training.factorize import FactorizeResult, LayerFactorization, factorize
+from tfcompress.analysis.inspection import Inspection, inspect_tflite
+from tfcompress.analysis.macs import MacCount, count_macs
+from tfcompress.core.model_io import FloatModel, load_model
+from tfcompress.runs.pipeline import ConvertPipelineConfig, ConvertPipelineResult, run_convert
+from tfcompress.training.prune import PruningCallback, SparsityNotReachedError, prune, sparsity, strip
+from tfcompress.training.quantize import quantize_aware
+from tfcompress.conversion.verify import VerificationResult, run_tflite, verify
+# Modules the README uses by name (`from tfcompress import calibration`, `tfcompress.tflite_model...`).
+from tfcompress.conversion import calibration
+from tfcompress.core import tflite_model
+from tfcompress.analysis import latency
 
 __all__ = [
+    "__version__", "calibration", "latency", "tflite_model",
     "CalibrationDataError", "ConversionError", "ConvertConfig", "ConvertPipelineConfig",
     "ConvertPipelineResult", "Distiller", "ExportConfig", "FactorizeResult", "FloatModel", "InputError",
     "Inspection", "LayerFactorization", "MacCount", "Mode", "ModelLoadError", "NotFullyQuantizedError",

@@ -1,0 +1,337 @@
+"""Report stage: a finished run's artefacts in, `report.md`, `report.json` and PNG plots out.
+
+`compute_report` reads only what a run left on disk (its `report.json`, the `.tflite` and Keras files,
+`debug.json` from the quantization debugger, the micro manifest) and returns a `Report` of plain numbers:
+one `StageRow` per stage (float, pruned, QAT, int8 ...), the final model's layers and the worst
+quantized tensors. `render_markdown`, `to_json` and `render_plots` then render it; `write_report` does
+all three into the run's directory. Accuracies and their changes are fractions; Markdown adds points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import json
+import os
+import zipfile
+
+import numpy as np
+
+from tfcompress.analysis import latency
+from tfcompress.analysis import macs
+from tfcompress.core.artefacts import write_atomic, write_json
+from tfcompress.analysis.inspection import inspect_tflite
+from tfcompress.core.tflite_model import constant_values, read_tflite, weight_tensors
+
+SCHEMA_VERSION = 1
+MARKDOWN = "report.md"
+PLOTS = ("accuracy_vs_size.png", "layer_sparsity.png", "quantization_error.png")
+DEBUG_JSON = "debug.json"
+WORST_TENSORS = 10
+LOSSLESS_DB = 100.0
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRow:
+    """One stage's artefact and its numbers; None where a number does not apply or was not measured."""
+
+    stage: str
+    artefact: str | None
+    format: str  # "tflite", "keras" (.h5/.keras) or "savedmodel"
+    accuracy: float | None
+    accuracy_change: float | None  # against the first (float) stage
+    bytes: int | None
+    gzip_bytes: int | None
+    parameters: int | None
+    nonzero_parameters: int | None
+    macs: int | None
+    latency_median_ms: float | None
+    latency_p90_ms: float | None
+    arena_bytes: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRow:
+    name: str
+    op: str
+    weight_bytes: int
+    zero_fraction: float | None
+    macs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorError:
+    op: str
+    tensor: str
+    rmse_over_scale: float | None
+    sqnr_db: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    schema_version: int
+    run_dir: str
+    kind: str  # "convert" or "optimize"
+    stages: tuple[StageRow, ...]
+    layers: tuple[LayerRow, ...]
+    worst_tensors: tuple[TensorError, ...]
+    latency_threads: int
+
+
+def compute_report(run_dir: str, latency_runs: int = 200) -> Report:
+    """Reads a convert or optimize run's directory; `latency_runs=0` skips the latency measurement."""
+    with open(os.path.join(run_dir, "report.json")) as f:
+        record = json.load(f)
+    if "stages" in record:
+        kind, rows, final = "optimize", _optimize_rows(record, run_dir, latency_runs), "model.tflite"
+    else:
+        kind, rows, final = "convert", _convert_rows(record, run_dir, latency_runs), "model.tflite"
+    final_path = os.path.join(run_dir, final)
+    layers = ()
+    if os.path.exists(final_path):
+        layers = tuple(LayerRow(layer.name, layer.op, layer.weight_bytes, layer.weight_zero_fraction, layer.macs)
+                       for layer in inspect_tflite(final_path).layers if layer.weight_bytes or layer.macs)
+    return Report(SCHEMA_VERSION, run_dir, kind, rows, layers, _worst_tensors(run_dir), latency_threads=1)
+
+
+def _convert_rows(record: dict, run_dir: str, latency_runs: int) -> tuple[StageRow, ...]:
+    config, accuracy = record["config"], record.get("accuracy") or {}
+    source = config.get("saved_model_dir") or config.get("keras_model")
+    float_accuracy = accuracy.get("float_accuracy")
+    rows = [_keras_row("float", source, float_accuracy, float_accuracy)]
+    path = os.path.join(run_dir, "model.tflite")
+    micro = record.get("micro") or {}
+    rows.append(_tflite_row(f"{config['mode']} (.tflite)", path, accuracy.get("tflite_accuracy"),
+                            float_accuracy, latency_runs, (micro.get("arena") or {}).get("arena_bytes")))
+    return tuple(rows)
+
+
+def _optimize_rows(record: dict, run_dir: str, latency_runs: int) -> tuple[StageRow, ...]:
+    rows = []
+    float_accuracy = record["stages"][0].get("eval_accuracy")
+    for stage in record["stages"]:
+        if stage["stage"] == "convert":
+            micro = stage.get("micro") or {}
+            rows.append(_tflite_row(f"{record['config']['mode']} (.tflite)", os.path.join(run_dir, "model.tflite"),
+                                    stage.get("eval_accuracy"), float_accuracy, latency_runs,
+                                    (micro.get("arena") or {}).get("arena_bytes")))
+        else:
+            rows.append(_keras_row(stage["stage"], stage["artefact"], stage.get("eval_accuracy"), float_accuracy))
+    return tuple(rows)
+
+
+def _change(accuracy: float | None, reference: float | None) -> float | None:
+    return None if accuracy is None or reference is None else accuracy - reference
+
+
+def _keras_row(stage: str, path: str | None, accuracy: float | None, reference: float | None) -> StageRow:
+    arrays = _keras_arrays(path) if path and os.path.exists(path) else None
+    size = _size(path) if path and os.path.exists(path) else None
+    gz = None
+    if path and os.path.isfile(path):
+        with open(path, "rb") as f:
+            gz = len(gzip.compress(f.read(), 9, mtime=0))
+    return StageRow(
+        stage=stage, artefact=path, format="savedmodel" if path and os.path.isdir(path) else "keras",
+        accuracy=accuracy, accuracy_change=_change(accuracy, reference), bytes=size, gzip_bytes=gz,
+        parameters=None if arrays is None else int(sum(a.size for a in arrays)),
+        nonzero_parameters=None if arrays is None else int(sum(np.count_nonzero(a) for a in arrays)),
+        macs=None, latency_median_ms=None, latency_p90_ms=None, arena_bytes=None)
+
+
+def _tflite_row(stage: str, path: str, accuracy, reference, latency_runs: int, arena: int | None) -> StageRow:
+    with open(path, "rb") as f:
+        data = f.read()
+    parameters, nonzero = tflite_parameters(data)
+    timing = latency.measure_latency(path, num_runs=latency_runs, num_threads=1) if latency_runs > 0 else None
+    return StageRow(
+        stage=stage, artefact=path, format="tflite", accuracy=accuracy,
+        accuracy_change=_change(accuracy, reference), bytes=len(data),
+        gzip_bytes=len(gzip.compress(data, 9, mtime=0)), parameters=parameters, nonzero_parameters=nonzero,
+        macs=macs.count_macs(data).total_macs,
+        latency_median_ms=None if timing is None else timing.median_ms,
+        latency_p90_ms=None if timing is None else timing.p90_ms, arena_bytes=arena)
+
+
+def tflite_parameters(data: bytes) -> tuple[int, int]:
+    """(parameters, non-zero parameters) of the weight and bias tensors stored in a `.tflite`.
+
+    A quantized weight counts as zero when it equals its zero point (what a float 0.0 becomes).
+    """
+    model = read_tflite(data)
+    values = constant_values(data)
+    total = nonzero = 0
+    for _, weights, bias in weight_tensors(model):
+        for tensor in (weights, bias):
+            if tensor is None or tensor.index not in values:
+                continue
+            stored = values[tensor.index]
+            zero = tensor.zero_point[0] if tensor.zero_point and len(set(tensor.zero_point)) == 1 else 0
+            total += stored.size
+            nonzero += int(np.count_nonzero(stored != zero))
+    return total, nonzero
+
+
+def _size(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def _keras_arrays(path: str) -> list[np.ndarray]:
+    """The kernels and biases stored in a SavedModel, `.h5` or `.keras` file, read without building a model."""
+    if os.path.isdir(path):
+        from tfcompress.core._keras import tf
+
+        checkpoint = os.path.join(path, "variables", "variables")
+        reader = tf.train.load_checkpoint(checkpoint)
+        names = [n for n, _ in tf.train.list_variables(checkpoint)
+                 if "OPTIMIZER_SLOT" not in n and n.endswith(".ATTRIBUTES/VARIABLE_VALUE")
+                 and any(f"/{v}/" in n for v in ("kernel", "bias", "depthwise_kernel"))]
+        return [reader.get_tensor(n) for n in names]
+    import h5py
+
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            handle = h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r")
+        root = "layers"
+    else:
+        handle, root = h5py.File(path, "r"), "model_weights"
+    arrays = []
+    with handle:
+        def visit(name, item):
+            leaf = name.rsplit("/", 1)[-1]
+            if isinstance(item, h5py.Dataset) and (root == "layers" or leaf in (
+                    "kernel:0", "bias:0", "depthwise_kernel:0")):
+                arrays.append(np.asarray(item))
+        if root in handle:
+            handle[root].visititems(visit)
+    return arrays
+
+
+def _worst_tensors(run_dir: str) -> tuple[TensorError, ...]:
+    path = os.path.join(run_dir, DEBUG_JSON)
+    if not os.path.exists(path):
+        return ()
+    with open(path) as f:
+        layers = json.load(f).get("layers", [])
+    rows = [TensorError(r["op"], r["tensor"], r.get("rmse_over_scale"), r.get("sqnr_db")) for r in layers]
+    return tuple(rows)
+
+
+def to_json(report: Report) -> dict:
+    return dataclasses.asdict(report)
+
+
+def _fmt(value, spec: str = ",", none: str = "–") -> str:
+    return none if value is None else format(value, spec)
+
+
+def render_markdown(report: Report) -> str:
+    lines = [f"# tfcompress report: {report.kind} run in {report.run_dir}", "",
+             "Accuracy on the evaluation data; Δ against the float model in points. Latency: median and p90 of "
+             f"single-sample invokes, {report.latency_threads} thread, fresh process.", "",
+             "| stage | format | accuracy | Δ (points) | bytes | gzip -9 bytes | parameters | non-zero | MACs "
+             "| latency median (ms) | p90 (ms) | arena bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report.stages:
+        change = None if r.accuracy_change is None else r.accuracy_change * 100
+        lines.append(
+            f"| {r.stage} | {r.format} | {_fmt(r.accuracy, '.4f')} | {_fmt(change, '+.2f')} | {_fmt(r.bytes)} | "
+            f"{_fmt(r.gzip_bytes)} | {_fmt(r.parameters)} | {_fmt(r.nonzero_parameters)} | {_fmt(r.macs)} | "
+            f"{_fmt(r.latency_median_ms, '.3f')} | {_fmt(r.latency_p90_ms, '.3f')} | {_fmt(r.arena_bytes)} |")
+    if report.layers:
+        lines += ["", "## Layers of the final model", "",
+                  "| layer | op | weight bytes | zeros | MACs |", "|---|---|---|---|---|"]
+        for layer in report.layers:
+            lines.append(f"| {_short(layer.name, 60)} | {layer.op} | {layer.weight_bytes:,} | "
+                         f"{_fmt(layer.zero_fraction, '.1%')} | {layer.macs:,} |")
+    if report.worst_tensors:
+        lines += ["", f"## Worst quantized tensors (QuantizationDebugger, lowest SQNR first, top {WORST_TENSORS})",
+                  "", "| op | tensor | RMSE / scale | SQNR (dB) |", "|---|---|---|---|"]
+        for t in report.worst_tensors[:WORST_TENSORS]:
+            lines.append(f"| {t.op} | {t.tensor} | {_fmt(t.rmse_over_scale, '.3f')} | {_fmt(t.sqnr_db, '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_plots(report: Report, output_dir: str) -> list[str]:
+    """Writes the PNGs that have data (Agg backend, no display needed); returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib import ticker
+
+    written = []
+
+    def save(fig, name):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+        plt.close(fig)
+        path = os.path.join(output_dir, name)
+        write_atomic(path, buffer.getvalue())
+        written.append(path)
+
+    sized = [r for r in report.stages if r.accuracy is not None and (r.gzip_bytes or r.bytes)]
+    if sized:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for r in sized:
+            size = r.gzip_bytes or r.bytes
+            ax.scatter(size, r.accuracy * 100, s=40)
+            ax.annotate(r.stage, (size, r.accuracy * 100), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(_kilobytes))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xlabel("gzip -9 size, log scale (a SavedModel: its size on disk)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title("Accuracy against size across stages")
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        save(fig, PLOTS[0])
+    weighted = [layer for layer in report.layers if layer.zero_fraction is not None]
+    if weighted:
+        fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(weighted)))
+        names = [_short(layer.name) for layer in weighted]
+        ax.barh(names, [layer.zero_fraction * 100 for layer in weighted], color="tab:blue")
+        ax.invert_yaxis()
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("zero weights in the final .tflite (%)")
+        ax.set_title("Per-layer sparsity")
+        fig.tight_layout()
+        save(fig, PLOTS[1])
+    # Ops that only move int8 values (pooling, reshapes) come out near 150 dB: leave them off the scale.
+    errors = [t for t in report.worst_tensors[:WORST_TENSORS] if t.sqnr_db is not None and t.sqnr_db < LOSSLESS_DB]
+    if errors:
+        fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(errors)))
+        ax.barh([f"{t.op} {_short(t.tensor)}" for t in errors], [t.sqnr_db for t in errors], color="tab:red")
+        ax.invert_yaxis()
+        ax.set_xlabel("SQNR (dB, higher is better)")
+        ax.set_title("Per-layer quantization error (worst first)")
+        fig.tight_layout()
+        save(fig, PLOTS[2])
+    return written
+
+
+def _kilobytes(value: float, _position=None) -> str:
+    return f"{value / 1000:,.0f} kB" if value >= 1000 else f"{value:.0f} B"
+
+
+def _short(name: str, width: int = 40) -> str:
+    name = name.split(";")[0]
+    return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def write_report(report: Report) -> list[str]:
+    """Writes `report.md`, the plots, and the report into `report.json` (under "report")."""
+    run_dir = report.run_dir
+    markdown = os.path.join(run_dir, MARKDOWN)
+    write_atomic(markdown, render_markdown(report).encode())
+    paths = [markdown, *render_plots(report, run_dir)]
+    record_path = os.path.join(run_dir, "report.json")
+    with open(record_path) as f:
+        record = json.load(f)
+    record["report"] = to_json(report)
+    write_json(record_path, record)
+    return [*paths, record_path]

@@ -1,0 +1,286 @@
+"""Verification stage: checks a `.tflite` model in the LiteRT interpreter against what was promised.
+
+Takes the flatbuffer (bytes or path), the mode and I/O dtype it was converted for, and optionally the
+float model with labelled evaluation data; returns a `VerificationResult` listing every check. All checks
+run; with `raise_on_failure` a single `VerificationError` then lists every failed one. Evaluation runs in
+batches (the interpreter's input is resized), never one sample at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+from tfcompress.core._native import native_output_captured
+from tfcompress.conversion.convert import INTEGER_MODES, Mode
+from tfcompress.core.progress import progress
+from tfcompress.core.errors import VerificationError
+from tfcompress.core.model_io import FloatModel
+from tfcompress.core.tflite_model import TfliteModel, read_tflite, weight_tensors
+
+# Tensor dtypes an integer mode may contain besides its I/O: activations, weights, biases, shapes.
+_ALLOWED_DTYPES = {
+    Mode.INT8: frozenset({"int8", "int32"}),
+    Mode.INT16X8: frozenset({"int16", "int8", "int32", "int64"}),
+}
+_BIAS_DTYPE = {Mode.INT8: "int32", Mode.INT16X8: "int64"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class AccuracyResult:
+    """Accuracies are fractions in [0, 1]; `accuracy_drop` is float minus TFLite."""
+
+    num_samples: int
+    float_accuracy: float
+    tflite_accuracy: float
+    accuracy_drop: float
+    top1_agreement: float
+    max_abs_output_error: float
+    mean_abs_output_error: float
+
+
+@dataclasses.dataclass(frozen=True)
+class VerificationResult:
+    checks: tuple[Check, ...]
+    ops: dict[str, int]
+    inputs: tuple[dict, ...]
+    outputs: tuple[dict, ...]
+    accuracy: AccuracyResult | None
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{c.name}: {c.detail}" for c in self.checks if not c.passed]
+
+
+def verify(
+    tflite_model: bytes | str | os.PathLike,
+    mode: Mode | str,
+    io_dtype: str,
+    float_model: FloatModel | None = None,
+    eval_samples: np.ndarray | None = None,
+    eval_labels: np.ndarray | None = None,
+    max_accuracy_drop: float | None = None,
+    batch_size: int = 500,
+    raise_on_failure: bool = True,
+    float_outputs: np.ndarray | None = None,
+) -> VerificationResult:
+    """Runs every check on a converted model.
+
+    Args:
+        tflite_model: the flatbuffer bytes or a path to a `.tflite` file.
+        mode: the conversion mode the model was made in (`convert.Mode`).
+        io_dtype: the promised input and output dtype.
+        float_model: the float model to compare against (needed for accuracy checks).
+        eval_samples: float32 evaluation samples shaped like the model input.
+        eval_labels: integer class labels for `eval_samples`.
+        max_accuracy_drop: largest allowed float-minus-TFLite top-1 accuracy drop, a fraction in [0, 1].
+        batch_size: samples per interpreter call.
+        raise_on_failure: raise `VerificationError` listing every failed check.
+        float_outputs: the float model's outputs on `eval_samples`, if already computed.
+
+    Returns:
+        A `VerificationResult`.
+    """
+    mode = Mode(mode)
+    if max_accuracy_drop is not None and not 0.0 <= max_accuracy_drop <= 1.0:
+        raise ValueError(
+            "max_accuracy_drop is a fraction in [0, 1] (0.005 is half a percentage point). "
+            f"Received: max_accuracy_drop={max_accuracy_drop}"
+        )
+    if (eval_samples is None) != (eval_labels is None):
+        raise ValueError("eval_samples and eval_labels go together. Received only one of them.")
+    if eval_samples is not None and len(eval_samples) != len(eval_labels):
+        raise ValueError(
+            f"eval_samples and eval_labels differ in length. Received: {len(eval_samples)} samples, "
+            f"{len(eval_labels)} labels"
+        )
+    parsed = read_tflite(tflite_model)
+    content = tflite_model if isinstance(tflite_model, (bytes, bytearray)) else None
+    checks = [*_dtype_checks(parsed, mode, io_dtype), _builtin_only_check(parsed)]
+    accuracy = None
+    if eval_samples is not None:
+        tflite_outputs = run_tflite(content if content is not None else os.fspath(tflite_model),
+                                    eval_samples, batch_size=batch_size)
+        if float_outputs is None and float_model is not None:
+            float_outputs = float_model.predict(eval_samples)
+        if float_outputs is not None:
+            accuracy = _accuracy(float_outputs, tflite_outputs, np.asarray(eval_labels))
+            if max_accuracy_drop is not None:
+                checks.append(Check(
+                    "accuracy_drop",
+                    accuracy.accuracy_drop <= max_accuracy_drop + 1e-12,
+                    f"float {accuracy.float_accuracy:.4f}, tflite {accuracy.tflite_accuracy:.4f}, drop "
+                    f"{accuracy.accuracy_drop:.4f} (limit {max_accuracy_drop:.4f}) on "
+                    f"{accuracy.num_samples} samples",
+                ))
+    result = VerificationResult(
+        checks=tuple(checks),
+        ops=parsed.op_counts(),
+        inputs=tuple(_io_info(parsed, i) for i in parsed.inputs),
+        outputs=tuple(_io_info(parsed, i) for i in parsed.outputs),
+        accuracy=accuracy,
+    )
+    if raise_on_failure and not result.passed:
+        raise VerificationError(result.failures, result)
+    return result
+
+
+def run_tflite(model: bytes | str, samples: np.ndarray, batch_size: int = 500,
+               num_threads: int | None = None) -> np.ndarray:
+    """Runs float `samples` through a single-input, single-output `.tflite` model in batches.
+
+    Inputs are quantized with the input tensor's scale and zero point; outputs are dequantized, so the
+    result is comparable with the float model's.
+    """
+    interpreter = _interpreter(model, num_threads)
+    (inp,) = interpreter.get_input_details()
+    out = interpreter.get_output_details()[0]
+    raw = _run_batches(interpreter, quantize(samples, inp), batch_size)
+    return dequantize(raw, out)
+
+
+def run_tflite_raw(model: bytes | str, inputs: np.ndarray, batch_size: int = 500,
+                   num_threads: int | None = None) -> np.ndarray:
+    """Runs `inputs` already in the model's input dtype; returns the output tensor as stored (quantized)."""
+    return _run_batches(_interpreter(model, num_threads), inputs, batch_size)
+
+
+def _interpreter(model: bytes | str, num_threads: int | None) -> Interpreter:
+    kwargs = {"model_content": model} if isinstance(model, (bytes, bytearray)) else {"model_path": model}
+    return Interpreter(num_threads=num_threads or os.cpu_count() or 1, **kwargs)
+
+
+def _run_batches(interpreter: Interpreter, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1. Received: batch_size={batch_size}")
+    (inp,) = interpreter.get_input_details()
+    out = interpreter.get_output_details()[0]
+    outputs = []
+    current = None
+    starts = range(0, len(inputs), batch_size)
+    for start in progress(starts, total=len(starts), desc="evaluating (LiteRT)"):
+        batch = inputs[start : start + batch_size]
+        if current != len(batch):
+            interpreter.resize_tensor_input(inp["index"], [len(batch), *inp["shape"][1:]])
+            with native_output_captured():  # LiteRT announces its XNNPACK delegate on the C-level stderr
+                interpreter.allocate_tensors()
+            current = len(batch)
+        interpreter.set_tensor(inp["index"], batch)
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(out["index"]).copy())
+    return np.concatenate(outputs, axis=0)
+
+
+def quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+    """Float values to the dtype of an interpreter tensor, with its scale and zero point."""
+    dtype = np.dtype(detail["dtype"])
+    scale, zero_point = detail["quantization"]
+    if dtype.kind == "f" or scale == 0:
+        return x.astype(dtype)
+    info = np.iinfo(dtype)
+    q = np.round(x / scale + zero_point)
+    return np.clip(q, info.min, info.max).astype(dtype)
+
+
+def dequantize(q: np.ndarray, detail: dict) -> np.ndarray:
+    scale, zero_point = detail["quantization"]
+    if np.dtype(detail["dtype"]).kind == "f" or scale == 0:
+        return q.astype(np.float32)
+    return ((q.astype(np.float32) - zero_point) * scale).astype(np.float32)
+
+
+def _dtype_checks(parsed: TfliteModel, mode: Mode, io_dtype: str) -> list[Check]:
+    checks = []
+    for kind, indices in (("input", parsed.inputs), ("output", parsed.outputs)):
+        found = [parsed.tensors[i].dtype for i in indices]
+        checks.append(Check(
+            f"{kind}_dtype",
+            all(d == io_dtype for d in found),
+            f"expected {io_dtype}, found {', '.join(found)}",
+        ))
+    if mode in INTEGER_MODES:
+        io = set(parsed.inputs) | set(parsed.outputs)
+        allowed = _ALLOWED_DTYPES[mode]
+        bad = [t for t in parsed.tensors if t.index not in io and t.dtype not in allowed]
+        checks.append(Check(
+            "integer_only",
+            not bad,
+            f"{len(bad)} tensor(s) outside {sorted(allowed)}, e.g. "
+            + ", ".join(f"{t.name} ({t.dtype})" for t in bad[:3]) if bad
+            else f"every tensor is one of {sorted(allowed)}",
+        ))
+        wrong = []
+        for op, weights, bias in weight_tensors(parsed):
+            if weights.dtype != "int8":
+                wrong.append(f"{op.op} weights {weights.name} are {weights.dtype}")
+            if bias is not None and bias.dtype != _BIAS_DTYPE[mode]:
+                wrong.append(f"{op.op} bias {bias.name} is {bias.dtype}")
+        checks.append(Check(
+            "weight_dtypes",
+            not wrong,
+            "; ".join(wrong[:3]) if wrong else f"weights int8, biases {_BIAS_DTYPE[mode]}",
+        ))
+    elif mode is Mode.FLOAT16:
+        n = sum(t.dtype == "float16" for t in parsed.tensors)
+        checks.append(Check("float16_weights", n > 0, f"{n} float16 tensor(s)"))
+    elif mode is Mode.DYNAMIC:
+        n = sum(w.dtype == "int8" for _, w, _ in weight_tensors(parsed))
+        checks.append(Check("int8_weights", n > 0, f"{n} layer(s) with int8 weights"))
+    return checks
+
+
+def _builtin_only_check(parsed: TfliteModel) -> Check:
+    custom = sorted({op.custom_code or op.op for op in parsed.operators if op.op == "CUSTOM"})
+    return Check(
+        "builtin_ops_only",
+        not custom,
+        f"custom or TF Select ops present: {', '.join(custom)}" if custom else
+        f"{len(parsed.operators)} builtin ops",
+    )
+
+
+def _accuracy(float_outputs: np.ndarray, tflite_outputs: np.ndarray, labels: np.ndarray) -> AccuracyResult:
+    if float_outputs.ndim != 2 or tflite_outputs.shape != float_outputs.shape:
+        raise ValueError(
+            "Accuracy needs a classifier with (batch, classes) outputs. "
+            f"Received: float outputs {float_outputs.shape}, tflite outputs {tflite_outputs.shape}"
+        )
+    float_top1 = float_outputs.argmax(axis=1)
+    tflite_top1 = tflite_outputs.argmax(axis=1)
+    float_accuracy = float(np.mean(float_top1 == labels))
+    tflite_accuracy = float(np.mean(tflite_top1 == labels))
+    error = np.abs(float_outputs - tflite_outputs)
+    return AccuracyResult(
+        num_samples=int(len(labels)),
+        float_accuracy=float_accuracy,
+        tflite_accuracy=tflite_accuracy,
+        accuracy_drop=float_accuracy - tflite_accuracy,
+        top1_agreement=float(np.mean(float_top1 == tflite_top1)),
+        max_abs_output_error=float(error.max()),
+        mean_abs_output_error=float(error.mean()),
+    )
+
+
+def _io_info(parsed: TfliteModel, index: int) -> dict:
+    t = parsed.tensors[index]
+    return {
+        "name": t.name,
+        "dtype": t.dtype,
+        "shape": list(t.shape),
+        "scale": t.scale[0] if len(t.scale) == 1 else list(t.scale),
+        "zero_point": t.zero_point[0] if len(t.zero_point) == 1 else list(t.zero_point),
+    }

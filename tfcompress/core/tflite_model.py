@@ -1,0 +1,234 @@
+"""Reading a `.tflite` flatbuffer: ops, tensors, dtypes and I/O, with the schema LiteRT ships.
+
+Every stage that looks inside a converted model (convert's integer-only guard, verify, reports) reads it
+through `read_tflite`, which returns a small frozen `TfliteModel` of plain values. The flatbuffer is
+parsed with `ai_edge_litert.schema_py_generated` (the schema module maintained with the interpreter),
+never by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as schema
+
+from tfcompress.core.errors import ModelLoadError
+
+_OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+_TYPE_NAMES = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+_FLOAT_TYPES = frozenset({"float32", "float16", "float64", "bfloat16"})
+# Ops whose job is to move between float and integer at the model's edges.
+_BOUNDARY_OPS = frozenset({"QUANTIZE", "DEQUANTIZE"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    index: int
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    scale: tuple[float, ...]
+    zero_point: tuple[int, ...]
+    is_constant: bool
+    quantized_dimension: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Operator:
+    index: int
+    op: str
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    custom_code: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TfliteModel:
+    """The parts of a `.tflite` file (its first subgraph) that the checks need."""
+
+    num_bytes: int
+    sha256: str
+    tensors: tuple[Tensor, ...]
+    operators: tuple[Operator, ...]
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    num_subgraphs: int
+
+    @property
+    def op_names(self) -> tuple[str, ...]:
+        return tuple(o.op for o in self.operators)
+
+    def op_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for name in self.op_names:
+            counts[name] = counts.get(name, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def io_tensors(self) -> tuple[Tensor, ...]:
+        return tuple(self.tensors[i] for i in self.inputs + self.outputs)
+
+    def float_ops(self, allow_float_io: bool) -> list[Operator]:
+        """Ops that compute in floating point.
+
+        With `allow_float_io`, a QUANTIZE reading a model input and a DEQUANTIZE writing a model output
+        are allowed to touch float tensors (that is how float32 I/O wraps an integer model).
+        """
+        io = set(self.inputs) | set(self.outputs)
+        found = []
+        for op in self.operators:
+            touched = [i for i in op.inputs + op.outputs if i >= 0]
+            float_touched = [i for i in touched if self.tensors[i].dtype in _FLOAT_TYPES]
+            if not float_touched:
+                continue
+            if allow_float_io and op.op in _BOUNDARY_OPS and all(i in io for i in float_touched):
+                continue
+            found.append(op)
+        return found
+
+    def describe(self, op: Operator) -> str:
+        """`OP (name of its first output)`, for messages."""
+        name = self.tensors[op.outputs[0]].name if op.outputs else ""
+        label = op.custom_code or op.op
+        return f"{label} ({name})" if name else label
+
+
+def read_tflite(model: bytes | str | os.PathLike) -> TfliteModel:
+    """Parses a `.tflite` flatbuffer given as bytes or as a path.
+
+    Raises:
+        ModelLoadError: the file is missing or is not a TFLite flatbuffer.
+    """
+    if isinstance(model, (bytes, bytearray)):
+        data, source = bytes(model), "the model bytes"
+    else:
+        source = os.fspath(model)
+        if not os.path.isfile(source):
+            raise ModelLoadError(
+                f"TFLite model not found: {source}. Pass the path of an existing .tflite file."
+            )
+        with open(source, "rb") as f:
+            data = f.read()
+    if len(data) < 8 or data[4:8] != b"TFL3":
+        raise ModelLoadError(
+            f"{source} is not a TFLite flatbuffer (no 'TFL3' identifier). "
+            "Pass a .tflite file written by the TFLite converter."
+        )
+    try:
+        root = schema.ModelT.InitFromPackedBuf(data, 0)
+    except Exception as e:  # the generated parser raises assorted errors on truncated data
+        raise ModelLoadError(
+            f"{source} is a corrupt TFLite flatbuffer ({type(e).__name__}: {e}). Re-run the conversion."
+        ) from None
+    graph = root.subgraphs[0]
+    tensors = []
+    for i, t in enumerate(graph.tensors or []):
+        q = t.quantization
+        scale = tuple(float(s) for s in (q.scale if q is not None and q.scale is not None else ()))
+        zps = tuple(int(z) for z in (q.zeroPoint if q is not None and q.zeroPoint is not None else ()))
+        buffer = root.buffers[t.buffer] if root.buffers is not None and t.buffer < len(root.buffers) else None
+        is_constant = buffer is not None and (
+            (buffer.data is not None and len(buffer.data) > 0) or (buffer.size or 0) > 0
+        )
+        tensors.append(
+            Tensor(
+                index=i,
+                name=_decode(t.name),
+                dtype=_TYPE_NAMES.get(t.type, str(t.type)),
+                shape=tuple(int(d) for d in (t.shape if t.shape is not None else ())),
+                scale=scale,
+                zero_point=zps,
+                is_constant=is_constant,
+                quantized_dimension=int(q.quantizedDimension) if q is not None else 0,
+            )
+        )
+    operators = []
+    for i, op in enumerate(graph.operators or []):
+        code = root.operatorCodes[op.opcodeIndex]
+        builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+        operators.append(
+            Operator(
+                index=i,
+                op=_OP_NAMES.get(builtin, str(builtin)),
+                inputs=tuple(int(x) for x in (op.inputs if op.inputs is not None else ())),
+                outputs=tuple(int(x) for x in (op.outputs if op.outputs is not None else ())),
+                custom_code=_decode(code.customCode),
+            )
+        )
+    return TfliteModel(
+        num_bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        tensors=tuple(tensors),
+        operators=tuple(operators),
+        inputs=tuple(int(x) for x in graph.inputs),
+        outputs=tuple(int(x) for x in graph.outputs),
+        num_subgraphs=len(root.subgraphs),
+    )
+
+
+def _decode(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def weight_tensors(model: TfliteModel, ops: Sequence[str] = ("CONV_2D", "DEPTHWISE_CONV_2D",
+                                                            "FULLY_CONNECTED", "TRANSPOSE_CONV")
+                   ) -> list[tuple[Operator, Tensor, Tensor | None]]:
+    """(op, weight tensor, bias tensor or None) for every op with learned weights."""
+    found = []
+    for op in model.operators:
+        if op.op not in ops or len(op.inputs) < 2:
+            continue
+        weights = model.tensors[op.inputs[1]]
+        bias_index = 2 if op.op != "TRANSPOSE_CONV" else 3
+        bias = None
+        if len(op.inputs) > bias_index and op.inputs[bias_index] >= 0:
+            bias = model.tensors[op.inputs[bias_index]]
+        found.append((op, weights, bias))
+    return found
+
+
+_NUMPY_TYPES = {"int8": "int8", "uint8": "uint8", "int16": "int16", "int32": "int32", "int64": "int64",
+                "float32": "float32", "float16": "float16"}
+
+
+def constant_values(model: bytes | str | os.PathLike) -> dict[int, np.ndarray]:
+    """Every constant tensor of the first subgraph with a known dtype, as an array, by tensor index.
+
+    Read from the flatbuffer's buffers: what ships, not what the Keras model held.
+    """
+    data = model if isinstance(model, (bytes, bytearray)) else open(os.fspath(model), "rb").read()
+    root = schema.ModelT.InitFromPackedBuf(bytes(data), 0)
+    found = {}
+    for i, t in enumerate(root.subgraphs[0].tensors or []):
+        raw = root.buffers[t.buffer].data if t.buffer < len(root.buffers) else None
+        dtype = _NUMPY_TYPES.get(_TYPE_NAMES.get(t.type, ""))
+        if raw is None or len(raw) == 0 or dtype is None:
+            continue
+        values = np.frombuffer(np.asarray(raw, dtype=np.uint8).tobytes(), dtype=dtype)
+        shape = tuple(int(d) for d in t.shape) if t.shape is not None else ()
+        found[i] = values.reshape(shape) if int(np.prod(shape)) == values.size else values
+    return found
+
+
+def weight_sparsity(model: bytes | str | os.PathLike) -> dict[str, float]:
+    """Fraction of stored weights equal to their zero point, per layer weight tensor (by tensor name).
+
+    Read from the flatbuffer's constant buffers, so it is what ships: pruning that did not survive
+    conversion shows here as a lower fraction than the Keras model's.
+    """
+    data = model if isinstance(model, (bytes, bytearray)) else open(os.fspath(model), "rb").read()
+    parsed = read_tflite(data)
+    values = constant_values(data)
+    result = {}
+    for _, weights, _ in weight_tensors(parsed):
+        if weights.index not in values:
+            continue
+        stored = values[weights.index]
+        zero = weights.zero_point[0] if weights.zero_point and len(set(weights.zero_point)) == 1 else 0
+        result[weights.name] = float(np.mean(stored == zero)) if stored.size else 0.0
+    return result

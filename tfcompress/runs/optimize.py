@@ -1,0 +1,413 @@
+"""The optimize pipeline: float Keras model in, factorized, pruned, clustered and/or QAT fine-tuned, verified
+int8 `.tflite` out.
+
+Takes an `OptimizeConfig` (its fields are the flags of `pipelines/optimize.py`); returns an
+`OptimizeResult`. Stages run in a fixed order, each only when asked for:
+
+    float → factorize → prune → cluster → qat → convert
+
+Factorization comes first because it changes the layers (a Dense becomes two) and the later stages should
+compress the layers that ship; pruning comes before clustering so that clustering can keep the zeros
+(`preserve_sparsity`); QAT comes last among the training stages, preserving what came before (PQAT after
+pruning, CQAT/PCQAT after clustering). With a teacher (`distill_from`) the factorize, prune and cluster
+fine-tunes train through `tfcompress.training.distill.Distiller`; QAT trains on the labels alone. Each stage leaves its
+artefact under `<output_dir>/stages/` and its numbers in `<output_dir>/report.json`. A rerun with the same
+settings resumes after the last completed stage. The validation split is cut from the end of the training
+data; the evaluation data (a test split) is only ever measured on, never used to choose anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+
+import numpy as np
+
+from tfcompress.conversion import calibration
+from tfcompress.core import progress
+from tfcompress.analysis import report as run_report
+from tfcompress.core._keras import keras
+from tfcompress.core.artefacts import prepare_output_dir, write_atomic, write_json
+from tfcompress.training.cluster import distinct_values
+from tfcompress.training.cluster import cluster as cluster_weights
+from tfcompress.training.cluster import strip as strip_clustering
+from tfcompress.training.distill import Distiller
+from tfcompress.core.errors import ModelLoadError, OutputPathError
+from tfcompress.training.factorize import FactorizeResult, factorize
+from tfcompress.core.model_io import load_model, model_source
+from tfcompress.runs.pipeline import MICRO_DIRNAME, ConvertPipelineConfig, run_convert
+from tfcompress.training.prune import PruningCallback, prune, strip
+from tfcompress.runs.optimize_config import OptimizeConfig
+from tfcompress.training.quantize import quantize_aware
+
+STATE_FILENAME = "state.json"
+REPORT_SCHEMA_VERSION = 1
+@dataclasses.dataclass(frozen=True)
+class OptimizeResult:
+    model_path: str
+    report_path: str
+    stages: tuple[dict, ...]
+    resumed_after: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """What every training stage reads: the settings, the data splits and the checked-up-front pieces."""
+
+    config: OptimizeConfig
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_eval: np.ndarray | None
+    y_eval: np.ndarray | None
+    float_model: keras.Model
+    teacher: keras.Model | None
+    factorized: FactorizeResult | None
+
+
+def run_optimize(config: OptimizeConfig) -> OptimizeResult:
+    """Runs the chosen stages, resuming after the last completed one when the settings match.
+
+    Raises:
+        InputError: bad model, data or output location.
+        ValueError: settings that do not fit the model (layer names, a teacher of another output shape).
+        ConversionError, VerificationError: from the final convert stage (no model.tflite is written).
+        SparsityNotReachedError: pruning ended below its target.
+    """
+    # Inputs and settings first, so that bad input leaves nothing behind; then the output location.
+    inputs = _check_inputs(config)
+    output_dir, _ = prepare_output_dir(config.output_dir, (), overwrite=True)
+    stages_dir = os.path.join(output_dir, "stages")
+    state = _load_state(stages_dir, config)
+    resumed_after = state["completed"][-1]["stage"] if state["completed"] else None
+    model = _resume_model(state)
+    if model is None:
+        model = inputs.float_model
+        _complete(state, stages_dir, "float", model, inputs, seconds=0.0)
+    done = {s["stage"] for s in state["completed"]}
+    for stage in config.stages:
+        if stage in done:
+            continue
+        start = time.perf_counter()
+        keras.utils.set_random_seed(config.seed)
+        model, details = _STAGES[stage](model, inputs)
+        _complete(state, stages_dir, stage, model, inputs, seconds=time.perf_counter() - start,
+                  details=details)
+
+    start = time.perf_counter()
+    last = state["completed"][-1]
+    converted = run_convert(ConvertPipelineConfig(
+        output_dir=os.path.join(stages_dir, "convert"), keras_model=last["artefact"], mode=config.mode,
+        calibration_data=config.calibration_data, calibration_key=config.calibration_key,
+        eval_data=config.eval_data, eval_key=config.eval_key, eval_labels_key=config.eval_labels_key,
+        input_scale=config.input_scale, input_offset=config.input_offset,
+        num_calibration_samples=config.num_calibration_samples,
+        max_accuracy_drop=config.max_accuracy_drop, seed=config.seed, target=config.target, overwrite=True,
+        latency_runs=0,  # the run's own report times the final model once
+    ))
+    model_path = os.path.join(output_dir, "model.tflite")
+    with open(converted.model_path, "rb") as f:
+        write_atomic(model_path, f.read())
+    if config.target:
+        _copy_dir(os.path.join(os.path.dirname(converted.model_path), MICRO_DIRNAME),
+                  os.path.join(output_dir, MICRO_DIRNAME))
+    accuracy = converted.verification.accuracy
+    stages = [*state["completed"], {
+        "stage": "convert", "artefact": model_path, "bytes": converted.num_bytes,
+        "eval_accuracy": None if accuracy is None else accuracy.tflite_accuracy,
+        "accuracy_drop_vs_input_model": None if accuracy is None else accuracy.accuracy_drop,
+        "weight_sparsity": converted.report["model"]["weight_sparsity"],
+        # What ships: at most `cluster` values per output channel of each weight tensor.
+        "distinct_values": distinct_values(model_path) if config.cluster is not None else None,
+        "micro": converted.report.get("micro"),
+        "seconds": round(time.perf_counter() - start, 3),
+    }]
+    report_path = os.path.join(output_dir, "report.json")
+    write_json(report_path, {"schema_version": REPORT_SCHEMA_VERSION, "config": dataclasses.asdict(config),
+                             "resumed_after": resumed_after, "stages": stages})
+    run_report.write_report(run_report.compute_report(output_dir, latency_runs=config.latency_runs))
+    return OptimizeResult(model_path, report_path, tuple(stages), resumed_after)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training stages: each takes the previous stage's Keras model and returns the next one, plus the
+# stage's own numbers for the report.
+
+
+def _factorize_stage(model, inputs: _Inputs):
+    del model  # the first training stage: its input is the float model, factorized once up front
+    config = inputs.config
+    result = inputs.factorized
+    _fine_tune(result.model, inputs, config.factorize_epochs)
+    return result.model, {"factorization": [dataclasses.asdict(layer) for layer in result.layers],
+                          "factorized_parameters": {"before": result.params_before,
+                                                    "after": result.params_after}}
+
+
+def _prune_stage(model, inputs: _Inputs):
+    pruned = _pruned(model, inputs.config)
+    _fine_tune(pruned, inputs, inputs.config.prune_epochs, callbacks=[PruningCallback()])
+    return strip(pruned), {}
+
+
+def _cluster_stage(model, inputs: _Inputs):
+    config = inputs.config
+    clustered = _clustered(model, config)
+    _fine_tune(clustered, inputs, config.cluster_epochs)
+    plain = strip_clustering(clustered)
+    return plain, {"clusters": config.cluster, "preserve_sparsity": config.prune,
+                   "distinct_values": _distinct_kernel_values(plain)}
+
+
+def _qat_stage(model, inputs: _Inputs):
+    config = inputs.config
+    # Plain fit, also with a teacher: the Distiller is not wired through tfmot's QAT wrappers here, and
+    # QAT is a short fine-tune of a model the teacher has already shaped.
+    with _expected_cqat_warnings_dropped(config.qat_scheme == "cluster_preserving"):
+        qat = quantize_aware(model, scheme=config.qat_scheme, leave_float=config.leave_float)
+        _compile(qat, config)
+        qat.fit(inputs.x_train, inputs.y_train, batch_size=config.batch_size, epochs=config.qat_epochs,
+                shuffle=True, validation_data=(inputs.x_val, inputs.y_val), verbose=progress.keras_verbose())
+    if config.qat_scheme == "cluster_preserving":
+        qat = _reloadable(qat, model, config)
+    return qat, {"scheme": config.qat_scheme}
+
+
+# What CQAT always says: its kernels are assigned from the trained centroids, so Keras finds no gradient for
+# them ("did you forget to provide a loss?"), and tfmot notes each layer without zeros. Neither is a fault.
+_CQAT_NOISE = ("Gradients do not exist for variables", "does not contain zero weights, so apply CQAT instead")
+
+
+class _DropMessages(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(fragment in record.getMessage() for fragment in _CQAT_NOISE)
+
+
+@contextlib.contextmanager
+def _expected_cqat_warnings_dropped(active: bool):
+    # tf_keras logs through "tensorflow"; tfmot through the root logger.
+    loggers = [logging.getLogger("tensorflow"), logging.getLogger()] if active else []
+    drop = _DropMessages()
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
+
+
+# CQAT's extra per-layer variables; the rest of a CQAT layer's weights are those of a default-scheme one.
+_CLUSTER_VARIABLES = frozenset({"cluster_centroids_tf", "ori_weights_vars_tf", "pulling_indices_tf"})
+
+
+def _reloadable(cqat, stripped, config: OptimizeConfig):
+    """The trained CQAT model as the same model under tfmot's default 8-bit scheme.
+
+    tfmot cannot reload a CQAT model: its quantize configs do not serialise the cluster-preserving weight
+    quantizer, so the saved file comes back with the default quantizer and fewer weights per layer. Out
+    of training the two quantizers compute the same thing (the kernel, which CQAT keeps clustered, fake-
+    quantized with the learned range), so the stage saves the default-scheme model with CQAT's weights.
+    """
+    plain = quantize_aware(stripped, scheme="default", leave_float=config.leave_float)
+    for source, target in zip(cqat.layers, plain.layers):
+        target.set_weights([value for weight, value in zip(source.weights, source.get_weights())
+                            if weight.name.split("/")[-1].split(":")[0] not in _CLUSTER_VARIABLES])
+    return plain
+
+
+_STAGES = {"factorize": _factorize_stage, "prune": _prune_stage, "cluster": _cluster_stage,
+           "qat": _qat_stage}
+
+
+def _fine_tune(model, inputs: _Inputs, epochs: int, callbacks=()) -> None:
+    """Trains `model` in place: on the labels, or through a `Distiller` when there is a teacher."""
+    config = inputs.config
+    trainer = model
+    if inputs.teacher is not None:
+        trainer = Distiller(model, inputs.teacher, temperature=config.distill_temperature,
+                            alpha=config.distill_alpha)
+        trainer.compile(optimizer=keras.optimizers.Adam(config.learning_rate), metrics=["accuracy"])
+    else:
+        _compile(model, config)
+    trainer.fit(inputs.x_train, inputs.y_train, batch_size=config.batch_size, epochs=epochs, shuffle=True,
+                validation_data=(inputs.x_val, inputs.y_val), callbacks=list(callbacks),
+                verbose=progress.keras_verbose())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _check_inputs(config: OptimizeConfig) -> _Inputs:
+    """Loads the model, data and teacher and tries each stage's settings on the model, writing nothing."""
+    float_model = _to_keras(load_model(model_source(config.saved_model_dir, config.keras_model)))
+    data = _load_data(config, tuple(float_model.inputs[0].shape))
+    teacher = _load_teacher(config, float_model)
+    factorized = None
+    if config.factorize_energy is not None:
+        factorized = factorize(float_model, energy=config.factorize_energy,
+                               layers=list(config.factorize_layers) or None)
+    # The later stages see the factorized layers, so their layer settings are checked against those.
+    model = float_model if factorized is None else factorized.model
+    if config.prune:
+        _pruned(model, config)  # checks the layers against the pruning settings; the copy is dropped
+    if config.cluster is not None:
+        _clustered(model, config)
+    return _Inputs(config, *data, float_model=float_model, teacher=teacher, factorized=factorized)
+
+
+def _load_teacher(config: OptimizeConfig, student):
+    if config.distill_from is None:
+        return None
+    teacher = _to_keras(load_model(config.distill_from))
+    for role, model in (("teacher (--distill_from)", teacher), ("model to optimize", student)):
+        if _ends_in_softmax(model):
+            raise ValueError(
+                f"Distillation compares logits, but the {role} ends in a softmax. Save it without the final "
+                f"softmax (the loss applies it). Received: {role.split(' (')[0]}={model.name}"
+            )
+    shapes = {role: ([tuple(t.shape[1:]) for t in m.inputs], [tuple(t.shape[1:]) for t in m.outputs])
+              for role, m in (("teacher", teacher), ("student", student))}
+    if shapes["teacher"] != shapes["student"]:
+        raise ValueError(
+            f"The teacher {config.distill_from} must take the input and give the output shape of the model "
+            "to optimize (one logit per class, the same classes): distill from a teacher trained on the "
+            "same task. Received: "
+            + ", ".join(f"{role} input shape={_shapes(i)}, {role} output shape={_shapes(o)}"
+                        for role, (i, o) in shapes.items())
+        )
+    return teacher
+
+
+def _shapes(shapes: list) -> str:
+    return ", ".join(str((None, *s)) for s in shapes)
+
+
+def _ends_in_softmax(model) -> bool:
+    last = model.layers[-1]
+    return isinstance(last, keras.layers.Softmax) or getattr(last, "activation", None) is keras.activations.softmax
+
+
+def _clustered(model, config: OptimizeConfig):
+    # Per tensor, as tfmot's CQAT expects; after pruning one cluster is pinned at zero to keep the zeros.
+    return cluster_weights(model, int(config.cluster), preserve_sparsity=config.prune)
+
+
+def _distinct_kernel_values(model) -> dict[str, int]:
+    return {layer.name: int(np.unique(layer.kernel.numpy()).size) for layer in model.layers
+            if getattr(layer, "kernel", None) is not None}
+
+
+def _copy_dir(source: str, destination: str) -> None:
+    os.makedirs(destination, exist_ok=True)
+    for name in sorted(os.listdir(source)):
+        with open(os.path.join(source, name), "rb") as f:
+            write_atomic(os.path.join(destination, name), f.read())
+
+
+def _load_state(stages_dir: str, config: OptimizeConfig) -> dict:
+    path = os.path.join(stages_dir, STATE_FILENAME)
+    fingerprint = config.fingerprint()
+    if os.path.exists(path) and config.overwrite:
+        shutil.rmtree(stages_dir)
+    elif os.path.exists(path):
+        with open(path) as f:
+            state = json.load(f)
+        if state.get("fingerprint") != fingerprint:
+            raise OutputPathError(
+                f"{stages_dir} holds stages made with other settings. Pass --overwrite to start over, or "
+                "choose another --output_dir."
+            )
+        return state
+    os.makedirs(stages_dir, exist_ok=True)
+    return {"fingerprint": fingerprint, "completed": []}
+
+
+def _resume_model(state: dict):
+    if not state["completed"]:
+        return None
+    artefact = state["completed"][-1]["artefact"]
+    try:
+        return _to_keras(load_model(artefact))
+    except ModelLoadError as e:
+        raise OutputPathError(f"Cannot resume from {artefact} ({e}). Pass --overwrite to start over.") from None
+
+
+def _to_keras(model):
+    if model.keras_model is not None:
+        return model.keras_model
+    try:
+        return keras.models.load_model(model.saved_model_dir, compile=False)
+    except Exception as e:  # a SavedModel that is not a Keras one
+        raise ModelLoadError(
+            f"{model.source} is a SavedModel but not a Keras one ({type(e).__name__}), so it cannot be "
+            "fine-tuned. Save it with tf_keras model.save(), or pass --keras_model."
+        ) from None
+
+
+def _pruned(model, config: OptimizeConfig):
+    return prune(model, config.final_sparsity, scope=config.prune_scope, structure=config.prune_structure,
+                 exclude=list(config.prune_exclude) or None)
+
+
+def _load_data(config: OptimizeConfig, shape):
+    x, y = calibration.load_labelled_data(
+        config.train_data, shape, key=config.train_key, labels_key=config.train_labels_key,
+        scale=config.input_scale, offset=config.input_offset, what="Training data",
+        key_flags="--train_key / --train_labels_key")
+    split = len(x) - max(1, int(round(len(x) * config.validation_fraction)))
+    x_eval = y_eval = None
+    if config.eval_data is not None:
+        x_eval, y_eval = calibration.load_labelled_data(
+            config.eval_data, shape, key=config.eval_key, labels_key=config.eval_labels_key,
+            scale=config.input_scale, offset=config.input_offset)
+    return x[:split], y[:split], x[split:], y[split:], x_eval, y_eval
+
+
+def _compile(model, config: OptimizeConfig) -> None:
+    softmax = getattr(model.layers[-1], "activation", None) is keras.activations.softmax
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=not softmax),
+                  metrics=["accuracy"])
+
+
+def _accuracy(model, x, y) -> float | None:
+    if x is None:
+        return None
+    logits = model.predict(x, batch_size=1000, verbose=0)
+    return float(np.mean(np.argmax(logits, axis=1) == y))
+
+
+def _kernel_sparsity(model) -> float:
+    """Zero fraction over every kernel, also inside tfmot's QAT wrappers (which `prune.sparsity` skips)."""
+    kernels = [w.numpy() for w in model.weights if w.name.split("/")[-1].startswith("kernel")]
+    total = sum(k.size for k in kernels)
+    return float(sum(np.sum(k == 0) for k in kernels) / total) if total else 0.0
+
+
+def _complete(state, stages_dir, stage, model, inputs: _Inputs, seconds, details: dict | None = None) -> None:
+    # HDF5: tfmot QAT models do not reload from the .keras format (quantize_layer variables go missing).
+    # Without the optimizer: every stage compiles afresh, and the slots of layers rebuilt from a config
+    # (factorize) can share a name, which HDF5 refuses.
+    path = os.path.join(stages_dir, f"{stage}.h5")
+    model.save(path, include_optimizer=False)
+    distilled = inputs.teacher is not None and stage in ("factorize", "prune", "cluster")
+    state["completed"].append({
+        "stage": stage, "artefact": path,
+        "validation_accuracy": _accuracy(model, inputs.x_val, inputs.y_val),
+        "eval_accuracy": _accuracy(model, inputs.x_eval, inputs.y_eval),
+        "parameters": int(model.count_params()),
+        "nonzero_parameters": int(sum(np.count_nonzero(w) for w in model.get_weights())),
+        "sparsity": _kernel_sparsity(model),
+        **({"distilled_from": inputs.config.distill_from} if distilled else {}),
+        **(details or {}),
+        "seconds": round(seconds, 3),
+    })
+    write_json(os.path.join(stages_dir, STATE_FILENAME), state)

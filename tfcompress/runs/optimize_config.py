@@ -1,0 +1,183 @@
+"""The optimize pipeline's settings: `OptimizeConfig`, validated when built, and its resume fingerprint.
+
+Field names equal the flags of `pipelines/optimize.py`; accuracies and sparsities are fractions in [0, 1].
+`tfcompress.runs.optimize` runs the stages this config asks for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import numbers
+
+import numpy as np
+
+from tfcompress.training.cluster import MAX_CLUSTERS, MIN_CLUSTERS
+from tfcompress.core.model_io import model_source
+from tfcompress.runs.pipeline import check_target
+
+# The training stages in the order they run (each only when its setting asks for it).
+TRAINING_STAGES = ("factorize", "prune", "cluster", "qat")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizeConfig:
+    """Field names equal the flags; accuracies and sparsities are fractions in [0, 1]."""
+
+    output_dir: str
+    train_data: str
+    saved_model_dir: str | None = None
+    keras_model: str | None = None
+    train_key: str = "x_train"
+    train_labels_key: str = "y_train"
+    validation_fraction: float = 0.1
+    eval_data: str | None = None
+    eval_key: str = "x_test"
+    eval_labels_key: str = "y_test"
+    input_scale: float = 1.0
+    input_offset: float = 0.0
+    factorize_energy: float | None = None
+    factorize_layers: tuple[str, ...] = ()
+    factorize_epochs: int = 1
+    prune: bool = False
+    final_sparsity: float = 0.8
+    prune_scope: str = "local"
+    prune_structure: str | None = None
+    prune_exclude: tuple[str, ...] = ()
+    prune_epochs: int = 2
+    cluster: int | None = None
+    cluster_epochs: int = 1
+    qat: bool = False
+    qat_epochs: int = 1
+    leave_float: tuple[str, ...] = ()
+    distill_from: str | None = None
+    distill_temperature: float = 4.0
+    distill_alpha: float = 0.1
+    mode: str = "int8"
+    batch_size: int = 128
+    learning_rate: float = 5e-4
+    calibration_data: str | None = None
+    calibration_key: str | None = None
+    num_calibration_samples: int = 500
+    max_accuracy_drop: float = 0.01
+    seed: int = 0
+    target: str | None = None
+    latency_runs: int = 200
+    overwrite: bool = False
+
+    def __post_init__(self):
+        model_source(self.saved_model_dir, self.keras_model)
+        check_target(self.target, self.mode)
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(
+                "validation_fraction is the share of the training data held out, in (0, 1). "
+                f"Received: validation_fraction={self.validation_fraction}"
+            )
+        for name in ("factorize_epochs", "prune_epochs", "cluster_epochs", "qat_epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1. Received: {name}={getattr(self, name)}")
+        if not (self.factorize_energy is not None or self.prune or self.cluster is not None or self.qat):
+            raise ValueError(
+                "Nothing to optimize: pass --factorize_energy, --prune, --cluster and/or --qat (for "
+                "post-training quantization alone use tfcompress convert). Received: factorize_energy=None, "
+                "prune=False, cluster=None, qat=False"
+            )
+        self._check_factorize()
+        self._check_cluster()
+        self._check_distill()
+
+    def _check_factorize(self) -> None:
+        energy = self.factorize_energy
+        if energy is not None and (_not_real(energy) or not 0.0 < energy <= 1.0):
+            raise ValueError(
+                "factorize_energy is the fraction of each kernel's squared singular values to keep, in "
+                f"(0, 1]; 0.9 is typical. Received: factorize_energy={energy}"
+            )
+        if self.factorize_layers and energy is None:
+            raise ValueError(
+                "factorize_layers chooses the layers of the factorize stage, which runs only with "
+                "--factorize_energy. Pass --factorize_energy=0.9 (say) as well. "
+                f"Received: factorize_layers={list(self.factorize_layers)}, factorize_energy=None"
+            )
+
+    def _check_cluster(self) -> None:
+        if self.cluster is None:
+            return
+        low, high = MIN_CLUSTERS, MAX_CLUSTERS
+        if not isinstance(self.cluster, (int, np.integer)) or isinstance(self.cluster, bool) or not (
+            low <= self.cluster <= high
+        ):
+            raise ValueError(
+                f"cluster is the number of distinct weight values per kernel, an integer in [{low}, {high}] "
+                "(int8 weights hold at most 256 values); 16 is typical. "
+                f"Received: cluster={self.cluster}"
+            )
+        if self.prune and self.cluster < 3:
+            raise ValueError(
+                "After --prune, clustering keeps the zeros by pinning one of the clusters at zero, so it "
+                f"needs --cluster=3 or more. Received: cluster={self.cluster}, prune=True"
+            )
+
+    def _check_distill(self) -> None:
+        t, alpha = self.distill_temperature, self.distill_alpha
+        if _not_real(t) or not t > 0:
+            raise ValueError(
+                "distill_temperature divides the logits before the softmax, so it must be positive (2 to 8 "
+                f"is typical). Received: distill_temperature={t}"
+            )
+        if _not_real(alpha) or not 0.0 <= alpha <= 1.0:
+            raise ValueError(
+                "distill_alpha weighs the label loss against the teacher's, a fraction in [0, 1] (0.1 is "
+                f"typical). Received: distill_alpha={alpha}"
+            )
+        if self.distill_from is not None and self.factorize_energy is None and not self.prune \
+                and self.cluster is None:
+            raise ValueError(
+                "--distill_from trains the factorize, prune and cluster fine-tunes through the teacher; QAT "
+                "trains on the labels alone, so with only --qat the teacher would go unused. Add one of "
+                "--factorize_energy, --prune, --cluster, or leave --distill_from out. "
+                f"Received: distill_from={self.distill_from!r}"
+            )
+
+    def fingerprint(self) -> str:
+        """Identifies the settings the training stages' artefacts were made with.
+
+        Options of the final conversion and of measurement only (mode, calibration, evaluation, the
+        accuracy gate) are left out: changing them reruns just the convert stage. So are the settings of
+        stages that do not run (a `cluster_epochs` without `cluster`), which also keeps the fingerprints
+        of runs made before those stages existed.
+        """
+        values = dataclasses.asdict(self) | {"leave_float": sorted(self.leave_float),
+                                             "prune_exclude": sorted(self.prune_exclude),
+                                             "factorize_layers": sorted(self.factorize_layers)}
+        for name in ("output_dir", "overwrite", "mode", "target", "latency_runs", "max_accuracy_drop",
+                     "calibration_data", "calibration_key", "num_calibration_samples", "eval_data", "eval_key",
+                     "eval_labels_key"):
+            values.pop(name)
+        unused = {"factorize_energy": ("factorize_energy", "factorize_layers", "factorize_epochs"),
+                  "cluster": ("cluster", "cluster_epochs"),
+                  "distill_from": ("distill_from", "distill_temperature", "distill_alpha")}
+        for setting, names in unused.items():
+            if getattr(self, setting) is None:
+                for name in names:
+                    values.pop(name)
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The training stages this config runs, in order (a subset of `TRAINING_STAGES`)."""
+        wanted = {"factorize": self.factorize_energy is not None, "prune": self.prune,
+                  "cluster": self.cluster is not None, "qat": self.qat}
+        return tuple(stage for stage in TRAINING_STAGES if wanted[stage])
+
+    @property
+    def qat_scheme(self) -> str:
+        """CQAT (PCQAT after pruning) after clustering, PQAT after pruning alone, else plain QAT."""
+        if self.cluster is not None:
+            return "cluster_preserving"
+        return "prune_preserving" if self.prune else "default"
+
+
+def _not_real(value) -> bool:
+    return isinstance(value, bool) or not isinstance(value, numbers.Real)

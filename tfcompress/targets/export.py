@@ -1,0 +1,363 @@
+"""Export stage: a verified integer `.tflite` in, firmware files for TensorFlow Lite Micro out.
+
+Takes the flatbuffer and samples to check it with; runs it in TFLM (`tfcompress.targets.micro`), and returns
+the files a microcontroller build needs: `<name>_model_data.h/.cc` (the model as an aligned C array),
+`<name>_op_resolver.h` (a `MicroMutableOpResolver` with exactly the ops the model uses), `<name>.tflite`
+and `manifest.json` (shapes, quantization, ops, arena and flash bytes, the TFLM check). Nothing is
+written unless every check passed, and each file lands whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import keyword
+import os
+import re
+import time
+
+import numpy as np
+
+from tfcompress.core.version import __version__
+from tfcompress.conversion import calibration
+from tfcompress.targets import micro
+from tfcompress.core.artefacts import prepare_output_dir, remove_if_empty, write_atomic, write_json
+from tfcompress.core.errors import InputError, VerificationError
+from tfcompress.core.tflite_model import Tensor, TfliteModel, read_tflite
+from tfcompress.conversion.verify import quantize
+
+MANIFEST_SCHEMA_VERSION = 1
+TARGETS = ("micro",)
+DEFAULT_RANDOM_SAMPLES = 200
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# C and C++ keywords that Python's keyword list lacks; a model array may not be named after one.
+_CPP_KEYWORDS = frozenset(
+    "alignas alignof asm auto bool break case catch char char16_t char32_t class const constexpr "
+    "const_cast continue decltype default delete do double dynamic_cast else enum explicit export "
+    "extern false float for friend goto if inline int long mutable namespace new noexcept nullptr "
+    "operator private protected public register reinterpret_cast return short signed sizeof static "
+    "static_assert static_cast struct switch template this thread_local throw true try typedef typeid "
+    "typename union unsigned using virtual void volatile wchar_t while".split()
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroExport:
+    """The files of one export, by file name, and the manifest written among them."""
+
+    name: str
+    files: dict[str, bytes]
+    manifest: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """What `run_export` (`tfcompress export`) needs; field names equal the flag names."""
+
+    tflite: str
+    output_dir: str
+    target: str = "micro"
+    name: str | None = None
+    labels: str | None = None
+    eval_data: str | None = None
+    eval_key: str = "x_test"
+    eval_labels_key: str = "y_test"
+    num_eval_samples: int | None = None
+    input_scale: float = 1.0
+    input_offset: float = 0.0
+    compress: bool = False
+    vela: bool = False
+    seed: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}. Received: target={self.target!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    output_dir: str
+    files: tuple[str, ...]
+    manifest: dict
+
+
+def c_name(name: str | None, source: str) -> tuple[str, str | None]:
+    """The C identifier for the model array, and a note when it was derived and had to change.
+
+    An explicit `name` must already be a valid identifier (an `InputError` suggests one); without one,
+    the file name's stem is sanitised.
+    """
+    if name is not None:
+        if not _IDENTIFIER.match(name) or name in _CPP_KEYWORDS or keyword.iskeyword(name):
+            suggestion = _sanitise(name)
+            raise InputError(
+                f"--name {name!r} is not a valid C identifier (letters, digits and underscores, not "
+                f"starting with a digit, not a keyword). Pass e.g. --name={suggestion}."
+            )
+        return name, None
+    stem = os.path.splitext(os.path.basename(source))[0] or "model"
+    sanitised = _sanitise(stem)
+    note = None if sanitised == stem else f"name {stem!r} is not a C identifier; using {sanitised!r}"
+    return sanitised, note
+
+
+def _sanitise(text: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_]", "_", text).strip("_") or "model"
+    if name[0].isdigit():
+        name = "model_" + name
+    if name in _CPP_KEYWORDS or keyword.iskeyword(name):
+        name += "_model"
+    return name
+
+
+def micro_inputs(model: TfliteModel, samples: np.ndarray | None, seed: int = 0,
+                 num_random: int = DEFAULT_RANDOM_SAMPLES) -> tuple[np.ndarray, str]:
+    """Inputs in the model's input dtype for the TFLM check, and how they were made.
+
+    `samples` are float model inputs (preprocessed), quantized with the input tensor's parameters;
+    without them, seeded uniform random inputs over the input dtype's range are used.
+    """
+    (index,) = model.inputs
+    tensor = model.tensors[index]
+    dtype = np.dtype(tensor.dtype)
+    shape = tensor.shape[1:]
+    if samples is not None:
+        detail = {"dtype": dtype, "quantization": (tensor.scale[0] if tensor.scale else 0.0,
+                                                   tensor.zero_point[0] if tensor.zero_point else 0)}
+        return quantize(np.asarray(samples, np.float32), detail), f"{len(samples)} evaluation samples"
+    rng = np.random.default_rng(seed)
+    if dtype.kind == "f":
+        inputs = rng.uniform(0.0, 1.0, size=(num_random, *shape)).astype(dtype)
+    else:
+        info = np.iinfo(dtype)
+        inputs = rng.integers(info.min, info.max, size=(num_random, *shape), endpoint=True).astype(dtype)
+    return inputs, f"{num_random} random inputs (seed {seed}); no evaluation data given"
+
+
+def build_micro_export(flatbuffer: bytes, inputs: np.ndarray, samples: str, *, name: str,
+                       labels: list[str] | None = None, compress: bool = False,
+                       source: str = "the model") -> MicroExport:
+    """Checks the model in TFLM and renders the firmware files (nothing is written here).
+
+    Raises:
+        MicroTargetError: float, hybrid or custom ops, or nothing to compress with `compress`.
+        VerificationError: TFLM disagrees with LiteRT beyond the tolerance, or the compressed model
+            does not reproduce the uncompressed one exactly.
+    """
+    start = time.perf_counter()
+    model = read_tflite(flatbuffer)
+    micro.check_micro_compatible(model, source)
+    _check_single_io(model, source)
+    labels = _check_labels(labels, model)
+    arena = micro.measure_arena(flatbuffer, inputs[:1])
+    tflm_outputs = micro.run_tflm(flatbuffer, inputs, arena.arena_bytes)  # run with the reported arena
+    check = micro.compare_with_litert(flatbuffer, inputs, tflm_outputs, samples)
+    if not check.passed:
+        raise VerificationError(check.failures)
+    shipped, compression = flatbuffer, None
+    if compress:
+        lut = micro.lut_compress(flatbuffer)
+        shipped = lut.flatbuffer
+        arena_before, arena = arena, micro.measure_arena(shipped, inputs[:1])
+        exact = micro.compare_tflm_exact(shipped, inputs, arena.arena_bytes, tflm_outputs, samples)
+        if not exact.passed:
+            raise VerificationError(exact.failures)
+        compression = {
+            "method": "lut (tflite_micro.compression, per-channel tables, DECODE ops)",
+            "flash_bytes_before": len(flatbuffer),
+            "flash_bytes_after": len(shipped),
+            "arena_bytes_before": arena_before.arena_bytes,
+            "arena_bytes_after": arena.arena_bytes,
+            "tensors": [dataclasses.asdict(t) for t in lut.tensors],
+            "tflm_exact_check": dataclasses.asdict(exact),
+        }
+    shipped_model = read_tflite(shipped)
+    calls = micro.resolver_calls(shipped_model)
+    manifest = {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "generator": f"tfcompress {__version__}",
+        "name": name,
+        "source": source,
+        "sha256": shipped_model.sha256,
+        "flash_bytes": len(shipped),
+        "arena": dataclasses.asdict(arena),
+        "inputs": [_tensor_info(shipped_model.tensors[i]) for i in shipped_model.inputs],
+        "outputs": [_tensor_info(shipped_model.tensors[i]) for i in shipped_model.outputs],
+        "labels": labels,
+        "ops": shipped_model.op_counts(),
+        "resolver": {"methods": calls, "op_count": len(calls)},
+        "tflm_check": dataclasses.asdict(check),
+        "compression": compression,
+        "tflite_micro_version": _tflm_version(),
+    }
+    files = {
+        f"{name}_model_data.h": _model_header(name, shipped_model, arena, labels).encode(),
+        f"{name}_model_data.cc": _model_source(name, shipped).encode(),
+        f"{name}_op_resolver.h": _resolver_header(name, calls).encode(),
+        f"{name}.tflite": shipped,
+    }
+    manifest["files"] = sorted([*files, "manifest.json"])
+    manifest["export_seconds"] = round(time.perf_counter() - start, 3)
+    return MicroExport(name=name, files=files, manifest=manifest)
+
+
+def write_micro_export(export: MicroExport, output_dir: str, overwrite: bool = False,
+                       extra: dict | None = None) -> tuple[str, ...]:
+    """Writes every file of `export` (each atomically) and `manifest.json`; returns their paths."""
+    output_dir, _ = prepare_output_dir(output_dir, (*export.files, "manifest.json"), overwrite)
+    paths = []
+    for filename, data in export.files.items():
+        path = os.path.join(output_dir, filename)
+        write_atomic(path, data)
+        paths.append(path)
+    manifest_path = os.path.join(output_dir, "manifest.json")
+    write_json(manifest_path, {**export.manifest, **(extra or {})})
+    return (*paths, manifest_path)
+
+
+def run_export(config: ExportConfig) -> ExportResult:
+    """`tfcompress export`: reads `config.tflite`, checks it in TFLM, writes the firmware files."""
+    model = read_tflite(config.tflite)  # a clear ModelLoadError for a missing or non-flatbuffer file
+    with open(config.tflite, "rb") as f:
+        flatbuffer = f.read()
+    name, note = c_name(config.name, config.tflite)
+    labels = _read_labels(config.labels) if config.labels else None
+    files = (f"{name}_model_data.h", f"{name}_model_data.cc", f"{name}_op_resolver.h", f"{name}.tflite",
+             "manifest.json") + ((f"{name}_vela.tflite",) if config.vela else ())
+    output_dir, created = prepare_output_dir(config.output_dir, files, config.overwrite)
+    try:
+        samples = None
+        if config.eval_data is not None:
+            shape = (None, *model.tensors[model.inputs[0]].shape[1:])
+            samples, _ = calibration.load_labelled_data(
+                config.eval_data, shape, key=config.eval_key, labels_key=config.eval_labels_key,
+                scale=config.input_scale, offset=config.input_offset, limit=config.num_eval_samples)
+        inputs, described = micro_inputs(model, samples, config.seed)
+        export = build_micro_export(flatbuffer, inputs, described, name=name, labels=labels,
+                                    compress=config.compress, source=config.tflite)
+        extra = {"notes": [note] if note else []}
+        if config.vela:
+            from tfcompress.targets import vela
+
+            extra["vela"] = dataclasses.asdict(vela.compile_for_ethos_u(export.files[f"{name}.tflite"],
+                                                                        output_dir, name))
+    except BaseException:
+        if created:
+            remove_if_empty(output_dir)
+        raise
+    paths = write_micro_export(export, output_dir, overwrite=True, extra=extra)
+    return ExportResult(output_dir, paths, {**export.manifest, **extra})
+
+
+def _read_labels(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise InputError(f"Labels file not found: {path}. Pass a text file with one label per line.")
+    with open(path, encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def _check_labels(labels: list[str] | None, model: TfliteModel) -> list[str] | None:
+    if labels is None:
+        return None
+    classes = model.tensors[model.outputs[0]].shape[-1]
+    if len(labels) != classes:
+        raise InputError(f"{len(labels)} labels given but the model has {classes} outputs. Pass one "
+                         "label per output class, one per line.")
+    return list(labels)
+
+
+def _check_single_io(model: TfliteModel, source: str) -> None:
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise InputError(f"{source} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
+                         "microcontroller export supports one of each. Export a single-input, "
+                         "single-output model.")
+
+
+def _tensor_info(t: Tensor) -> dict:
+    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "scale": list(t.scale),
+            "zero_point": list(t.zero_point)}
+
+
+def _tflm_version() -> str:
+    from tflite_micro import __version__ as version
+
+    return str(version)
+
+
+def _describe(t: Tensor) -> str:
+    quant = ""
+    if t.scale:
+        quant = f" scale={t.scale[0]:.9g} zero_point={t.zero_point[0] if t.zero_point else 0}"
+    return f"{t.dtype} {list(t.shape)}{quant} ({t.name})"
+
+
+def _guard(name: str, suffix: str) -> str:
+    return f"{name.upper()}_{suffix}_H_"
+
+
+def _model_header(name: str, model: TfliteModel, arena: micro.ArenaSize, labels: list[str] | None) -> str:
+    guard = _guard(name, "MODEL_DATA")
+    lines = [
+        f"// Generated by tfcompress {__version__}. Do not edit.",
+        f"// Model sha256: {model.sha256}",
+        f"// Input:  {_describe(model.tensors[model.inputs[0]])}",
+        f"// Output: {_describe(model.tensors[model.outputs[0]])}",
+        "// Ops: " + ", ".join(f"{op} x{n}" for op, n in model.op_counts().items()),
+        f"// Tensor arena: {arena.arena_bytes} bytes (TFLM recording allocator measured "
+        f"{arena.recorded_bytes}, plus {arena.margin:.0%} margin, rounded up to 16).",
+    ]
+    if labels:
+        lines.append("// Labels: " + ", ".join(labels))
+    lines += [
+        f"#ifndef {guard}",
+        f"#define {guard}",
+        "",
+        f"extern const unsigned char {name}[];",
+        f"extern const unsigned int {name}_len;",
+        f"constexpr unsigned int {name}_arena_bytes = {arena.arena_bytes};",
+        "",
+        f"#endif  // {guard}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _model_source(name: str, flatbuffer: bytes) -> str:
+    rows = []
+    for start in range(0, len(flatbuffer), 12):
+        rows.append("  " + ", ".join(f"0x{b:02x}" for b in flatbuffer[start : start + 12]) + ",")
+    return "\n".join([
+        f"// Generated by tfcompress {__version__}. Do not edit.",
+        f'#include "{name}_model_data.h"',
+        "",
+        "// TFLM reads the flatbuffer in place: 16-byte alignment keeps its tensors aligned.",
+        f"alignas(16) const unsigned char {name}[] = {{",
+        *rows,
+        "};",
+        f"const unsigned int {name}_len = {len(flatbuffer)};",
+        "",
+    ])
+
+
+def _resolver_header(name: str, calls: list[str]) -> str:
+    guard = _guard(name, "OP_RESOLVER")
+    body = [f"  if (resolver.{call}() != kTfLiteOk) return kTfLiteError;" for call in calls]
+    return "\n".join([
+        f"// Generated by tfcompress {__version__}. Do not edit.",
+        f"// The ops {name} uses, and no others (smallest kernel code in flash).",
+        f"#ifndef {guard}",
+        f"#define {guard}",
+        "",
+        '#include "tensorflow/lite/micro/micro_mutable_op_resolver.h"',
+        "",
+        f"constexpr unsigned int {name}_op_count = {len(calls)};",
+        f"using {name}_op_resolver = tflite::MicroMutableOpResolver<{name}_op_count>;",
+        "",
+        f"inline TfLiteStatus {name}_register_ops({name}_op_resolver& resolver) {{",
+        *body,
+        "  return kTfLiteOk;",
+        "}",
+        "",
+        f"#endif  // {guard}",
+        "",
+    ])

@@ -1,0 +1,334 @@
+"""Microcontroller stage: runs a `.tflite` model in TensorFlow Lite Micro's own interpreter.
+
+Takes a verified integer flatbuffer; returns what a firmware build needs to know about it: whether TFLM
+can run it at all (`check_micro_compatible`), the `MicroMutableOpResolver` calls it needs
+(`resolver_calls`), the tensor arena it needs as measured by TFLM's recording allocator
+(`measure_arena`), how its outputs compare with LiteRT's (`compare_with_litert`), and optionally a
+look-up-table compressed flatbuffer for models whose weights take few distinct values (`lut_compress`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import warnings
+
+import numpy as np
+
+from tfcompress.core._native import native_output_captured
+from tfcompress.core.errors import MicroTargetError, VerificationError
+from tfcompress.core.progress import progress
+from tfcompress.core.tflite_model import TfliteModel, constant_values, read_tflite, weight_tensors
+from tfcompress.conversion.verify import run_tflite_raw
+
+# Builtin op -> its MicroMutableOpResolver method, as declared in TFLM's micro_mutable_op_resolver.h.
+# Every op here has a registration in the pinned tflite-micro package's interpreter.
+TFLM_BUILTINS: dict[str, str] = {
+    "ABS": "AddAbs", "ADD": "AddAdd", "ADD_N": "AddAddN", "ARG_MAX": "AddArgMax", "ARG_MIN": "AddArgMin",
+    "ASSIGN_VARIABLE": "AddAssignVariable", "AVERAGE_POOL_2D": "AddAveragePool2D",
+    "BATCH_MATMUL": "AddBatchMatMul", "BATCH_TO_SPACE_ND": "AddBatchToSpaceNd",
+    "BROADCAST_ARGS": "AddBroadcastArgs", "BROADCAST_TO": "AddBroadcastTo", "CALL_ONCE": "AddCallOnce",
+    "CAST": "AddCast", "CEIL": "AddCeil", "CONCATENATION": "AddConcatenation", "CONV_2D": "AddConv2D",
+    "COS": "AddCos", "CUMSUM": "AddCumSum", "DEPTH_TO_SPACE": "AddDepthToSpace",
+    "DEPTHWISE_CONV_2D": "AddDepthwiseConv2D", "DEQUANTIZE": "AddDequantize", "DIV": "AddDiv",
+    "ELU": "AddElu", "EMBEDDING_LOOKUP": "AddEmbeddingLookup", "EQUAL": "AddEqual", "EXP": "AddExp",
+    "EXPAND_DIMS": "AddExpandDims", "FILL": "AddFill", "FLOOR": "AddFloor", "FLOOR_DIV": "AddFloorDiv",
+    "FLOOR_MOD": "AddFloorMod", "FULLY_CONNECTED": "AddFullyConnected", "GATHER": "AddGather",
+    "GATHER_ND": "AddGatherNd", "GREATER": "AddGreater", "GREATER_EQUAL": "AddGreaterEqual",
+    "HARD_SWISH": "AddHardSwish", "IF": "AddIf", "L2_NORMALIZATION": "AddL2Normalization",
+    "L2_POOL_2D": "AddL2Pool2D", "LEAKY_RELU": "AddLeakyRelu", "LESS": "AddLess",
+    "LESS_EQUAL": "AddLessEqual", "LOG": "AddLog", "LOGICAL_AND": "AddLogicalAnd",
+    "LOGICAL_NOT": "AddLogicalNot", "LOGICAL_OR": "AddLogicalOr", "LOGISTIC": "AddLogistic",
+    "LOG_SOFTMAX": "AddLogSoftmax", "MAXIMUM": "AddMaximum", "MAX_POOL_2D": "AddMaxPool2D",
+    "MEAN": "AddMean", "MINIMUM": "AddMinimum", "MIRROR_PAD": "AddMirrorPad", "MUL": "AddMul",
+    "NEG": "AddNeg", "NOT_EQUAL": "AddNotEqual", "PACK": "AddPack", "PAD": "AddPad", "PADV2": "AddPadV2",
+    "PRELU": "AddPrelu", "QUANTIZE": "AddQuantize", "READ_VARIABLE": "AddReadVariable",
+    "REDUCE_MAX": "AddReduceMax", "REDUCE_MIN": "AddReduceMin", "RELU": "AddRelu", "RELU6": "AddRelu6",
+    "RESHAPE": "AddReshape", "RESIZE_BILINEAR": "AddResizeBilinear",
+    "RESIZE_NEAREST_NEIGHBOR": "AddResizeNearestNeighbor", "REVERSE_V2": "AddReverseV2",
+    "ROUND": "AddRound", "RSQRT": "AddRsqrt", "SELECT_V2": "AddSelectV2", "SHAPE": "AddShape",
+    "SIN": "AddSin", "SLICE": "AddSlice", "SOFTMAX": "AddSoftmax", "SPACE_TO_BATCH_ND": "AddSpaceToBatchNd",
+    "SPACE_TO_DEPTH": "AddSpaceToDepth", "SPLIT": "AddSplit", "SPLIT_V": "AddSplitV", "SQRT": "AddSqrt",
+    "SQUARE": "AddSquare", "SQUARED_DIFFERENCE": "AddSquaredDifference", "SQUEEZE": "AddSqueeze",
+    "STRIDED_SLICE": "AddStridedSlice", "SUB": "AddSub", "SUM": "AddSum", "SVDF": "AddSvdf",
+    "TANH": "AddTanh", "TRANSPOSE": "AddTranspose", "TRANSPOSE_CONV": "AddTransposeConv",
+    "UNIDIRECTIONAL_SEQUENCE_LSTM": "AddUnidirectionalSequenceLSTM", "UNPACK": "AddUnpack",
+    "VAR_HANDLE": "AddVarHandle", "WHILE": "AddWhile", "ZEROS_LIKE": "AddZerosLike",
+}
+# Custom ops TFLM itself provides (TFLM_DECODE is what LUT compression inserts).
+TFLM_CUSTOM: dict[str, str] = {
+    "TFLM_DECODE": "AddDecode",
+    "TFLite_Detection_PostProcess": "AddDetectionPostprocess",
+}
+
+# TFLM's reference kernels and LiteRT's optimized kernels may round a requantization differently, by one
+# step of that op's output; a step lost early can move later outputs by a step more. So the tolerance is
+# one step per op that requantizes (ops that only move or pick int8 values keep them exactly).
+STEPS_PER_REQUANTIZING_OP = 1
+_EXACT_OPS = frozenset({"RESHAPE", "SQUEEZE", "EXPAND_DIMS", "MAX_POOL_2D", "TRANSPOSE", "PAD", "PADV2",
+                        "STRIDED_SLICE", "SLICE", "GATHER", "SPACE_TO_DEPTH", "DEPTH_TO_SPACE", "PACK",
+                        "UNPACK", "SPLIT", "SPLIT_V", "SHAPE"})
+MIN_TOP1_AGREEMENT = 0.999
+# Margin on the recording allocator's figure: the host build is 64-bit (its persistent structs are at
+# least as large as a 32-bit MCU's), but the arena start is aligned at run time and vendor kernels may
+# ask for scratch buffers the reference kernels do not. Rounded up to 16 bytes.
+ARENA_MARGIN = 0.05
+_ARENA_LINE = re.compile(r"Arena allocation total (\d+) bytes")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArenaSize:
+    """`recorded_bytes` from TFLM's recording allocator; `arena_bytes` adds `margin` (a fraction)."""
+
+    recorded_bytes: int
+    arena_bytes: int
+    margin: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TflmComparison:
+    """TFLM against LiteRT on the same quantized inputs; differences in output quantization steps."""
+
+    num_samples: int
+    max_step_difference: int
+    mean_step_difference: float
+    top1_agreement: float
+    tolerance_steps: int
+    min_top1_agreement: float
+    samples: str
+    reference: str = "LiteRT"
+
+    @property
+    def passed(self) -> bool:
+        return (self.max_step_difference <= self.tolerance_steps
+                and self.top1_agreement >= self.min_top1_agreement)
+
+    @property
+    def failures(self) -> list[str]:
+        found = []
+        if self.max_step_difference > self.tolerance_steps:
+            found.append(f"tflm_output_difference: TFLM and {self.reference} outputs differ by up to "
+                         f"{self.max_step_difference} quantized steps (tolerance {self.tolerance_steps})")
+        if self.top1_agreement < self.min_top1_agreement:
+            found.append(f"tflm_top1_agreement: {self.top1_agreement:.4f} < {self.min_top1_agreement}")
+        return found
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressedTensor:
+    name: str
+    mode: str  # "per-channel" (one value table per output channel) or "per-tensor"
+    distinct_values: int  # the most values in one table
+    index_bitwidth: int
+    bytes_before: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LutCompression:
+    flatbuffer: bytes
+    tensors: tuple[CompressedTensor, ...]
+
+
+def _runtime():
+    from tflite_micro import runtime  # imported late: only this stage needs it
+
+    return runtime
+
+
+def check_micro_compatible(model: TfliteModel, source: str = "the model") -> None:
+    """Raises `MicroTargetError` unless every op computes in integers and has a TFLM kernel.
+
+    TFLM has no hybrid (dynamic-range) kernels and shipping float or float16 weights defeats the point;
+    QUANTIZE/DEQUANTIZE at the model's edges (float32 I/O around an integer model) are fine.
+    """
+    float_ops = model.float_ops(allow_float_io=True)
+    if float_ops:
+        dtypes = {t.dtype for t in model.tensors}
+        weights = {w.dtype for _, w, _ in weight_tensors(model)}
+        if "float16" in dtypes:
+            kind = "a float16 model"
+        elif weights & {"int8", "uint8"}:
+            kind = "a dynamic-range (hybrid) model, which TFLM rejects"
+        else:
+            kind = "a float model"
+        ops = ", ".join(sorted({op.op for op in float_ops}))
+        raise MicroTargetError(
+            f"{source} is {kind} (float ops: {ops}). Convert with --mode=int8 (full integer, "
+            "calibration data needed) before exporting for microcontrollers."
+        )
+    missing = sorted({op.custom_code or op.op for op in model.operators
+                      if (op.custom_code and op.custom_code not in TFLM_CUSTOM)
+                      or (not op.custom_code and op.op not in TFLM_BUILTINS)})
+    if missing:
+        raise MicroTargetError(
+            f"{source} uses op(s) with no TFLM kernel registration known to tfcompress: "
+            f"{', '.join(missing)}. Replace them in the model, or register your own kernel with "
+            "MicroMutableOpResolver::AddCustom and export with a hand-written resolver."
+        )
+
+
+def resolver_calls(model: TfliteModel) -> list[str]:
+    """The `MicroMutableOpResolver` methods the model needs, one per distinct op, sorted by op name."""
+    check_micro_compatible(model)
+    names = sorted({op.custom_code or op.op for op in model.operators})
+    return [TFLM_CUSTOM.get(n) or TFLM_BUILTINS[n] for n in names]
+
+
+def _interpreter(flatbuffer: bytes, arena_bytes: int):
+    runtime = _runtime()
+    with native_output_captured() as log:
+        try:
+            interpreter = runtime.Interpreter.from_bytes(flatbuffer, arena_size=int(arena_bytes))
+        except RuntimeError as e:
+            error = e
+        else:
+            error = None
+    if error is not None:
+        raise ArenaTooSmallError(arena_bytes, (log[0] if log else "").strip()) from None
+    return interpreter
+
+
+class ArenaTooSmallError(VerificationError):
+    """TFLM could not allocate the model's tensors in the given arena."""
+
+    def __init__(self, arena_bytes: int, log: str):
+        reason = log.splitlines()[0] if log else "AllocateTensors failed"
+        super().__init__([f"tflm_arena: TFLM cannot allocate the model in {arena_bytes} bytes ({reason})"])
+        self.details = log
+
+
+def measure_arena(flatbuffer: bytes, sample: np.ndarray, margin: float = ARENA_MARGIN) -> ArenaSize:
+    """Runs one inference with TFLM's recording allocator and reads its arena total.
+
+    `sample` is one input in the model's input dtype and shape (batch of 1). The allocator prints to
+    the C-level stderr, which is captured at the file-descriptor level.
+    """
+    if not 0 <= margin <= 1:
+        raise ValueError(f"margin must be a fraction in [0, 1]. Received: margin={margin}")
+    generous = max(10 * len(flatbuffer), 1 << 20)
+    interpreter = _interpreter(flatbuffer, generous)
+    interpreter.set_input(sample, 0)
+    interpreter.invoke()
+    with native_output_captured(always=True) as log:  # parsed, so captured even with TFCOMPRESS_NATIVE_LOG=1
+        interpreter.print_allocations()
+    match = _ARENA_LINE.search(log[0])
+    if match is None:
+        raise RuntimeError(f"TFLM's recording allocator printed no arena total: {log[0][:200]!r}")
+    recorded = int(match.group(1))
+    arena = int(math.ceil(recorded * (1 + margin) / 16) * 16)
+    return ArenaSize(recorded_bytes=recorded, arena_bytes=arena, margin=margin)
+
+
+def run_tflm(flatbuffer: bytes, inputs: np.ndarray, arena_bytes: int) -> np.ndarray:
+    """Runs `inputs` (model input dtype, batch axis first) one by one in TFLM; raw outputs stacked."""
+    interpreter = _interpreter(flatbuffer, arena_bytes)
+    outputs = []
+    for i in progress(range(len(inputs)), total=len(inputs), desc="running in TFLM"):
+        interpreter.set_input(inputs[i : i + 1], 0)
+        interpreter.invoke()
+        outputs.append(np.array(interpreter.get_output(0)))
+    return np.concatenate(outputs, axis=0)
+
+
+def compare_with_litert(flatbuffer: bytes, inputs: np.ndarray, tflm_outputs: np.ndarray,
+                        samples: str) -> TflmComparison:
+    """TFLM's outputs (from `run_tflm`) against LiteRT's on the same inputs, within `tolerance_steps`."""
+    litert = run_tflite_raw(flatbuffer, inputs)
+    model = read_tflite(flatbuffer)
+    step = _output_step(model)
+    return compare_outputs(tflm_outputs / step, litert / step, samples, "LiteRT", tolerance_steps(model),
+                           MIN_TOP1_AGREEMENT)
+
+
+def compare_tflm_exact(compressed: bytes, inputs: np.ndarray, arena_bytes: int, reference_outputs: np.ndarray,
+                       samples: str) -> TflmComparison:
+    """A compressed model in TFLM against the original's TFLM outputs: decoding is lossless, no tolerance."""
+    decoded = run_tflm(compressed, inputs, arena_bytes)
+    return compare_outputs(decoded, reference_outputs, samples, "uncompressed TFLM", 0, 1.0)
+
+
+def tolerance_steps(model: TfliteModel) -> int:
+    """How many output steps TFLM may differ from LiteRT: one per requantizing op (at least one)."""
+    return max(1, STEPS_PER_REQUANTIZING_OP * sum(op.op not in _EXACT_OPS for op in model.operators))
+
+
+def _output_step(model: TfliteModel) -> float:
+    """1 for an integer output; for a float output, the scale of the integer tensor it was dequantized from."""
+    out = model.tensors[model.outputs[0]]
+    if out.dtype not in ("float32", "float16"):
+        return 1.0
+    for op in model.operators:
+        if op.op == "DEQUANTIZE" and out.index in op.outputs:
+            source = model.tensors[op.inputs[0]]
+            if source.scale:
+                return float(source.scale[0])
+    return 1.0
+
+
+def compare_outputs(a: np.ndarray, b: np.ndarray, samples: str, reference: str, tolerance: int,
+                    min_agreement: float) -> TflmComparison:
+    """Largest and mean difference (in steps) and top-1 agreement of two stacks of outputs."""
+    n = len(a)
+    # Float outputs arrive divided by their step, so rounding gives whole steps here too.
+    a, b = np.rint(a).astype(np.int64).reshape(n, -1), np.rint(b).astype(np.int64).reshape(n, -1)
+    diff = np.abs(a - b)
+    return TflmComparison(
+        num_samples=n,
+        max_step_difference=int(diff.max(initial=0)),
+        mean_step_difference=float(diff.mean()) if diff.size else 0.0,
+        top1_agreement=float(np.mean(a.argmax(1) == b.argmax(1))),
+        tolerance_steps=tolerance,
+        min_top1_agreement=min_agreement,
+        samples=samples,
+        reference=reference,
+    )
+
+
+def lut_compress(flatbuffer: bytes, max_index_bitwidth: int = 4) -> LutCompression:
+    """Look-up-table compresses the weight tensors whose values fit tables of at most 2**bitwidth entries.
+
+    Uses `tflite_micro.compression`; TFLM inserts a DECODE op per tensor that expands the weights into the
+    arena at run time. The tables follow the tensor's quantization: one per channel along the quantized
+    dimension for per-channel weights, one for the tensor otherwise (TFLM decodes a per-tensor-quantized
+    tensor with its first table only: per-channel tables there change the model, measured up to 176 steps).
+
+    Raises:
+        MicroTargetError: no weight tensor has few enough distinct values (cluster the model first).
+    """
+    from tflite_micro import compression
+    from tflite_micro.tensorflow.lite.micro.compression import spec
+
+    if not 1 <= max_index_bitwidth <= 7:
+        raise ValueError("max_index_bitwidth must be in [1, 7] (8 bits saves nothing on int8). "
+                         f"Received: max_index_bitwidth={max_index_bitwidth}")
+    model = read_tflite(flatbuffer)
+    values = constant_values(flatbuffer)
+    builder = compression.SpecBuilder()
+    chosen = []
+    for _, weights, _ in weight_tensors(model):
+        data = values.get(weights.index)
+        if data is None or weights.dtype != "int8" or data.ndim < 1 or weights.index in {c[0] for c in chosen}:
+            continue
+        per_channel = len(weights.scale) > 1
+        axis = weights.quantized_dimension
+        groups = np.moveaxis(data, axis, 0).reshape(data.shape[axis], -1) if per_channel else data.reshape(1, -1)
+        distinct = max(len(np.unique(group)) for group in groups)
+        bits = max(1, math.ceil(math.log2(distinct))) if distinct > 1 else 1
+        encoded = math.ceil(data.size * bits / 8) + groups.shape[0] * (1 << bits)
+        if bits > max_index_bitwidth or encoded >= data.size:
+            continue
+        mode = spec.PerChannel(axis=axis) if per_channel else spec.PerTensor()
+        builder.add_tensor(subgraph=0, tensor=weights.index).with_lut(index_bitwidth=bits, mode=mode)
+        chosen.append((weights.index, CompressedTensor(weights.name, "per-channel" if per_channel else "per-tensor",
+                                                       distinct, bits, int(data.size))))
+    if not chosen:
+        raise MicroTargetError(
+            f"no weight tensor has at most {1 << max_index_bitwidth} distinct values per channel (per tensor "
+            "where it is quantized per tensor), so LUT "
+            "compression would save nothing. Cluster the weights first (weight sharing), or drop --compress."
+        )
+    with warnings.catch_warnings(), native_output_captured():
+        warnings.simplefilter("ignore")
+        compressed = bytes(compression.compress(flatbuffer, builder.build()))
+    return LutCompression(flatbuffer=compressed, tensors=tuple(c for _, c in chosen))

@@ -14,10 +14,10 @@ demo: $(STAMP)  ## train LeNet-5 on the shipped MNIST, convert, verify, print th
 	$(VENV)/bin/tfcompress demo $(ARGS)
 
 test: $(STAMP)  ## the whole test suite, slow cases included (what CI runs)
-	$(VENV)/bin/python -m pytest -q -rs $(ARGS)
+	$(VENV)/bin/python -m pytest -q -rs -n 2 $(ARGS)
 
 test-fast: $(STAMP)  ## skip the slow cases
-	$(VENV)/bin/python -m pytest -q -m "not slow" $(ARGS)
+	$(VENV)/bin/python -m pytest -q -n 2 -m "not slow" $(ARGS)
 
 benchmark: $(STAMP)  ## the convert benchmark: prints a table, writes artefacts/benchmark_convert.json
 	$(VENV)/bin/tfcompress benchmark_convert $(ARGS)

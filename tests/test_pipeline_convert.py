@@ -6,6 +6,8 @@ leaves no model.tflite; a success writes a uint8-I/O, integer-only model.tflite 
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import os
 import subprocess
@@ -25,6 +27,7 @@ from tfcompress.core.errors import (
     OutputPathError,
 )
 from tfcompress.runs.pipeline import ConvertPipelineConfig, run_convert
+from tfcompress.core import tflite_model
 from tfcompress.core.tflite_model import read_tflite
 
 
@@ -216,7 +219,15 @@ def test_help_lists_the_script_flags_and_exits_0(capsys):
         assert flag in out
 
 
-def test_target_micro_ends_with_firmware_checked_in_tflm(saved_model_dir, eval_npz, tmp_path, capsys):
+def test_target_micro_ends_with_firmware_checked_in_tflm(saved_model_dir, eval_npz, tmp_path, capsys, monkeypatch):
+    parses = collections.Counter()
+    real_parse = tflite_model._parse
+
+    def counting_parse(data, source):
+        parses[hashlib.sha256(data).hexdigest()] += 1
+        return real_parse(data, source)
+
+    monkeypatch.setattr(tflite_model, "_parse", counting_parse)
     out = tmp_path / "out"
     code = _run_cli([f"--saved_model_dir={saved_model_dir}", f"--calibration_data={CALIBRATION}",
                      "--calibration_key=x", f"--input_scale={SCALE}", f"--eval_data={eval_npz}",
@@ -230,6 +241,9 @@ def test_target_micro_ends_with_firmware_checked_in_tflm(saved_model_dir, eval_n
     assert micro["tflm_check"]["num_samples"] == 200 and micro["tflm_check"]["top1_agreement"] >= 0.999
     assert micro["arena"]["recorded_bytes"] < micro["arena"]["arena_bytes"]
     assert "micro: flash" in capsys.readouterr().out
+    # One parse of the shipped flatbuffer for the whole run: convert's guard, verify, the TFLM export and
+    # the report all take the parsed model (the debugger parses only its own models).
+    assert parses[report["model"]["sha256"]] == 1, parses
 
 
 def test_target_micro_refuses_a_float_mode_before_any_work(saved_model_dir, tmp_path, capsys):

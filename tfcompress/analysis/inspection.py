@@ -17,10 +17,9 @@ from typing import Any
 from collections.abc import Mapping
 
 import numpy as np
-from ai_edge_litert import schema_py_generated as schema
 
 from tfcompress.analysis.macs import count_macs
-from tfcompress.core.tflite_model import Tensor, TfliteModel, read_tflite, weight_tensors
+from tfcompress.core.tflite_model import Tensor, TfliteModel, TfliteSource, read_tflite, weight_tensors
 
 _NUMPY_TYPES = {"int4": None, "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "int32": np.int32,
                 "int64": np.int64, "float16": np.float16, "float32": np.float32, "float64": np.float64}
@@ -93,7 +92,7 @@ class Inspection:
     constant_bytes: int
 
 
-def inspect_tflite(model: bytes | str | os.PathLike) -> Inspection:
+def inspect_tflite(model: TfliteSource) -> Inspection:
     """Reads a `.tflite` model and computes its inspection.
 
     Args:
@@ -105,18 +104,15 @@ def inspect_tflite(model: bytes | str | os.PathLike) -> Inspection:
     Raises:
         ModelLoadError: the file is missing or is not a TFLite flatbuffer.
     """
-    if isinstance(model, (bytes, bytearray)):
-        data, source = bytes(model), "<bytes>"
-        parsed = read_tflite(data)
+    if isinstance(model, (TfliteModel, bytes, bytearray)):
+        source = "<bytes>"
     else:
         source = os.fspath(model)
-        parsed = read_tflite(source)  # the one-line ModelLoadError for a missing file or a non-flatbuffer
-        with open(source, "rb") as f:
-            data = f.read()
-    root = schema.ModelT.InitFromPackedBuf(data, 0)
+    parsed = read_tflite(model)  # the one-line ModelLoadError for a missing file or a non-flatbuffer
+    data, root = parsed.data, parsed.root
     raw_tensors = root.subgraphs[0].tensors or []
     tensors = tuple(_tensor_info(t, raw, root) for t, raw in zip(parsed.tensors, raw_tensors))
-    costs = {c.op_index: c for c in count_macs(data).layers}
+    costs = {c.op_index: c for c in count_macs(parsed).layers}
     weights = _layer_weights(parsed, root, data, tensors)
     layers = tuple(
         LayerInfo(index=op.index, op=op.custom_code or op.op, name=costs[op.index].name,

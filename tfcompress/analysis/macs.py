@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
-from ai_edge_litert import schema_py_generated as schema
 
-from tfcompress.core.tflite_model import TfliteModel, read_tflite
+from tfcompress.core.tflite_model import TfliteModel, TfliteSource, read_tflite
 
 MAC_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "BATCH_MATMUL"})
 POOL_OPS = frozenset({"MAX_POOL_2D", "AVERAGE_POOL_2D", "L2_POOL_2D"})
@@ -61,7 +59,7 @@ class MacCount:
     total_other_ops: int
 
 
-def count_macs(model: bytes | str | os.PathLike) -> MacCount:
+def count_macs(model: TfliteSource) -> MacCount:
     """Counts MACs and other operations per operator of a `.tflite` model.
 
     Args:
@@ -73,13 +71,8 @@ def count_macs(model: bytes | str | os.PathLike) -> MacCount:
     Raises:
         ModelLoadError: the file is missing or is not a TFLite flatbuffer.
     """
-    if not isinstance(model, (bytes, bytearray)):
-        parsed = read_tflite(model)  # raises the one-line ModelLoadError for a bad path
-        with open(os.fspath(model), "rb") as f:
-            model = f.read()
-    else:
-        parsed = read_tflite(model)
-    root = schema.ModelT.InitFromPackedBuf(bytes(model), 0)
+    parsed = read_tflite(model)  # raises the one-line ModelLoadError for a bad path
+    root = parsed.root
     options = [op.builtinOptions for op in (root.subgraphs[0].operators or [])]
     layers = tuple(_layer_cost(parsed, op, opts) for op, opts in zip(parsed.operators, options))
     return MacCount(

@@ -22,7 +22,7 @@ from tfcompress.analysis import latency
 from tfcompress.analysis import macs
 from tfcompress.core.artefacts import write_atomic, write_json
 from tfcompress.analysis.inspection import inspect_tflite
-from tfcompress.core.tflite_model import constant_values, read_tflite, weight_tensors
+from tfcompress.core.tflite_model import TfliteModel, TfliteSource, read_tflite, weight_tensors
 
 SCHEMA_VERSION = 1
 MARKDOWN = "report.md"
@@ -79,41 +79,65 @@ class Report:
     latency_threads: int
 
 
-def compute_report(run_dir: str, latency_runs: int = 200) -> Report:
-    """Reads a convert or optimize run's directory; `latency_runs=0` skips the latency measurement."""
+def compute_report(run_dir: str, latency_runs: int = 200,
+                   parsed: dict[str, TfliteModel] | None = None) -> Report:
+    """Reads a convert or optimize run's directory; `latency_runs=0` skips the latency measurement.
+
+    `parsed` maps file names in `run_dir` to models the run has parsed already; each is used only where its
+    bytes are the file's, so the report still describes what is on disk.
+    """
     with open(os.path.join(run_dir, "report.json")) as f:
         record = json.load(f)
+    models = _ParsedModels(run_dir, parsed or {})
     if "stages" in record:
-        kind, rows, final = "optimize", _optimize_rows(record, run_dir, latency_runs), "model.tflite"
+        kind, rows, final = "optimize", _optimize_rows(record, run_dir, latency_runs, models), "model.tflite"
     else:
-        kind, rows, final = "convert", _convert_rows(record, run_dir, latency_runs), "model.tflite"
+        kind, rows, final = "convert", _convert_rows(record, run_dir, latency_runs, models), "model.tflite"
     final_path = os.path.join(run_dir, final)
     layers = ()
     if os.path.exists(final_path):
         layers = tuple(LayerRow(layer.name, layer.op, layer.weight_bytes, layer.weight_zero_fraction, layer.macs)
-                       for layer in inspect_tflite(final_path).layers if layer.weight_bytes or layer.macs)
+                       for layer in inspect_tflite(models.read(final_path)).layers
+                       if layer.weight_bytes or layer.macs)
     return Report(SCHEMA_VERSION, run_dir, kind, rows, layers, _worst_tensors(run_dir), latency_threads=1)
 
 
-def _convert_rows(record: dict, run_dir: str, latency_runs: int) -> tuple[StageRow, ...]:
+class _ParsedModels:
+    """Each `.tflite` of a run parsed once, starting from the models the run handed over."""
+
+    def __init__(self, run_dir: str, parsed: dict[str, TfliteModel]):
+        self._models = {os.path.join(run_dir, name): model for name, model in parsed.items()}
+
+    def read(self, path: str) -> TfliteModel:
+        model = self._models.get(path)
+        if model is not None:
+            with open(path, "rb") as f:
+                if f.read() == model.data:
+                    return model
+        self._models[path] = model = read_tflite(path)
+        return model
+
+
+def _convert_rows(record: dict, run_dir: str, latency_runs: int, models: _ParsedModels) -> tuple[StageRow, ...]:
     config, accuracy = record["config"], record.get("accuracy") or {}
     source = config.get("saved_model_dir") or config.get("keras_model")
     float_accuracy = accuracy.get("float_accuracy")
     rows = [_keras_row("float", source, float_accuracy, float_accuracy)]
     path = os.path.join(run_dir, "model.tflite")
     micro = record.get("micro") or {}
-    rows.append(_tflite_row(f"{config['mode']} (.tflite)", path, accuracy.get("tflite_accuracy"),
+    rows.append(_tflite_row(f"{config['mode']} (.tflite)", models.read(path), path, accuracy.get("tflite_accuracy"),
                             float_accuracy, latency_runs, (micro.get("arena") or {}).get("arena_bytes")))
     return tuple(rows)
 
 
-def _optimize_rows(record: dict, run_dir: str, latency_runs: int) -> tuple[StageRow, ...]:
+def _optimize_rows(record: dict, run_dir: str, latency_runs: int, models: _ParsedModels) -> tuple[StageRow, ...]:
     rows = []
     float_accuracy = record["stages"][0].get("eval_accuracy")
     for stage in record["stages"]:
         if stage["stage"] == "convert":
             micro = stage.get("micro") or {}
-            rows.append(_tflite_row(f"{record['config']['mode']} (.tflite)", os.path.join(run_dir, "model.tflite"),
+            path = os.path.join(run_dir, "model.tflite")
+            rows.append(_tflite_row(f"{record['config']['mode']} (.tflite)", models.read(path), path,
                                     stage.get("eval_accuracy"), float_accuracy, latency_runs,
                                     (micro.get("arena") or {}).get("arena_bytes")))
         else:
@@ -140,27 +164,27 @@ def _keras_row(stage: str, path: str | None, accuracy: float | None, reference: 
         macs=None, latency_median_ms=None, latency_p90_ms=None, arena_bytes=None)
 
 
-def _tflite_row(stage: str, path: str, accuracy, reference, latency_runs: int, arena: int | None) -> StageRow:
-    with open(path, "rb") as f:
-        data = f.read()
-    parameters, nonzero = tflite_parameters(data)
+def _tflite_row(stage: str, model: TfliteModel, path: str, accuracy, reference, latency_runs: int,
+                arena: int | None) -> StageRow:
+    data = model.data
+    parameters, nonzero = tflite_parameters(model)
     timing = latency.measure_latency(path, num_runs=latency_runs, num_threads=1) if latency_runs > 0 else None
     return StageRow(
         stage=stage, artefact=path, format="tflite", accuracy=accuracy,
         accuracy_change=_change(accuracy, reference), bytes=len(data),
         gzip_bytes=len(gzip.compress(data, 9, mtime=0)), parameters=parameters, nonzero_parameters=nonzero,
-        macs=macs.count_macs(data).total_macs,
+        macs=macs.count_macs(model).total_macs,
         latency_median_ms=None if timing is None else timing.median_ms,
         latency_p90_ms=None if timing is None else timing.p90_ms, arena_bytes=arena)
 
 
-def tflite_parameters(data: bytes) -> tuple[int, int]:
+def tflite_parameters(data: TfliteSource) -> tuple[int, int]:
     """(parameters, non-zero parameters) of the weight and bias tensors stored in a `.tflite`.
 
     A quantized weight counts as zero when it equals its zero point (what a float 0.0 becomes).
     """
     model = read_tflite(data)
-    values = constant_values(data)
+    values = model.constants
     total = nonzero = 0
     for _, weights, bias in weight_tensors(model):
         for tensor in (weights, bias):

@@ -19,7 +19,7 @@ from tfcompress.core._keras import tf
 from tfcompress.core._native import native_output_captured
 from tfcompress.core.errors import ConversionError, NotFullyQuantizedError
 from tfcompress.core.model_io import FloatModel
-from tfcompress.core.tflite_model import read_tflite
+from tfcompress.core.tflite_model import TfliteModel, TfliteSource, read_tflite
 
 
 class Mode(str, enum.Enum):
@@ -80,6 +80,8 @@ class ConvertConfig:
 def convert(model: FloatModel, config: ConvertConfig, calibration_samples: np.ndarray | None = None) -> bytes:
     """Converts `model` to a TFLite flatbuffer.
 
+    `convert_and_read` is the same, returning the parsed `TfliteModel` (whose `.data` are these bytes).
+
     Args:
         model: the float model, from `model_io.load_model`.
         config: mode and I/O dtype.
@@ -94,6 +96,11 @@ def convert(model: FloatModel, config: ConvertConfig, calibration_samples: np.nd
         NotFullyQuantizedError: in an integer mode, some ops stayed in float.
         ConversionError: the converter rejected the model.
     """
+    return convert_and_read(model, config, calibration_samples).data
+
+
+def _convert(model: FloatModel, config: ConvertConfig, calibration_samples: np.ndarray | None) -> bytes:
+    """The converter run itself; `convert_and_read` adds the integer-only check."""
     mode = config.mode
     if mode in INTEGER_MODES and calibration_samples is None and not model.is_quantization_aware:
         raise ValueError(
@@ -129,12 +136,19 @@ def convert(model: FloatModel, config: ConvertConfig, calibration_samples: np.nd
             error = e
     if error is not None:
         raise _conversion_error(error, "".join(native_log), mode) from None
-    if mode in INTEGER_MODES:
-        check_integer_only(flatbuffer, mode, allow_float_io=config.io_dtype == "float32")
     return flatbuffer
 
 
-def check_integer_only(flatbuffer: bytes, mode: Mode, allow_float_io: bool) -> None:
+def convert_and_read(model: FloatModel, config: ConvertConfig,
+                     calibration_samples: np.ndarray | None = None) -> TfliteModel:
+    """`convert`, returning the parsed flatbuffer: a run parses it here once and passes it along."""
+    parsed = read_tflite(_convert(model, config, calibration_samples))
+    if config.mode in INTEGER_MODES:
+        check_integer_only(parsed, config.mode, allow_float_io=config.io_dtype == "float32")
+    return parsed
+
+
+def check_integer_only(flatbuffer: TfliteSource, mode: Mode, allow_float_io: bool) -> None:
     """Raises `NotFullyQuantizedError` naming every op that computes in float."""
     parsed = read_tflite(flatbuffer)
     offenders = parsed.float_ops(allow_float_io=allow_float_io)

@@ -19,7 +19,7 @@ from tfcompress.conversion.convert import INTEGER_MODES, Mode
 from tfcompress.core.progress import progress
 from tfcompress.core.errors import VerificationError
 from tfcompress.core.model_io import FloatModel
-from tfcompress.core.tflite_model import TfliteModel, read_tflite, weight_tensors
+from tfcompress.core.tflite_model import TfliteModel, TfliteSource, read_tflite, weight_tensors
 
 # Tensor dtypes an integer mode may contain besides its I/O: activations, weights, biases, shapes.
 _ALLOWED_DTYPES = {
@@ -67,7 +67,7 @@ class VerificationResult:
 
 
 def verify(
-    tflite_model: bytes | str | os.PathLike,
+    tflite_model: TfliteSource,
     mode: Mode | str,
     io_dtype: str,
     float_model: FloatModel | None = None,
@@ -81,7 +81,7 @@ def verify(
     """Runs every check on a converted model.
 
     Args:
-        tflite_model: the flatbuffer bytes or a path to a `.tflite` file.
+        tflite_model: the parsed model (`read_tflite`), its flatbuffer bytes, or a path to a `.tflite` file.
         mode: the conversion mode the model was made in (`convert.Mode`).
         io_dtype: the promised input and output dtype.
         float_model: the float model to compare against (needed for accuracy checks).
@@ -109,12 +109,10 @@ def verify(
             f"{len(eval_labels)} labels"
         )
     parsed = read_tflite(tflite_model)
-    content = tflite_model if isinstance(tflite_model, (bytes, bytearray)) else None
     checks = [*_dtype_checks(parsed, mode, io_dtype), _builtin_only_check(parsed)]
     accuracy = None
     if eval_samples is not None:
-        tflite_outputs = run_tflite(content if content is not None else os.fspath(tflite_model),
-                                    eval_samples, batch_size=batch_size)
+        tflite_outputs = run_tflite(parsed, eval_samples, batch_size=batch_size)
         if float_outputs is None and float_model is not None:
             float_outputs = float_model.predict(eval_samples)
         if float_outputs is not None:
@@ -139,7 +137,7 @@ def verify(
     return result
 
 
-def run_tflite(model: bytes | str, samples: np.ndarray, batch_size: int = 500,
+def run_tflite(model: TfliteSource, samples: np.ndarray, batch_size: int = 500,
                num_threads: int | None = None) -> np.ndarray:
     """Runs float `samples` through a single-input, single-output `.tflite` model in batches.
 
@@ -153,14 +151,16 @@ def run_tflite(model: bytes | str, samples: np.ndarray, batch_size: int = 500,
     return dequantize(raw, out)
 
 
-def run_tflite_raw(model: bytes | str, inputs: np.ndarray, batch_size: int = 500,
+def run_tflite_raw(model: TfliteSource, inputs: np.ndarray, batch_size: int = 500,
                    num_threads: int | None = None) -> np.ndarray:
     """Runs `inputs` already in the model's input dtype; returns the output tensor as stored (quantized)."""
     return _run_batches(_interpreter(model, num_threads), inputs, batch_size)
 
 
-def _interpreter(model: bytes | str, num_threads: int | None) -> Interpreter:
-    kwargs = {"model_content": model} if isinstance(model, (bytes, bytearray)) else {"model_path": model}
+def _interpreter(model: TfliteSource, num_threads: int | None) -> Interpreter:
+    if isinstance(model, TfliteModel):
+        model = model.data
+    kwargs = {"model_content": model} if isinstance(model, (bytes, bytearray)) else {"model_path": os.fspath(model)}
     return Interpreter(num_threads=num_threads or os.cpu_count() or 1, **kwargs)
 
 

@@ -1,14 +1,19 @@
 """Reading a `.tflite` flatbuffer: ops, tensors, dtypes and I/O, with the schema LiteRT ships.
 
-Every stage that looks inside a converted model (convert's integer-only guard, verify, reports) reads it
-through `read_tflite`, which returns a small frozen `TfliteModel` of plain values. The flatbuffer is
-parsed with `ai_edge_litert.schema_py_generated` (the schema module maintained with the interpreter),
-never by hand.
+Every stage that looks inside a converted model (convert's integer-only guard, verify, the TFLM export,
+reports) reads it through `read_tflite`, which returns a small frozen `TfliteModel` of plain values that
+also keeps the bytes and the schema's object tree. The flatbuffer is parsed with
+`ai_edge_litert.schema_py_generated` (the schema module maintained with the interpreter), never by hand.
+
+Parse once per run: every function that takes a model accepts a `TfliteModel` as well as bytes or a path,
+and `read_tflite` hands a `TfliteModel` back as it is, so a run parses its flatbuffer once and passes the
+parsed model along.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 from collections.abc import Sequence
@@ -57,6 +62,27 @@ class TfliteModel:
     inputs: tuple[int, ...]
     outputs: tuple[int, ...]
     num_subgraphs: int
+    data: bytes = dataclasses.field(default=b"", repr=False, compare=False)
+    """The flatbuffer itself, for interpreters and for writing it out."""
+    root: object = dataclasses.field(default=None, repr=False, compare=False)
+    """The schema's object tree (`schema.ModelT`), for readers that need options or raw buffers."""
+
+    @functools.cached_property
+    def constants(self) -> dict[int, np.ndarray]:
+        """Every constant tensor of the first subgraph with a known dtype, as an array, by tensor index.
+
+        Read from the flatbuffer's buffers: what ships, not what the Keras model held.
+        """
+        found = {}
+        for i, t in enumerate(self.root.subgraphs[0].tensors or []):
+            raw = self.root.buffers[t.buffer].data if t.buffer < len(self.root.buffers) else None
+            dtype = _NUMPY_TYPES.get(_TYPE_NAMES.get(t.type, ""))
+            if raw is None or len(raw) == 0 or dtype is None:
+                continue
+            values = np.frombuffer(np.asarray(raw, dtype=np.uint8).tobytes(), dtype=dtype)
+            shape = tuple(int(d) for d in t.shape) if t.shape is not None else ()
+            found[i] = values.reshape(shape) if int(np.prod(shape)) == values.size else values
+        return found
 
     @property
     def op_names(self) -> tuple[str, ...]:
@@ -96,12 +122,18 @@ class TfliteModel:
         return f"{label} ({name})" if name else label
 
 
-def read_tflite(model: bytes | str | os.PathLike) -> TfliteModel:
-    """Parses a `.tflite` flatbuffer given as bytes or as a path.
+TfliteSource = TfliteModel | bytes | bytearray | str | os.PathLike
+"""A model as any stage takes it: parsed already, its bytes, or the path of a `.tflite` file."""
+
+
+def read_tflite(model: TfliteSource) -> TfliteModel:
+    """Parses a `.tflite` flatbuffer given as bytes or as a path; a `TfliteModel` is returned as it is.
 
     Raises:
         ModelLoadError: the file is missing or is not a TFLite flatbuffer.
     """
+    if isinstance(model, TfliteModel):
+        return model
     if isinstance(model, (bytes, bytearray)):
         data, source = bytes(model), "the model bytes"
     else:
@@ -117,6 +149,20 @@ def read_tflite(model: bytes | str | os.PathLike) -> TfliteModel:
             f"{source} is not a TFLite flatbuffer (no 'TFL3' identifier). "
             "Pass a .tflite file written by the TFLite converter."
         )
+    return _parse(data, source)
+
+
+def model_bytes(model: TfliteSource) -> bytes:
+    """The flatbuffer's bytes: a parsed model's own, bytes as they are, a path read (and checked)."""
+    if isinstance(model, TfliteModel):
+        return model.data
+    if isinstance(model, (bytes, bytearray)):
+        return bytes(model)
+    return read_tflite(model).data
+
+
+def _parse(data: bytes, source: str) -> TfliteModel:
+    """The one place a flatbuffer is parsed (tests count the calls: one per model per run)."""
     try:
         root = schema.ModelT.InitFromPackedBuf(data, 0)
     except Exception as e:  # the generated parser raises assorted errors on truncated data
@@ -166,6 +212,8 @@ def read_tflite(model: bytes | str | os.PathLike) -> TfliteModel:
         inputs=tuple(int(x) for x in graph.inputs),
         outputs=tuple(int(x) for x in graph.outputs),
         num_subgraphs=len(root.subgraphs),
+        data=data,
+        root=root,
     )
 
 
@@ -196,34 +244,19 @@ _NUMPY_TYPES = {"int8": "int8", "uint8": "uint8", "int16": "int16", "int32": "in
                 "float32": "float32", "float16": "float16"}
 
 
-def constant_values(model: bytes | str | os.PathLike) -> dict[int, np.ndarray]:
-    """Every constant tensor of the first subgraph with a known dtype, as an array, by tensor index.
-
-    Read from the flatbuffer's buffers: what ships, not what the Keras model held.
-    """
-    data = model if isinstance(model, (bytes, bytearray)) else open(os.fspath(model), "rb").read()
-    root = schema.ModelT.InitFromPackedBuf(bytes(data), 0)
-    found = {}
-    for i, t in enumerate(root.subgraphs[0].tensors or []):
-        raw = root.buffers[t.buffer].data if t.buffer < len(root.buffers) else None
-        dtype = _NUMPY_TYPES.get(_TYPE_NAMES.get(t.type, ""))
-        if raw is None or len(raw) == 0 or dtype is None:
-            continue
-        values = np.frombuffer(np.asarray(raw, dtype=np.uint8).tobytes(), dtype=dtype)
-        shape = tuple(int(d) for d in t.shape) if t.shape is not None else ()
-        found[i] = values.reshape(shape) if int(np.prod(shape)) == values.size else values
-    return found
+def constant_values(model: TfliteSource) -> dict[int, np.ndarray]:
+    """Every constant tensor of the first subgraph with a known dtype, by tensor index (`TfliteModel.constants`)."""
+    return read_tflite(model).constants
 
 
-def weight_sparsity(model: bytes | str | os.PathLike) -> dict[str, float]:
+def weight_sparsity(model: TfliteSource) -> dict[str, float]:
     """Fraction of stored weights equal to their zero point, per layer weight tensor (by tensor name).
 
     Read from the flatbuffer's constant buffers, so it is what ships: pruning that did not survive
     conversion shows here as a lower fraction than the Keras model's.
     """
-    data = model if isinstance(model, (bytes, bytearray)) else open(os.fspath(model), "rb").read()
-    parsed = read_tflite(data)
-    values = constant_values(data)
+    parsed = read_tflite(model)
+    values = parsed.constants
     result = {}
     for _, weights, _ in weight_tensors(parsed):
         if weights.index not in values:

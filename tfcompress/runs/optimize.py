@@ -112,8 +112,7 @@ def run_optimize(config: OptimizeConfig) -> OptimizeResult:
         latency_runs=0,  # the run's own report times the final model once
     ))
     model_path = os.path.join(output_dir, "model.tflite")
-    with open(converted.model_path, "rb") as f:
-        write_atomic(model_path, f.read())
+    write_atomic(model_path, converted.tflite.data)
     if config.target:
         _copy_dir(os.path.join(os.path.dirname(converted.model_path), MICRO_DIRNAME),
                   os.path.join(output_dir, MICRO_DIRNAME))
@@ -124,14 +123,15 @@ def run_optimize(config: OptimizeConfig) -> OptimizeResult:
         "accuracy_drop_vs_input_model": None if accuracy is None else accuracy.accuracy_drop,
         "weight_sparsity": converted.report["model"]["weight_sparsity"],
         # What ships: at most `cluster` values per output channel of each weight tensor.
-        "distinct_values": distinct_values(model_path) if config.cluster is not None else None,
+        "distinct_values": distinct_values(converted.tflite) if config.cluster is not None else None,
         "micro": converted.report.get("micro"),
         "seconds": round(time.perf_counter() - start, 3),
     }]
     report_path = os.path.join(output_dir, "report.json")
     write_json(report_path, {"schema_version": REPORT_SCHEMA_VERSION, "config": dataclasses.asdict(config),
                              "resumed_after": resumed_after, "stages": stages})
-    run_report.write_report(run_report.compute_report(output_dir, latency_runs=config.latency_runs))
+    run_report.write_report(run_report.compute_report(output_dir, latency_runs=config.latency_runs,
+                                                      parsed={"model.tflite": converted.tflite}))
     return OptimizeResult(model_path, report_path, tuple(stages), resumed_after)
 
 

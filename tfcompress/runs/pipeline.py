@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ from tfcompress.core.artefacts import prepare_output_dir, remove_if_empty, write
 from tfcompress.analysis import debug
 from tfcompress.targets import export as micro_export
 from tfcompress.analysis import report as run_report
-from tfcompress.conversion.convert import INTEGER_MODES, ConvertConfig, Mode, convert
+from tfcompress.conversion.convert import INTEGER_MODES, ConvertConfig, Mode, convert_and_read
 from tfcompress.core.errors import (
     CalibrationDataError,
     ConversionError,
@@ -30,7 +29,7 @@ from tfcompress.core.errors import (
     VerificationError,
 )
 from tfcompress.core.model_io import load_model, model_source
-from tfcompress.core.tflite_model import read_tflite, weight_sparsity
+from tfcompress.core.tflite_model import TfliteModel, weight_sparsity
 from tfcompress.conversion.verify import Check, VerificationResult, verify
 
 MODEL_FILENAME = "model.tflite"
@@ -114,6 +113,8 @@ class ConvertPipelineResult:
     verification: VerificationResult
     num_bytes: int
     report: dict
+    tflite: TfliteModel | None = dataclasses.field(default=None, repr=False)
+    """The verified model as parsed once by the run (its `.data` is `model.tflite`'s bytes)."""
 
 
 def run_convert(config: ConvertPipelineConfig) -> ConvertPipelineResult:
@@ -165,12 +166,12 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
     timings["load_seconds"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    flatbuffer = convert(model, convert_config, samples)
+    parsed = convert_and_read(model, convert_config, samples)  # parsed once; every later stage takes it
     timings["convert_seconds"] = time.perf_counter() - start
 
     start = time.perf_counter()
     result = verify(
-        flatbuffer, convert_config.mode, convert_config.io_dtype, float_model=model,
+        parsed, convert_config.mode, convert_config.io_dtype, float_model=model,
         eval_samples=eval_x, eval_labels=eval_y,
         max_accuracy_drop=config.max_accuracy_drop if eval_x is not None else None,
         raise_on_failure=False,
@@ -181,25 +182,26 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
     if result.passed and config.target == "micro":
         start = time.perf_counter()
         try:
-            firmware = _micro_export(flatbuffer, eval_x, config)
+            firmware = _micro_export(parsed, eval_x, config)
         except VerificationError as e:
             result = dataclasses.replace(result, checks=result.checks + tuple(
                 Check(f.split(":")[0], False, f.split(":", 1)[-1].strip()) for f in e.failures))
         timings["micro_export_seconds"] = time.perf_counter() - start
 
-    report = _report(config, convert_config, flatbuffer, result, samples, timings)
+    report = _report(config, convert_config, parsed, result, samples, timings)
     if result.passed:
-        write_atomic(model_path, flatbuffer)
+        write_atomic(model_path, parsed.data)
         if firmware is not None:
             micro_export.write_micro_export(firmware, os.path.join(output_dir, MICRO_DIRNAME), overwrite=True)
             report["micro"] = firmware.manifest
         write_json(report_path, report)
         _write_debug(config, convert_config, model, samples, output_dir)
-        summary = run_report.compute_report(output_dir, latency_runs=config.latency_runs)
+        summary = run_report.compute_report(output_dir, latency_runs=config.latency_runs,
+                                            parsed={MODEL_FILENAME: parsed})
         run_report.write_report(summary)
         with open(report_path) as f:
             report = json.load(f)
-        return ConvertPipelineResult(model_path, report_path, result, len(flatbuffer), report)
+        return ConvertPipelineResult(model_path, report_path, result, parsed.num_bytes, report, parsed)
     # A stale model.tflite (or firmware) from an earlier run must not sit beside a report that says this
     # one failed.
     if os.path.exists(model_path):
@@ -234,15 +236,14 @@ def _write_debug(config, convert_config, model, samples, output_dir: str) -> Non
     write_json(path, debug.to_json(result))
 
 
-def _micro_export(flatbuffer: bytes, eval_x, config: ConvertPipelineConfig) -> micro_export.MicroExport:
+def _micro_export(parsed: TfliteModel, eval_x, config: ConvertPipelineConfig) -> micro_export.MicroExport:
     """Checks the verified model in TFLite Micro and renders its firmware files (written by the caller)."""
-    parsed = read_tflite(flatbuffer)
     inputs, described = micro_export.micro_inputs(parsed, eval_x, config.seed)
-    return micro_export.build_micro_export(flatbuffer, inputs, described, name="model",
+    return micro_export.build_micro_export(parsed, inputs, described, name="model",
                                            source=MODEL_FILENAME)
 
 
-def _report(config, convert_config, flatbuffer, result, samples, timings) -> dict:
+def _report(config, convert_config, parsed: TfliteModel, result, samples, timings) -> dict:
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "tool": f"tfcompress {__version__}",
@@ -251,10 +252,10 @@ def _report(config, convert_config, flatbuffer, result, samples, timings) -> dic
         "config": dataclasses.asdict(config) | {"io_dtype": convert_config.io_dtype},
         "model": {
             "file": MODEL_FILENAME if result.passed else None,
-            "bytes": len(flatbuffer),
-            "sha256": hashlib.sha256(flatbuffer).hexdigest(),
+            "bytes": parsed.num_bytes,
+            "sha256": parsed.sha256,
             "ops": result.ops,
-            "weight_sparsity": weight_sparsity(flatbuffer),
+            "weight_sparsity": weight_sparsity(parsed),
             "inputs": list(result.inputs),
             "outputs": list(result.outputs),
         },

@@ -22,7 +22,7 @@ from tfcompress.conversion import calibration
 from tfcompress.targets import micro
 from tfcompress.core.artefacts import prepare_output_dir, remove_if_empty, write_atomic, write_json
 from tfcompress.core.errors import InputError, VerificationError
-from tfcompress.core.tflite_model import Tensor, TfliteModel, read_tflite
+from tfcompress.core.tflite_model import Tensor, TfliteModel, TfliteSource, read_tflite
 from tfcompress.conversion.verify import quantize
 
 MANIFEST_SCHEMA_VERSION = 1
@@ -134,7 +134,7 @@ def micro_inputs(model: TfliteModel, samples: np.ndarray | None, seed: int = 0,
     return inputs, f"{num_random} random inputs (seed {seed}); no evaluation data given"
 
 
-def build_micro_export(flatbuffer: bytes, inputs: np.ndarray, samples: str, *, name: str,
+def build_micro_export(flatbuffer: TfliteSource, inputs: np.ndarray, samples: str, *, name: str,
                        labels: list[str] | None = None, compress: bool = False,
                        source: str = "the model") -> MicroExport:
     """Checks the model in TFLM and renders the firmware files (nothing is written here).
@@ -146,20 +146,22 @@ def build_micro_export(flatbuffer: bytes, inputs: np.ndarray, samples: str, *, n
     """
     start = time.perf_counter()
     model = read_tflite(flatbuffer)
+    flatbuffer = model.data
     micro.check_micro_compatible(model, source)
     _check_single_io(model, source)
     labels = _check_labels(labels, model)
-    arena = micro.measure_arena(flatbuffer, inputs[:1])
-    tflm_outputs = micro.run_tflm(flatbuffer, inputs, arena.arena_bytes)  # run with the reported arena
-    check = micro.compare_with_litert(flatbuffer, inputs, tflm_outputs, samples)
+    arena = micro.measure_arena(model, inputs[:1])
+    tflm_outputs = micro.run_tflm(model, inputs, arena.arena_bytes)  # run with the reported arena
+    check = micro.compare_with_litert(model, inputs, tflm_outputs, samples)
     if not check.passed:
         raise VerificationError(check.failures)
-    shipped, compression = flatbuffer, None
+    shipped, shipped_model, compression = flatbuffer, model, None
     if compress:
-        lut = micro.lut_compress(flatbuffer)
+        lut = micro.lut_compress(model)
         shipped = lut.flatbuffer
-        arena_before, arena = arena, micro.measure_arena(shipped, inputs[:1])
-        exact = micro.compare_tflm_exact(shipped, inputs, arena.arena_bytes, tflm_outputs, samples)
+        shipped_model = read_tflite(shipped)
+        arena_before, arena = arena, micro.measure_arena(shipped_model, inputs[:1])
+        exact = micro.compare_tflm_exact(shipped_model, inputs, arena.arena_bytes, tflm_outputs, samples)
         if not exact.passed:
             raise VerificationError(exact.failures)
         compression = {
@@ -171,7 +173,6 @@ def build_micro_export(flatbuffer: bytes, inputs: np.ndarray, samples: str, *, n
             "tensors": [dataclasses.asdict(t) for t in lut.tensors],
             "tflm_exact_check": dataclasses.asdict(exact),
         }
-    shipped_model = read_tflite(shipped)
     calls = micro.resolver_calls(shipped_model)
     manifest = {
         "schema_version": MANIFEST_SCHEMA_VERSION,
@@ -218,8 +219,6 @@ def write_micro_export(export: MicroExport, output_dir: str, overwrite: bool = F
 def run_export(config: ExportConfig) -> ExportResult:
     """`tfcompress export`: reads `config.tflite`, checks it in TFLM, writes the firmware files."""
     model = read_tflite(config.tflite)  # a clear ModelLoadError for a missing or non-flatbuffer file
-    with open(config.tflite, "rb") as f:
-        flatbuffer = f.read()
     name, note = c_name(config.name, config.tflite)
     labels = _read_labels(config.labels) if config.labels else None
     files = (f"{name}_model_data.h", f"{name}_model_data.cc", f"{name}_op_resolver.h", f"{name}.tflite",
@@ -233,7 +232,7 @@ def run_export(config: ExportConfig) -> ExportResult:
                 config.eval_data, shape, key=config.eval_key, labels_key=config.eval_labels_key,
                 scale=config.input_scale, offset=config.input_offset, limit=config.num_eval_samples)
         inputs, described = micro_inputs(model, samples, config.seed)
-        export = build_micro_export(flatbuffer, inputs, described, name=name, labels=labels,
+        export = build_micro_export(model, inputs, described, name=name, labels=labels,
                                     compress=config.compress, source=config.tflite)
         extra = {"notes": [note] if note else []}
         if config.vela:

@@ -19,7 +19,7 @@ import numpy as np
 from tfcompress.core._native import native_output_captured
 from tfcompress.core.errors import MicroTargetError, VerificationError
 from tfcompress.core.progress import progress
-from tfcompress.core.tflite_model import TfliteModel, constant_values, read_tflite, weight_tensors
+from tfcompress.core.tflite_model import TfliteModel, TfliteSource, model_bytes, read_tflite, weight_tensors
 from tfcompress.conversion.verify import run_tflite_raw
 
 # Builtin op -> its MicroMutableOpResolver method, as declared in TFLM's micro_mutable_op_resolver.h.
@@ -175,7 +175,8 @@ def resolver_calls(model: TfliteModel) -> list[str]:
     return [TFLM_CUSTOM.get(n) or TFLM_BUILTINS[n] for n in names]
 
 
-def _interpreter(flatbuffer: bytes, arena_bytes: int):
+def _interpreter(flatbuffer: TfliteSource, arena_bytes: int):
+    flatbuffer = model_bytes(flatbuffer)
     runtime = _runtime()
     with native_output_captured() as log:
         try:
@@ -198,7 +199,7 @@ class ArenaTooSmallError(VerificationError):
         self.details = log
 
 
-def measure_arena(flatbuffer: bytes, sample: np.ndarray, margin: float = ARENA_MARGIN) -> ArenaSize:
+def measure_arena(flatbuffer: TfliteSource, sample: np.ndarray, margin: float = ARENA_MARGIN) -> ArenaSize:
     """Runs one inference with TFLM's recording allocator and reads its arena total.
 
     `sample` is one input in the model's input dtype and shape (batch of 1). The allocator prints to
@@ -206,7 +207,7 @@ def measure_arena(flatbuffer: bytes, sample: np.ndarray, margin: float = ARENA_M
     """
     if not 0 <= margin <= 1:
         raise ValueError(f"margin must be a fraction in [0, 1]. Received: margin={margin}")
-    generous = max(10 * len(flatbuffer), 1 << 20)
+    generous = max(10 * len(model_bytes(flatbuffer)), 1 << 20)
     interpreter = _interpreter(flatbuffer, generous)
     interpreter.set_input(sample, 0)
     interpreter.invoke()
@@ -220,7 +221,7 @@ def measure_arena(flatbuffer: bytes, sample: np.ndarray, margin: float = ARENA_M
     return ArenaSize(recorded_bytes=recorded, arena_bytes=arena, margin=margin)
 
 
-def run_tflm(flatbuffer: bytes, inputs: np.ndarray, arena_bytes: int) -> np.ndarray:
+def run_tflm(flatbuffer: TfliteSource, inputs: np.ndarray, arena_bytes: int) -> np.ndarray:
     """Runs `inputs` (model input dtype, batch axis first) one by one in TFLM; raw outputs stacked."""
     interpreter = _interpreter(flatbuffer, arena_bytes)
     outputs = []
@@ -231,17 +232,17 @@ def run_tflm(flatbuffer: bytes, inputs: np.ndarray, arena_bytes: int) -> np.ndar
     return np.concatenate(outputs, axis=0)
 
 
-def compare_with_litert(flatbuffer: bytes, inputs: np.ndarray, tflm_outputs: np.ndarray,
+def compare_with_litert(flatbuffer: TfliteSource, inputs: np.ndarray, tflm_outputs: np.ndarray,
                         samples: str) -> TflmComparison:
     """TFLM's outputs (from `run_tflm`) against LiteRT's on the same inputs, within `tolerance_steps`."""
-    litert = run_tflite_raw(flatbuffer, inputs)
     model = read_tflite(flatbuffer)
+    litert = run_tflite_raw(model, inputs)
     step = _output_step(model)
     return compare_outputs(tflm_outputs / step, litert / step, samples, "LiteRT", tolerance_steps(model),
                            MIN_TOP1_AGREEMENT)
 
 
-def compare_tflm_exact(compressed: bytes, inputs: np.ndarray, arena_bytes: int, reference_outputs: np.ndarray,
+def compare_tflm_exact(compressed: TfliteSource, inputs: np.ndarray, arena_bytes: int, reference_outputs: np.ndarray,
                        samples: str) -> TflmComparison:
     """A compressed model in TFLM against the original's TFLM outputs: decoding is lossless, no tolerance."""
     decoded = run_tflm(compressed, inputs, arena_bytes)
@@ -285,7 +286,7 @@ def compare_outputs(a: np.ndarray, b: np.ndarray, samples: str, reference: str, 
     )
 
 
-def lut_compress(flatbuffer: bytes, max_index_bitwidth: int = 4) -> LutCompression:
+def lut_compress(flatbuffer: TfliteSource, max_index_bitwidth: int = 4) -> LutCompression:
     """Look-up-table compresses the weight tensors whose values fit tables of at most 2**bitwidth entries.
 
     Uses `tflite_micro.compression`; TFLM inserts a DECODE op per tensor that expands the weights into the
@@ -303,7 +304,7 @@ def lut_compress(flatbuffer: bytes, max_index_bitwidth: int = 4) -> LutCompressi
         raise ValueError("max_index_bitwidth must be in [1, 7] (8 bits saves nothing on int8). "
                          f"Received: max_index_bitwidth={max_index_bitwidth}")
     model = read_tflite(flatbuffer)
-    values = constant_values(flatbuffer)
+    values = model.constants
     builder = compression.SpecBuilder()
     chosen = []
     for _, weights, _ in weight_tensors(model):
@@ -330,5 +331,5 @@ def lut_compress(flatbuffer: bytes, max_index_bitwidth: int = 4) -> LutCompressi
         )
     with warnings.catch_warnings(), native_output_captured():
         warnings.simplefilter("ignore")
-        compressed = bytes(compression.compress(flatbuffer, builder.build()))
+        compressed = bytes(compression.compress(model.data, builder.build()))
     return LutCompression(flatbuffer=compressed, tensors=tuple(c for _, c in chosen))

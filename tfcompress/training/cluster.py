@@ -11,14 +11,12 @@ counts the distinct stored weight values, which is what ships. The caller's mode
 from __future__ import annotations
 
 import enum
-import os
 from collections.abc import Sequence
 
 import numpy as np
-from ai_edge_litert import schema_py_generated as schema
 
 from tfcompress.core._keras import keras
-from tfcompress.core.tflite_model import read_tflite, weight_tensors
+from tfcompress.core.tflite_model import TfliteSource, read_tflite, weight_tensors
 
 import tensorflow_model_optimization as tfmot  # after _keras: needs TF_USE_LEGACY_KERAS
 from tensorflow_model_optimization.python.core.clustering.keras import (
@@ -141,7 +139,7 @@ def strip(model: keras.Model) -> keras.Model:
     return tfmot.clustering.keras.strip_clustering(model)
 
 
-def distinct_values(model: bytes | str | os.PathLike) -> dict[str, dict[str, int]]:
+def distinct_values(model: TfliteSource) -> dict[str, dict[str, int]]:
     """Distinct stored weight values per layer weight tensor of a `.tflite`, keyed by tensor name.
 
     Counts the constant weights of every CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED op as stored in
@@ -158,12 +156,8 @@ def distinct_values(model: bytes | str | os.PathLike) -> dict[str, dict[str, int
     Raises:
         ModelLoadError: the file is missing or not a `.tflite` flatbuffer.
     """
-    data = model if isinstance(model, (bytes, bytearray)) else None
     parsed = read_tflite(model)
-    if data is None:
-        with open(os.fspath(model), "rb") as f:
-            data = f.read()
-    root = schema.ModelT.InitFromPackedBuf(bytes(data), 0)
+    root = parsed.root
     tensors = root.subgraphs[0].tensors
     result = {}
     for op, weights, _ in weight_tensors(parsed, ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")):

@@ -89,10 +89,27 @@ def test_training_data_errors_name_the_training_flags(keras_file, eval_npz, tmp_
     assert not (tmp_path / "out").exists()
 
 
+def _module_saved_model(path) -> str:
+    """A SavedModel of a plain tf.Module (no Keras): convertible, but nothing to fine-tune."""
+    class Scale(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(tf.ones((784, 10)))
+
+        @tf.function(input_signature=[tf.TensorSpec((None, 28, 28, 1), tf.float32)])
+        def __call__(self, x):
+            return {"logits": tf.matmul(tf.reshape(x, (-1, 784)), self.w)}
+
+    module = Scale()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.__call__})
+    return str(path)
+
+
 def test_command_line_bad_input_exits_2(tmp_path):
-    # The console script as a Python script, so that both runs go at once (each imports TensorFlow).
+    not_keras = _module_saved_model(tmp_path / "module_saved_model")
+    # The console script as a Python script, so that the runs go at once (each imports TensorFlow).
     tfcompress = os.path.join(os.path.dirname(sys.executable), "tfcompress")
-    missing, bad_alpha = run_scripts(
+    missing, bad_alpha, module = run_scripts(
         tfcompress,
         ["optimize", "--keras_model=/nonexistent.keras", f"--train_data={MNIST}", "--prune",
          f"--output_dir={tmp_path}/out"],
@@ -100,7 +117,9 @@ def test_command_line_bad_input_exits_2(tmp_path):
         ["optimize", "--keras_model=/nonexistent.keras", f"--train_data={MNIST}", "--factorize_energy=0.9",
          "--factorize_layers=fc", "--factorize_epochs=1", "--prune", "--cluster=8", "--cluster_epochs=1",
          "--distill_from=/nonexistent_teacher.h5", "--distill_temperature=2", "--distill_alpha=1.5",
-         f"--output_dir={tmp_path}/out"])
+         f"--output_dir={tmp_path}/out"],
+        ["optimize", f"--saved_model_dir={not_keras}", f"--train_data={MNIST}", "--prune",
+         f"--input_scale={SCALE}", f"--output_dir={tmp_path}/out"])
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [
         "tfcompress optimize: error: Model not found: /nonexistent.keras. Pass an existing SavedModel "
@@ -108,6 +127,12 @@ def test_command_line_bad_input_exits_2(tmp_path):
     assert bad_alpha.returncode == 2
     assert bad_alpha.stderr.strip().splitlines()[-1].startswith("tfcompress optimize: error: distill_alpha weighs")
     assert bad_alpha.stderr.strip().endswith("Received: distill_alpha=1.5")
+    assert module.returncode == 2, module.stderr
+    assert module.stderr.strip().splitlines() == [
+        f"tfcompress optimize: error: {not_keras} is a SavedModel that holds no Keras model, and the "
+        "training-time stages (prune, cluster, QAT, factorize, distill) need one: pass the Keras model "
+        "(--keras_model, or a SavedModel written by tf_keras model.save()), or convert this one as it is with "
+        "tfcompress convert."]
     assert not (tmp_path / "out").exists()
 
 

@@ -343,13 +343,20 @@ def _resume_model(state: dict):
 def _to_keras(model):
     if model.keras_model is not None:
         return model.keras_model
-    try:
-        return keras.models.load_model(model.saved_model_dir, compile=False)
-    except Exception as e:  # a SavedModel that is not a Keras one
+    loaded = None
+    # tf_keras writes keras_metadata.pb beside saved_model.pb; without it there is no Keras model to load.
+    if os.path.isfile(os.path.join(model.saved_model_dir, "keras_metadata.pb")):
+        try:
+            loaded = keras.models.load_model(model.saved_model_dir, compile=False)
+        except Exception:  # a SavedModel that is not a Keras one: Keras may refuse it ...
+            loaded = None
+    if not isinstance(loaded, keras.Model):  # ... or hand back a bare restored object (tf.Module)
         raise ModelLoadError(
-            f"{model.source} is a SavedModel but not a Keras one ({type(e).__name__}), so it cannot be "
-            "fine-tuned. Save it with tf_keras model.save(), or pass --keras_model."
-        ) from None
+            f"{model.source} is a SavedModel that holds no Keras model, and the training-time stages "
+            "(prune, cluster, QAT, factorize, distill) need one: pass the Keras model (--keras_model, or a "
+            "SavedModel written by tf_keras model.save()), or convert this one as it is with tfcompress convert."
+        )
+    return loaded
 
 
 def _pruned(model, config: OptimizeConfig):

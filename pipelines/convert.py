@@ -95,7 +95,8 @@ def summary(result: pipeline.ConvertPipelineResult) -> str:
     micro = result.report.get("micro")
     if micro:
         lines.append(f"  micro: flash {micro['flash_bytes']:,} bytes, arena {micro['arena']['arena_bytes']:,} "
-                     f"bytes, TFLM vs LiteRT top-1 agreement {micro['tflm_check']['top1_agreement']:.4f}")
+                     f"bytes, TFLM vs LiteRT reference kernels top-1 agreement "
+                     f"{micro['tflm_check']['top1_agreement']:.4f}")
     lines.append(f"  report {result.report_path} (and report.md, plots)")
     return "\n".join(lines)
 

@@ -60,6 +60,10 @@ def summary(result: export.ExportResult) -> str:
                  f"(recorded {m['arena']['recorded_bytes']:,} + {m['arena']['margin']:.0%})")
     lines.append(f"  TFLM vs {check['reference']}: max {check['max_step_difference']} step(s), top-1 "
                  f"agreement {check['top1_agreement']:.4f} on {check['samples']}")
+    phone = m.get("litert_optimized_vs_reference")
+    if phone:
+        lines.append(f"  LiteRT XNNPACK (phones) vs reference kernels, reported only: max "
+                     f"{phone['max_step_difference']} step(s), top-1 agreement {phone['top1_agreement']:.4f}")
     if m.get("compression"):
         c = m["compression"]
         lines.append(f"  compressed: flash {c['flash_bytes_before']:,} -> {c['flash_bytes_after']:,} bytes, "

@@ -20,7 +20,7 @@ from __future__ import annotations
 from absl import flags
 
 from pipelines import _common
-from tfcompress.runs import optimize
+from tfcompress.runs import optimize, optimize_config
 
 _MODEL = flags.DEFINE_string("saved_model_dir", None, "Keras SavedModel of the float model.")
 _KERAS_MODEL = flags.DEFINE_string("keras_model", None, "A .keras or .h5 model (instead of --saved_model_dir).")
@@ -66,6 +66,9 @@ _MODE = flags.DEFINE_enum("mode", "int8", ["int8", "int16x8", "dynamic", "float1
                           "Mode of the final conversion.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Fine-tuning batch size.", lower_bound=1)
 _LR = flags.DEFINE_float("learning_rate", 5e-4, "Adam learning rate of the fine-tunes.", lower_bound=0.0)
+_LOSS = flags.DEFINE_enum("loss", "auto", list(optimize_config.LOSSES), "Fine-tuning loss; 'auto' picks it "
+                          "from the model's output (softmax or logits: sparse categorical, sigmoid: binary), and "
+                          "from_logits follows the output activation.")
 _CALIBRATION = flags.DEFINE_string("calibration_data", None, "Calibration samples for the final conversion "
                                    "(needed without --qat).")
 _CALIBRATION_KEY = flags.DEFINE_string("calibration_key", None, "Array name inside a calibration .npz.")
@@ -97,7 +100,7 @@ def main(argv: list[str]) -> None:
         qat=_QAT.value, qat_epochs=_QAT_EPOCHS.value, leave_float=tuple(_LEAVE_FLOAT.value),
         distill_from=_DISTILL_FROM.value, distill_temperature=_TEMPERATURE.value, distill_alpha=_ALPHA.value,
         mode=_MODE.value,
-        batch_size=_BATCH.value, learning_rate=_LR.value,
+        batch_size=_BATCH.value, learning_rate=_LR.value, loss=_LOSS.value,
         calibration_data=_CALIBRATION.value, calibration_key=_CALIBRATION_KEY.value,
         num_calibration_samples=_NUM_CALIBRATION.value, max_accuracy_drop=_MAX_DROP.value,
         seed=_SEED.value, target=_TARGET.value, latency_runs=_LATENCY_RUNS.value, overwrite=_OVERWRITE.value,

@@ -19,7 +19,7 @@ from conftest import CALIBRATION, ROOT, SCALE
 from tfcompress.targets import export
 from tfcompress.targets import micro
 from tfcompress.conversion.convert import ConvertConfig, convert
-from tfcompress.core.errors import InputError, MicroTargetError, ModelLoadError
+from tfcompress.core.errors import InputError, MicroTargetError, ModelLoadError, VerificationError
 from tfcompress.core.model_io import load_model
 from tfcompress.core.tflite_model import read_tflite
 
@@ -78,12 +78,18 @@ def test_export_writes_every_file_and_a_true_manifest(exported, int8_path):
 
 def test_tflm_matches_litert_within_the_stated_tolerance(exported, int8_path):
     check = exported.manifest["tflm_check"]
-    assert check["reference"] == "LiteRT"
+    # TFLM is checked against LiteRT's reference kernels, the arithmetic it runs itself; LiteRT's default
+    # XNNPACK kernels (what a phone runs) are compared with the same reference and only reported.
+    assert check["reference"] == "LiteRT reference kernels" and check["compared"] == "TFLM"
+    phone = exported.manifest["litert_optimized_vs_reference"]
+    assert phone["compared"] == "LiteRT (XNNPACK)" and phone["num_samples"] == check["num_samples"]
+    assert phone["min_top1_agreement"] == 0.0  # never a gate
     # QUANTIZE (input), CONV_2D, FULLY_CONNECTED x2, QUANTIZE (output) requantize; pool and reshape do not.
     assert read_tflite(int8_path).op_counts() == {"CONV_2D": 1, "FULLY_CONNECTED": 2, "MAX_POOL_2D": 1,
                                                   "QUANTIZE": 2, "RESHAPE": 1}
     assert check["tolerance_steps"] == 5
-    assert check["max_step_difference"] <= 1  # measured on this model: within one step
+    assert check["max_step_difference"] <= 1  # measured on this model: within one step of the reference
+    assert phone["max_step_difference"] <= check["tolerance_steps"]
     assert check["top1_agreement"] >= 0.999
 
 
@@ -313,3 +319,18 @@ def test_arena_is_measured_even_when_native_output_is_let_through(int8_path, mon
     monkeypatch.setenv("TFCOMPRESS_NATIVE_LOG", "1")  # debugging switch: TF's C++ output goes through
     sample = np.zeros((1, 28, 28, 1), np.uint8)
     assert micro.measure_arena(open(int8_path, "rb").read(), sample).recorded_bytes > 0
+
+
+def test_tflm_accuracy_is_measured_with_labels_and_gated_against_float(int8_path, eval_npz):
+    with np.load(eval_npz) as d:
+        images, labels = d["x_test"][:100].astype(np.float32)[..., None] * SCALE, d["y_test"][:100]
+    model = read_tflite(int8_path)
+    inputs, described = export.micro_inputs(model, images)
+    measured = export.build_micro_export(model, inputs, described, name="m", eval_labels=labels)
+    accuracy = measured.manifest["tflm_accuracy"]
+    assert accuracy["num_samples"] == 100 and 0.8 <= accuracy["tflm_accuracy"] <= 1.0
+    # A float model better than TFLM by more than the limit fails the export, naming both accuracies.
+    with pytest.raises(VerificationError, match=r"tflm_accuracy_drop: float 1\.0000, TFLM 0\.\d{4}, drop "
+                                                r"0\.\d{4} \(limit 0\.0000\) on 100 samples"):
+        export.build_micro_export(model, inputs, described, name="m", eval_labels=labels,
+                                  float_accuracy=1.0, max_accuracy_drop=0.0)

@@ -13,7 +13,8 @@ import pytest
 from conftest import CALIBRATION, MNIST, SCALE, run_scripts
 from tfcompress.core._keras import keras, tf
 from tfcompress.core.errors import NotFullyQuantizedError, OutputPathError
-from tfcompress.runs.optimize import OptimizeConfig, run_optimize
+import tfcompress
+from tfcompress.runs.optimize import OptimizeConfig, output_activation, run_optimize, training_loss
 from tfcompress.core.tflite_model import read_tflite
 
 
@@ -45,6 +46,8 @@ def test_prune_then_pqat_gives_verified_sparse_int8_and_resumes(keras_file, trai
     assert all(v == pytest.approx(0.5, abs=0.02) for v in convert_stage["weight_sparsity"].values())
     assert convert_stage["eval_accuracy"] >= result.stages[0]["eval_accuracy"] - 0.03
     report = json.loads(open(result.report_path).read())
+    assert report["loss"] == ("sparse_categorical_crossentropy (from_logits=True: the model ends in linear, so it "
+                              "outputs logits)")
     assert report["stages"][-1]["bytes"] == os.path.getsize(result.model_path)
     # The rendered report reads the stage files from disk: check them against Keras' own view.
     rows = {row["stage"]: row for row in report["report"]["stages"]}
@@ -276,3 +279,35 @@ def test_settings_of_stages_that_do_not_run_leave_the_fingerprint_alone(keras_fi
         != clustered.fingerprint()
     assert _config(keras_file, train_npz, None, tmp_path, distill_from=keras_file).fingerprint() \
         != base.fingerprint()
+
+
+def _tiny(head):
+    inputs = keras.Input((8,))
+    return keras.Model(inputs, head(keras.layers.Dense(4, name="hidden")(inputs)))
+
+
+@pytest.mark.parametrize("head, expected", [
+    (lambda x: keras.layers.Dense(3, activation="softmax", name="out")(x),
+     "sparse_categorical_crossentropy (from_logits=False: the model ends in softmax)"),
+    (lambda x: keras.layers.Softmax(name="out")(keras.layers.Dense(3)(x)),
+     "sparse_categorical_crossentropy (from_logits=False: the model ends in softmax)"),
+    (lambda x: keras.layers.Dense(3, name="out")(x),
+     "sparse_categorical_crossentropy (from_logits=True: the model ends in linear, so it outputs logits)"),
+    (lambda x: keras.layers.Dense(1, activation="sigmoid", name="out")(x),
+     "binary_crossentropy (from_logits=False: the model ends in sigmoid)"),
+])
+def test_the_fine_tuning_loss_follows_the_output_activation(head, expected):
+    assert training_loss(_tiny(head)).describe() == expected
+
+
+def test_loss_is_decided_on_the_float_model_not_the_qat_wrapped_one():
+    model = _tiny(lambda x: keras.layers.Dense(3, activation="softmax", name="out")(x))
+    wrapped = tfcompress.quantize_aware(model)
+    # tfmot swaps the output activation for a quantize-aware one: the wrapped model hides its softmax,
+    # which is why the loss is chosen once, before any stage wraps the model.
+    assert output_activation(model) == "softmax" and output_activation(wrapped) != "softmax"
+    assert training_loss(model, "binary_crossentropy").describe() == (
+        "binary_crossentropy (from_logits=False: the model ends in softmax)")
+    with pytest.raises(ValueError, match="loss is one of auto, sparse_categorical_crossentropy, "
+                                         "binary_crossentropy .* Received: loss='mse'"):
+        OptimizeConfig(output_dir="o", train_data="t.npz", keras_model="m.keras", qat=True, loss="mse")

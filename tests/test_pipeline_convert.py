@@ -240,6 +240,11 @@ def test_target_micro_ends_with_firmware_checked_in_tflm(saved_model_dir, eval_n
     micro = report["micro"]
     assert micro["tflm_check"]["num_samples"] == 200 and micro["tflm_check"]["top1_agreement"] >= 0.999
     assert micro["arena"]["recorded_bytes"] < micro["arena"]["arena_bytes"]
+    # With labels, TFLM's own accuracy is gated against the float model's like LiteRT's.
+    tflm = micro["tflm_accuracy"]
+    assert tflm["num_samples"] == 200 and tflm["float_accuracy"] == report["accuracy"]["float_accuracy"]
+    assert tflm["accuracy_drop"] <= tflm["max_accuracy_drop"] == 0.01
+    assert abs(tflm["tflm_accuracy"] - report["accuracy"]["tflite_accuracy"]) <= 0.01
     assert "micro: flash" in capsys.readouterr().out
     # One parse of the shipped flatbuffer for the whole run: convert's guard, verify, the TFLM export and
     # the report all take the parsed model (the debugger parses only its own models).

@@ -12,7 +12,7 @@ import dataclasses
 import os
 
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from tfcompress.core._native import native_output_captured
 from tfcompress.conversion.convert import INTEGER_MODES, Mode
@@ -152,15 +152,22 @@ def run_tflite(model: TfliteSource, samples: np.ndarray, batch_size: int = 500,
 
 
 def run_tflite_raw(model: TfliteSource, inputs: np.ndarray, batch_size: int = 500,
-                   num_threads: int | None = None) -> np.ndarray:
-    """Runs `inputs` already in the model's input dtype; returns the output tensor as stored (quantized)."""
-    return _run_batches(_interpreter(model, num_threads), inputs, batch_size)
+                   num_threads: int | None = None, reference_kernels: bool = False) -> np.ndarray:
+    """Runs `inputs` already in the model's input dtype; returns the output tensor as stored (quantized).
+
+    `reference_kernels` runs LiteRT's reference kernels (`OpResolverType.BUILTIN_REF`) instead of the
+    default optimized ones with XNNPACK: the same arithmetic as TFLite Micro's reference kernels, which
+    the optimized kernels may round differently (several output steps on deep int8 nets).
+    """
+    return _run_batches(_interpreter(model, num_threads, reference_kernels), inputs, batch_size)
 
 
-def _interpreter(model: TfliteSource, num_threads: int | None) -> Interpreter:
+def _interpreter(model: TfliteSource, num_threads: int | None, reference_kernels: bool = False) -> Interpreter:
     if isinstance(model, TfliteModel):
         model = model.data
     kwargs = {"model_content": model} if isinstance(model, (bytes, bytearray)) else {"model_path": os.fspath(model)}
+    if reference_kernels:
+        kwargs["experimental_op_resolver_type"] = OpResolverType.BUILTIN_REF
     return Interpreter(num_threads=num_threads or os.cpu_count() or 1, **kwargs)
 
 

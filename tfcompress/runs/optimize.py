@@ -69,6 +69,7 @@ class _Inputs:
     float_model: keras.Model
     teacher: keras.Model | None
     factorized: FactorizeResult | None
+    loss: TrainingLoss
 
 
 def run_optimize(config: OptimizeConfig) -> OptimizeResult:
@@ -129,7 +130,7 @@ def run_optimize(config: OptimizeConfig) -> OptimizeResult:
     }]
     report_path = os.path.join(output_dir, "report.json")
     write_json(report_path, {"schema_version": REPORT_SCHEMA_VERSION, "config": dataclasses.asdict(config),
-                             "resumed_after": resumed_after, "stages": stages})
+                             "resumed_after": resumed_after, "loss": inputs.loss.describe(), "stages": stages})
     run_report.write_report(run_report.compute_report(output_dir, latency_runs=config.latency_runs,
                                                       parsed={"model.tflite": converted.tflite}))
     return OptimizeResult(model_path, report_path, tuple(stages), resumed_after)
@@ -171,7 +172,7 @@ def _qat_stage(model, inputs: _Inputs):
     # QAT is a short fine-tune of a model the teacher has already shaped.
     with _expected_cqat_warnings_dropped(config.qat_scheme == "cluster_preserving"):
         qat = quantize_aware(model, scheme=config.qat_scheme, leave_float=config.leave_float)
-        _compile(qat, config)
+        _compile(qat, inputs)
         qat.fit(inputs.x_train, inputs.y_train, batch_size=config.batch_size, epochs=config.qat_epochs,
                 shuffle=True, validation_data=(inputs.x_val, inputs.y_val), verbose=progress.keras_verbose())
     if config.qat_scheme == "cluster_preserving":
@@ -235,7 +236,7 @@ def _fine_tune(model, inputs: _Inputs, epochs: int, callbacks=()) -> None:
                             alpha=config.distill_alpha)
         trainer.compile(optimizer=keras.optimizers.Adam(config.learning_rate), metrics=["accuracy"])
     else:
-        _compile(model, config)
+        _compile(model, inputs)
     trainer.fit(inputs.x_train, inputs.y_train, batch_size=config.batch_size, epochs=epochs, shuffle=True,
                 validation_data=(inputs.x_val, inputs.y_val), callbacks=list(callbacks),
                 verbose=progress.keras_verbose())
@@ -260,7 +261,8 @@ def _check_inputs(config: OptimizeConfig) -> _Inputs:
         _pruned(model, config)  # checks the layers against the pruning settings; the copy is dropped
     if config.cluster is not None:
         _clustered(model, config)
-    return _Inputs(config, *data, float_model=float_model, teacher=teacher, factorized=factorized)
+    return _Inputs(config, *data, float_model=float_model, teacher=teacher, factorized=factorized,
+                   loss=training_loss(float_model, config.loss))
 
 
 def _load_teacher(config: OptimizeConfig, student):
@@ -378,10 +380,55 @@ def _load_data(config: OptimizeConfig, shape):
     return x[:split], y[:split], x[split:], y[split:], x_eval, y_eval
 
 
-def _compile(model, config: OptimizeConfig) -> None:
-    softmax = getattr(model.layers[-1], "activation", None) is keras.activations.softmax
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=not softmax),
+@dataclasses.dataclass(frozen=True)
+class TrainingLoss:
+    """The loss every fine-tune trains with, chosen once from the float model's output (or `--loss`)."""
+
+    name: str  # a LOSSES key
+    from_logits: bool
+    reason: str
+
+    def keras_loss(self):
+        if self.name == "binary_crossentropy":
+            return keras.losses.BinaryCrossentropy(from_logits=self.from_logits)
+        return keras.losses.SparseCategoricalCrossentropy(from_logits=self.from_logits)
+
+    def describe(self) -> str:
+        return f"{self.name} (from_logits={self.from_logits}: {self.reason})"
+
+
+def training_loss(model, loss: str = "auto") -> TrainingLoss:
+    """The fine-tuning loss for `model`'s labels, from its output activation.
+
+    Decided on the float model, before any wrapping: tfmot's QAT wrappers replace the output layer's
+    activation with a quantize-aware one, so a wrapped softmax model would look like it outputs logits.
+    A softmax (or sigmoid) output means probabilities (`from_logits=False`); anything else, logits.
+    """
+    activation = output_activation(model)
+    name = loss
+    if loss == "auto":
+        name = "binary_crossentropy" if activation == "sigmoid" else "sparse_categorical_crossentropy"
+    if activation in ("softmax", "sigmoid"):
+        return TrainingLoss(name, False, f"the model ends in {activation}")
+    return TrainingLoss(name, True, f"the model ends in {activation}, so it outputs logits")
+
+
+def output_activation(model) -> str:
+    """'softmax', 'sigmoid', or the name of whatever else the layer making the (first) output applies."""
+    layer = model.outputs[0]._keras_history.layer
+    while hasattr(layer, "layer") and isinstance(layer.layer, keras.layers.Layer):  # pruning/cluster wrappers
+        layer = layer.layer
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    activation = getattr(layer, "activation", None)
+    for name in ("softmax", "sigmoid"):
+        if activation is getattr(keras.activations, name):
+            return name
+    return getattr(activation, "__name__", "linear") if activation is not None else "linear"
+
+
+def _compile(model, inputs: _Inputs) -> None:
+    model.compile(optimizer=keras.optimizers.Adam(inputs.config.learning_rate), loss=inputs.loss.keras_loss(),
                   metrics=["accuracy"])
 
 

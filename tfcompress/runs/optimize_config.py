@@ -17,6 +17,9 @@ from tfcompress.training.cluster import MAX_CLUSTERS, MIN_CLUSTERS
 from tfcompress.core.model_io import model_source
 from tfcompress.runs.pipeline import check_target
 
+# Fine-tuning losses for class labels; softmax/sigmoid outputs train with from_logits=False, others True.
+LOSSES = ("auto", "sparse_categorical_crossentropy", "binary_crossentropy")
+
 # The training stages in the order they run (each only when its setting asks for it).
 TRAINING_STAGES = ("factorize", "prune", "cluster", "qat")
 
@@ -57,6 +60,7 @@ class OptimizeConfig:
     mode: str = "int8"
     batch_size: int = 128
     learning_rate: float = 5e-4
+    loss: str = "auto"
     calibration_data: str | None = None
     calibration_key: str | None = None
     num_calibration_samples: int = 500
@@ -68,6 +72,11 @@ class OptimizeConfig:
 
     def __post_init__(self):
         model_source(self.saved_model_dir, self.keras_model)
+        if self.loss not in LOSSES:
+            raise ValueError(
+                f"loss is one of {', '.join(LOSSES)} ('auto' picks from the model's output: softmax or "
+                f"logits → sparse categorical, sigmoid → binary). Received: loss={self.loss!r}"
+            )
         check_target(self.target, self.mode)
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError(
@@ -151,6 +160,8 @@ class OptimizeConfig:
         values = dataclasses.asdict(self) | {"leave_float": sorted(self.leave_float),
                                              "prune_exclude": sorted(self.prune_exclude),
                                              "factorize_layers": sorted(self.factorize_layers)}
+        if self.loss == "auto":  # the default: fingerprints of runs made before --loss existed still match
+            values.pop("loss")
         for name in ("output_dir", "overwrite", "mode", "target", "latency_runs", "max_accuracy_drop",
                      "calibration_data", "calibration_key", "num_calibration_samples", "eval_data", "eval_key",
                      "eval_labels_key"):

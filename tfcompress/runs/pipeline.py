@@ -182,7 +182,7 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
     if result.passed and config.target == "micro":
         start = time.perf_counter()
         try:
-            firmware = _micro_export(parsed, eval_x, config)
+            firmware = _micro_export(parsed, eval_x, eval_y, result, config)
         except VerificationError as e:
             result = dataclasses.replace(result, checks=result.checks + tuple(
                 Check(f.split(":")[0], False, f.split(":", 1)[-1].strip()) for f in e.failures))
@@ -236,11 +236,18 @@ def _write_debug(config, convert_config, model, samples, output_dir: str) -> Non
     write_json(path, debug.to_json(result))
 
 
-def _micro_export(parsed: TfliteModel, eval_x, config: ConvertPipelineConfig) -> micro_export.MicroExport:
-    """Checks the verified model in TFLite Micro and renders its firmware files (written by the caller)."""
+def _micro_export(parsed: TfliteModel, eval_x, eval_y, result: VerificationResult,
+                  config: ConvertPipelineConfig) -> micro_export.MicroExport:
+    """Checks the verified model in TFLite Micro and renders its firmware files (written by the caller).
+
+    With labelled evaluation data, TFLM's accuracy is gated against the float model's like LiteRT's.
+    """
     inputs, described = micro_export.micro_inputs(parsed, eval_x, config.seed)
-    return micro_export.build_micro_export(parsed, inputs, described, name="model",
-                                           source=MODEL_FILENAME)
+    accuracy = result.accuracy
+    return micro_export.build_micro_export(
+        parsed, inputs, described, name="model", source=MODEL_FILENAME, eval_labels=eval_y,
+        float_accuracy=None if accuracy is None else accuracy.float_accuracy,
+        max_accuracy_drop=config.max_accuracy_drop if accuracy is not None else None)
 
 
 def _report(config, convert_config, parsed: TfliteModel, result, samples, timings) -> dict:

@@ -136,8 +136,13 @@ def micro_inputs(model: TfliteModel, samples: np.ndarray | None, seed: int = 0,
 
 def build_micro_export(flatbuffer: TfliteSource, inputs: np.ndarray, samples: str, *, name: str,
                        labels: list[str] | None = None, compress: bool = False,
-                       source: str = "the model") -> MicroExport:
+                       source: str = "the model", eval_labels: np.ndarray | None = None,
+                       float_accuracy: float | None = None,
+                       max_accuracy_drop: float | None = None) -> MicroExport:
     """Checks the model in TFLM and renders the firmware files (nothing is written here).
+
+    With `eval_labels` (class indices of `inputs`), TFLM's own top-1 accuracy is measured; with
+    `float_accuracy` and `max_accuracy_drop` too, it is gated like LiteRT's: at most that drop below float.
 
     Raises:
         MicroTargetError: float, hybrid or custom ops, or nothing to compress with `compress`.
@@ -152,9 +157,22 @@ def build_micro_export(flatbuffer: TfliteSource, inputs: np.ndarray, samples: st
     labels = _check_labels(labels, model)
     arena = micro.measure_arena(model, inputs[:1])
     tflm_outputs = micro.run_tflm(model, inputs, arena.arena_bytes)  # run with the reported arena
-    check = micro.compare_with_litert(model, inputs, tflm_outputs, samples)
-    if not check.passed:
-        raise VerificationError(check.failures)
+    check, phone = micro.compare_with_litert(model, inputs, tflm_outputs, samples)
+    failures = list(check.failures)
+    tflm_accuracy = None
+    if eval_labels is not None:
+        tflm_accuracy = {"num_samples": int(len(eval_labels)), "tflm_accuracy": float(np.mean(
+            tflm_outputs.reshape(len(tflm_outputs), -1).argmax(1) == np.asarray(eval_labels)))}
+        if float_accuracy is not None and max_accuracy_drop is not None:
+            drop = float_accuracy - tflm_accuracy["tflm_accuracy"]
+            tflm_accuracy |= {"float_accuracy": float_accuracy, "accuracy_drop": drop,
+                              "max_accuracy_drop": max_accuracy_drop}
+            if drop > max_accuracy_drop + 1e-12:
+                failures.append(f"tflm_accuracy_drop: float {float_accuracy:.4f}, TFLM "
+                                f"{tflm_accuracy['tflm_accuracy']:.4f}, drop {drop:.4f} (limit "
+                                f"{max_accuracy_drop:.4f}) on {len(eval_labels)} samples")
+    if failures:
+        raise VerificationError(failures)
     shipped, shipped_model, compression = flatbuffer, model, None
     if compress:
         lut = micro.lut_compress(model)
@@ -188,6 +206,9 @@ def build_micro_export(flatbuffer: TfliteSource, inputs: np.ndarray, samples: st
         "ops": shipped_model.op_counts(),
         "resolver": {"methods": calls, "op_count": len(calls)},
         "tflm_check": dataclasses.asdict(check),
+        # Reported, not gated: the phone runtime's optimized kernels against the reference arithmetic.
+        "litert_optimized_vs_reference": dataclasses.asdict(phone),
+        "tflm_accuracy": tflm_accuracy,
         "compression": compression,
         "tflite_micro_version": _tflm_version(),
     }
@@ -225,15 +246,15 @@ def run_export(config: ExportConfig) -> ExportResult:
              "manifest.json") + ((f"{name}_vela.tflite",) if config.vela else ())
     output_dir, created = prepare_output_dir(config.output_dir, files, config.overwrite)
     try:
-        samples = None
+        samples = sample_labels = None
         if config.eval_data is not None:
             shape = (None, *model.tensors[model.inputs[0]].shape[1:])
-            samples, _ = calibration.load_labelled_data(
+            samples, sample_labels = calibration.load_labelled_data(
                 config.eval_data, shape, key=config.eval_key, labels_key=config.eval_labels_key,
                 scale=config.input_scale, offset=config.input_offset, limit=config.num_eval_samples)
         inputs, described = micro_inputs(model, samples, config.seed)
         export = build_micro_export(model, inputs, described, name=name, labels=labels,
-                                    compress=config.compress, source=config.tflite)
+                                    compress=config.compress, source=config.tflite, eval_labels=sample_labels)
         extra = {"notes": [note] if note else []}
         if config.vela:
             from tfcompress.targets import vela

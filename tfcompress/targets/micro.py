@@ -21,6 +21,7 @@ from tfcompress.core.errors import MicroTargetError, VerificationError
 from tfcompress.core.progress import progress
 from tfcompress.core.tflite_model import TfliteModel, TfliteSource, model_bytes, read_tflite, weight_tensors
 from tfcompress.conversion.verify import run_tflite_raw
+from tfcompress.targets import arena_probe
 
 # Builtin op -> its MicroMutableOpResolver method, as declared in TFLM's micro_mutable_op_resolver.h.
 # Every op here has a registration in the pinned tflite-micro package's interpreter.
@@ -79,11 +80,19 @@ _ARENA_LINE = re.compile(r"Arena allocation total (\d+) bytes")
 
 @dataclasses.dataclass(frozen=True)
 class ArenaSize:
-    """`recorded_bytes` from TFLM's recording allocator; `arena_bytes` adds `margin` (a fraction)."""
+    """The tensor arena to give TFLM, proven by allocating and invoking the model at exactly that size.
+
+    `recorded_bytes` is TFLM's recording allocator's total. `arena_bytes` adds `margin` (a fraction) to it,
+    or, where the recorded total was not enough to run the model (`smallest_run_bytes` is then set),
+    to the smallest size that ran, found by bisection. Every size that might be too small is tried in a
+    child process (`arena_probe`), since a too-small arena can crash the interpreter's process.
+    """
 
     recorded_bytes: int
     arena_bytes: int
     margin: float
+    smallest_run_bytes: int | None = None
+    probes: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,8 +227,36 @@ def measure_arena(flatbuffer: TfliteSource, sample: np.ndarray, margin: float = 
     if match is None:
         raise RuntimeError(f"TFLM's recording allocator printed no arena total: {log[0][:200]!r}")
     recorded = int(match.group(1))
-    arena = int(math.ceil(recorded * (1 + margin) / 16) * 16)
-    return ArenaSize(recorded_bytes=recorded, arena_bytes=arena, margin=margin)
+    data = model_bytes(flatbuffer)
+    arena = _with_margin(recorded, margin)
+    probe, probes, smallest = arena_probe.probe_arena(data, sample, arena), 1, None
+    if not probe.ran:  # the recorded total is not always enough (measured: dense int8 nets)
+        smallest, searched = _smallest_arena(data, sample, failing=arena, working=generous)
+        arena = _with_margin(smallest, margin)
+        probe, probes = arena_probe.probe_arena(data, sample, arena), probes + searched + 1
+        if not probe.ran:
+            raise ArenaTooSmallError(arena, probe.detail)
+    return ArenaSize(recorded_bytes=recorded, arena_bytes=arena, margin=margin, smallest_run_bytes=smallest,
+                     probes=probes)
+
+
+def _with_margin(size: int, margin: float) -> int:
+    return int(math.ceil(size * (1 + margin) / 16) * 16)
+
+
+def _smallest_arena(data: bytes, sample: np.ndarray, failing: int, working: int) -> tuple[int, int]:
+    """Bisection to 16 bytes between a size that failed and one that ran; (smallest that ran, probes)."""
+    probes = 0
+    while working - failing > 16:
+        middle = (failing + working) // 2 // 16 * 16
+        if middle <= failing:
+            break
+        probes += 1
+        if arena_probe.probe_arena(data, sample, middle).ran:
+            working = middle
+        else:
+            failing = middle
+    return working, probes
 
 
 def run_tflm(flatbuffer: TfliteSource, inputs: np.ndarray, arena_bytes: int) -> np.ndarray:

@@ -17,6 +17,7 @@ VERBS = {
     "debug": "Find the layers that lose the most in int8 quantization (TF QuantizationDebugger).",
     "benchmark_compress": "Benchmark clustering, low-rank factorization and distillation on LeNet-5.",
     "benchmark_convert": "Benchmark the convert pipeline against a hand-written converter script.",
+    "benchmark_zoo": "Benchmark every path (PTQ, micro, optimize prune+QAT) on the test model zoo.",
 }
 
 _MODULES = {"inspect": "inspect_model"}

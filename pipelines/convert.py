@@ -16,6 +16,7 @@ from absl import flags
 
 from pipelines import _common
 from tfcompress.runs import pipeline
+from tfcompress.conversion import fidelity
 from tfcompress.conversion.convert import IO_DTYPES, Mode
 
 _MODEL = flags.DEFINE_string("saved_model_dir", None, "SavedModel directory of the float model.")
@@ -25,9 +26,20 @@ _CALIBRATION = flags.DEFINE_string("calibration_data", None, "Representative sam
                                    "of PNG/JPEG images, drawn from the training split (see "
                                    "calibration_data/README.md). Needed by int8 and int16x8 unless QAT.")
 _CALIBRATION_KEY = flags.DEFINE_string("calibration_key", None, "Array name inside a calibration .npz.")
-_EVAL = flags.DEFINE_string("eval_data", None, "Labelled evaluation .npz for the accuracy check.")
+_EVAL = flags.DEFINE_string("eval_data", None, "Held-out evaluation .npz: every output of the .tflite is "
+                            "compared with the float model on it; with labels, the accuracy check too.")
 _EVAL_KEY = flags.DEFINE_string("eval_key", "x_test", "Samples array inside --eval_data.")
-_EVAL_LABELS_KEY = flags.DEFINE_string("eval_labels_key", "y_test", "Labels array inside --eval_data.")
+_EVAL_LABELS_KEY = flags.DEFINE_string("eval_labels_key", "y_test", "Labels array inside --eval_data: class "
+                                       "indices, or regression targets shaped like an output; empty for none "
+                                       "(fidelity gates only).")
+_EVAL_OUTPUT = flags.DEFINE_string("eval_output", None, "The output the labels are for, when the model has "
+                                   "several.")
+_MIN_TOP1 = flags.DEFINE_float("min_top1_agreement", fidelity.DEFAULT_MIN_TOP1_AGREEMENT, "Fidelity gate of "
+                               "classifier outputs without labels: top-1 agreement with the float model, a "
+                               "fraction.", lower_bound=0.0, upper_bound=1.0)
+_MIN_SQNR = flags.DEFINE_float("min_output_sqnr_db", fidelity.DEFAULT_MIN_OUTPUT_SQNR_DB, "Fidelity gate of "
+                               "outputs without class labels: SQNR of the .tflite outputs against the float "
+                               "model's, in dB.")
 _NUM_EVAL = flags.DEFINE_integer("num_eval_samples", None, "Evaluate on the first N samples only "
                                  "(default: all).", lower_bound=1)
 _SCALE = flags.DEFINE_float("input_scale", 1.0, "Preprocessing of calibration and evaluation samples: "
@@ -63,8 +75,11 @@ def main(argv: list[str]) -> None:
         calibration_key=_CALIBRATION_KEY.value,
         eval_data=_EVAL.value,
         eval_key=_EVAL_KEY.value,
-        eval_labels_key=_EVAL_LABELS_KEY.value,
+        eval_labels_key=_EVAL_LABELS_KEY.value or None,
+        eval_output=_EVAL_OUTPUT.value,
         num_eval_samples=_NUM_EVAL.value,
+        min_top1_agreement=_MIN_TOP1.value,
+        min_output_sqnr_db=_MIN_SQNR.value,
         input_scale=_SCALE.value,
         input_offset=_OFFSET.value,
         mode=_MODE.value,
@@ -92,6 +107,12 @@ def summary(result: pipeline.ConvertPipelineResult) -> str:
             f"(drop {acc.accuracy_drop:+.4f}, top-1 agreement {acc.top1_agreement:.4f}, "
             f"{acc.num_samples} samples)"
         )
+    fid = result.verification.fidelity
+    if fid is not None:
+        for out in fid.outputs:
+            top1 = "" if out.top1_agreement is None else f", top-1 agreement {out.top1_agreement:.4f}"
+            lines.append(f"  output {out.name}: SQNR {out.sqnr_db:.1f} dB, max |error| {out.max_abs_error:.4g}"
+                         f"{top1} ({fid.num_samples} samples, {fid.source})")
     micro = result.report.get("micro")
     if micro:
         lines.append(f"  micro: flash {micro['flash_bytes']:,} bytes, arena {micro['arena']['arena_bytes']:,} "

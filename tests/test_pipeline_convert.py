@@ -257,3 +257,34 @@ def test_target_micro_refuses_a_float_mode_before_any_work(saved_model_dir, tmp_
     assert code == 2
     assert "--target micro needs a full-integer model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_without_eval_data_held_out_calibration_samples_check_fidelity(saved_model_dir, tmp_path):
+    result = run_convert(_config(saved_model_dir, None, tmp_path / "out", eval_data=None, latency_runs=0,
+                                 debug_layers=False))
+    report = json.loads(open(result.report_path).read())
+    fidelity = report["fidelity"]
+    # A fifth of the 500 shipped calibration images is held out; calibration draws from the other 400.
+    assert fidelity["num_samples"] == 100
+    assert fidelity["source"] == f"100 calibration-source samples not used for calibration ({CALIBRATION})"
+    (output,) = fidelity["outputs"]
+    assert set(output) == {"name", "shape", "classifier", "top1_agreement", "sqnr_db", "max_abs_error",
+                           "mean_abs_error"}
+    assert output["shape"] == [10] and output["sqnr_db"] >= 15.0
+    assert report["accuracy"] is None and report["num_calibration_samples_used"] == 200
+    assert [c for c in report["checks"] if c["name"] == "fidelity"][0]["passed"]
+    # Same inputs, same bytes: the held-out draw is seeded too.
+    again = run_convert(_config(saved_model_dir, None, tmp_path / "again", eval_data=None, latency_runs=0,
+                                debug_layers=False))
+    assert open(again.model_path, "rb").read() == open(result.model_path, "rb").read()
+
+
+def test_unlabelled_fidelity_with_too_few_held_out_samples_is_refused(saved_model_dir, tmp_path):
+    small = tmp_path / "small.npz"
+    with np.load(CALIBRATION) as d:
+        np.savez(small, x=d["x"][:40])  # a fifth is 8 samples: too few to compare anything
+    with pytest.raises(CalibrationDataError, match=r"needs at least 10 held-out samples, but .*small\.npz leaves "
+                                                   r"only 8 after calibration: pass --eval_data, or calibration "
+                                                   r"data with more samples\."):
+        run_convert(_config(saved_model_dir, None, tmp_path / "out", eval_data=None, calibration_data=str(small)))
+    assert not (tmp_path / "out").exists()

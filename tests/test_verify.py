@@ -8,7 +8,8 @@ from ai_edge_litert.interpreter import Interpreter
 
 from conftest import small_cnn
 from tfcompress.conversion.convert import ConvertConfig, convert
-from tfcompress.core.errors import ModelLoadError, VerificationError
+from tfcompress.core._keras import keras
+from tfcompress.core.errors import CalibrationDataError, ModelLoadError, VerificationError
 from tfcompress.core.model_io import load_model
 from tfcompress.core.tflite_model import read_tflite
 from tfcompress.conversion.verify import quantize, run_tflite, verify
@@ -109,10 +110,99 @@ def test_truncated_flatbuffer_is_reported_as_corrupt(int8_model, tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"max_accuracy_drop": 1.5}, r"fraction in \[0, 1\].*max_accuracy_drop=1\.5"),
-    ({"eval_samples": np.zeros((2, 28, 28, 1), np.float32)}, r"eval_samples and eval_labels go together"),
+    ({"eval_labels": np.zeros(2)}, r"eval_labels need their eval_samples"),
     ({"eval_samples": np.zeros((2, 28, 28, 1), np.float32), "eval_labels": np.zeros(3)},
      r"differ in length\. Received: 2 samples, 3 labels"),
 ])
 def test_bad_arguments(int8_model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         verify(int8_model, "int8", "uint8", **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fidelity: every output compared with the float model, with or without labels
+
+
+def test_without_labels_every_output_is_gated_on_fidelity(int8_model, saved_model_dir, mnist_subset):
+    _, _, x_test, y_test = mnist_subset
+    result = verify(int8_model, "int8", "uint8", float_model=load_model(saved_model_dir), eval_samples=x_test,
+                    samples_source="test images")
+    assert result.passed and result.accuracy is None
+    assert result.checks[-1].name == "fidelity" and "SQNR >= 15.0 dB on 1000 samples" in result.checks[-1].detail
+    (out,) = result.fidelity.outputs
+    assert result.fidelity.num_samples == 1000 and result.fidelity.source == "test images"
+    # The small CNN ends in logits: no probability rows, so no top-1 gate without labels, SQNR only.
+    assert out.classifier is False and out.top1_agreement is None
+    assert 20.0 <= out.sqnr_db < 60.0 and 0 < out.mean_abs_error < out.max_abs_error
+    labelled = verify(int8_model, "int8", "uint8", float_model=load_model(saved_model_dir), eval_samples=x_test,
+                      eval_labels=y_test)
+    (same,) = labelled.fidelity.outputs
+    assert same.classifier and same.top1_agreement == labelled.accuracy.top1_agreement
+    assert same.sqnr_db == out.sqnr_db
+    with pytest.raises(VerificationError, match=r"fidelity_output_sqnr: output '\w+': \d+\.\d dB < 90\.0 dB on "
+                                                r"1000 samples \(evaluation data\)"):
+        verify(int8_model, "int8", "uint8", float_model=load_model(saved_model_dir), eval_samples=x_test,
+               min_output_sqnr_db=90.0)
+
+
+def _convert_keras(model, samples):
+    return convert(load_model(model), ConvertConfig(), samples)
+
+
+def test_labels_shaped_for_another_task_are_refused(int8_model, saved_model_dir, mnist_subset, calibration_samples):
+    _, _, x_test, y_test = mnist_subset
+    float_model = load_model(saved_model_dir)
+    with pytest.raises(CalibrationDataError, match=r"hold class indices from 0 to 12, outside the 10 classes of "
+                                                   r"output '\w+' \(0 to 9\): pass this model's labels\."):
+        verify(int8_model, "int8", "uint8", float_model=float_model, eval_samples=x_test[:50],
+               eval_labels=np.arange(50) % 13)
+    with pytest.raises(CalibrationDataError, match=r"have shape \(50,\), but output '\w+' gives \(10,\) per sample: "
+                                                   r"pass class indices \(N,\) for a classifier output, or targets "
+                                                   r"shaped like the output \(50, 10\) for a regression\."):
+        verify(int8_model, "int8", "uint8", float_model=float_model, eval_samples=x_test[:50],
+               eval_labels=np.linspace(0, 1, 50))
+    with pytest.raises(ValueError, match=r"needs at least 10 held-out samples\. Received: 5 \(evaluation data\)"):
+        verify(int8_model, "int8", "uint8", float_model=float_model, eval_samples=x_test[:5])
+    # A regression head (one value per sample) given class labels.
+    keras.utils.set_random_seed(0)
+    regression = keras.Sequential([keras.layers.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(1)])
+    flatbuffer = _convert_keras(regression, calibration_samples)
+    with pytest.raises(CalibrationDataError, match=r"are class indices, but output '\w+' gives \(1,\) per sample, "
+                                                   r"not one score per class: for a regression output pass targets "
+                                                   r"shaped like the output\."):
+        verify(flatbuffer, "int8", "uint8", float_model=load_model(regression), eval_samples=x_test[:50],
+               eval_labels=y_test[:50])
+    # Regression targets shaped like the output: their error is reported, fidelity gates the output.
+    targets = regression.predict(x_test[:50], verbose=0) + 0.1
+    result = verify(flatbuffer, "int8", "uint8", float_model=load_model(regression), eval_samples=x_test[:50],
+                    eval_labels=targets)
+    assert result.accuracy is None and result.target_error["float_mse"] == pytest.approx(0.01, rel=1e-3)
+    assert result.target_error["tflite_mse"] > 0 and result.checks[-1].name == "fidelity"
+
+
+def test_a_two_output_model_is_compared_output_by_output(mnist_subset, calibration_samples):
+    x_train, y_train, x_test, y_test = mnist_subset
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((28, 28, 1))
+    trunk = keras.layers.Dense(32, activation="relu")(keras.layers.Flatten()(inputs))
+    model = keras.Model(inputs, [keras.layers.Dense(10, activation="softmax", name="digit")(trunk),
+                                 keras.layers.Dense(2, activation="softmax", name="parity")(trunk)])
+    model.compile("adam", ["sparse_categorical_crossentropy"] * 2)
+    model.fit(x_train[:2000], [y_train[:2000], y_train[:2000] % 2], epochs=1, verbose=0)
+    flatbuffer = _convert_keras(model, calibration_samples)
+    float_model = load_model(model)
+    with pytest.raises(CalibrationDataError, match=r"The model has 2 outputs \(digit, parity\) and the labels "
+                                                   r"evaluation data do not say which one they are for: pass "
+                                                   r"--eval_output with one of those names\."):
+        verify(flatbuffer, "int8", "uint8", float_model=float_model, eval_samples=x_test, eval_labels=y_test)
+    result = verify(flatbuffer, "int8", "uint8", float_model=float_model, eval_samples=x_test, eval_labels=y_test,
+                    eval_output="digit", max_accuracy_drop=0.02)
+    assert result.passed, result.failures
+    assert [o.name for o in result.fidelity.outputs] == ["digit", "parity"]
+    digit, parity = result.fidelity.outputs
+    float_digit, float_parity = model.predict(x_test, verbose=0)
+    assert result.accuracy.float_accuracy == pytest.approx(np.mean(float_digit.argmax(1) == y_test))
+    # The unlabelled head is gated on fidelity: softmax rows, so top-1 agreement too.
+    assert parity.classifier and parity.top1_agreement >= 0.97 and parity.sqnr_db >= 15.0
+    assert "output(s) parity within" in result.checks[-1].detail
+    assert float_parity.shape == (1000, 2)

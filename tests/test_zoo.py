@@ -3,8 +3,8 @@
 Each zoo model is trained once per module on its real (shipped or generated) data, written to disk as a
 run reads it, and converted by `run_convert` to full-int8 with uint8 I/O. The single-output classifiers
 are verified by the pipeline itself (accuracy drop at most 0.005 on held-out samples); the autoencoder
-and the two-output model are converted without evaluation data, as the pipeline's accuracy check needs
-one (batch, classes) output with class labels, and their outputs are then checked here in LiteRT.
+through its reconstruction targets and fidelity, the two-output model through the labels of one head
+(`eval_output`) and the fidelity of the other; their outputs are then also checked here in LiteRT.
 """
 
 from __future__ import annotations
@@ -212,8 +212,15 @@ def test_autoencoder_converts_and_still_tells_anomalies_apart(trained, tmp_path)
     run = trained("dense_autoencoder")
     with np.load(run.files.eval_data) as archive:
         assert sorted(archive.files) == ["x_anomalous", "x_test"]  # no class labels to check accuracy on
-    result = _convert(run.files, tmp_path / "out", with_eval=False)
+    # The reconstruction targets are the inputs themselves: --eval_labels_key=x_test.
+    result = _convert(run.files, tmp_path / "out", with_eval=True, eval_labels_key="x_test")
     assert result.verification.passed and result.verification.accuracy is None
+    (output,) = result.verification.fidelity.outputs
+    assert output.name == "reconstruction" and not output.classifier and output.sqnr_db >= 25.0
+    errors = result.verification.target_error
+    assert errors["output"] == "reconstruction" and errors["tflite_mse"] <= 1.05 * errors["float_mse"]
+    unlabelled = _convert(run.files, tmp_path / "unlabelled", with_eval=True, eval_labels_key=None)
+    assert unlabelled.verification.passed and unlabelled.verification.fidelity.outputs[0].sqnr_db == output.sqnr_db
     # Batch normalization folds into the fully connected layers.
     assert _assert_uint8_integer_only(result.model_path) == {"FULLY_CONNECTED": 6, "QUANTIZE": 2}
     data = run.data
@@ -239,8 +246,13 @@ def test_two_output_model_converts_and_both_heads_keep_their_accuracy(trained, t
     run = trained("two_output")
     with np.load(run.files.eval_data) as archive:
         assert sorted(archive.files) == ["x_test", "y_test", "y_test_digit", "y_test_parity"]
-    result = _convert(run.files, tmp_path / "out", with_eval=False)
+    result = _convert(run.files, tmp_path / "out", with_eval=True, eval_output="digit")
     assert result.verification.passed
+    # The digit head is gated by its labels, the parity head by fidelity (softmax rows: top-1 and SQNR).
+    assert result.verification.accuracy.accuracy_drop <= MAX_DROP
+    digit, parity = result.verification.fidelity.outputs
+    assert (digit.name, parity.name) == ("digit", "parity")
+    assert parity.classifier and parity.top1_agreement >= 0.97 and parity.sqnr_db >= 15.0
     assert _assert_uint8_integer_only(result.model_path) == {
         "CONV_2D": 2, "FULLY_CONNECTED": 3, "MAX_POOL_2D": 2, "QUANTIZE": 3, "RESHAPE": 1, "SOFTMAX": 2}
     assert [o["dtype"] for o in result.verification.outputs] == ["uint8", "uint8"]

@@ -352,6 +352,8 @@ class CalibrationData:
     samples: np.ndarray
     source: str
     num_available: int
+    held_out: np.ndarray | None = None
+    """Samples of the same source that calibration did not use (`num_held_out`), for fidelity checks."""
 
 
 def _source(path: str | os.PathLike, key: str | None) -> str:
@@ -361,8 +363,12 @@ def _source(path: str | os.PathLike, key: str | None) -> str:
 def load_calibration_data(path: str | os.PathLike, input_shape: Sequence[int | None], *,
                           key: str | None = None, num_samples: int = 500, seed: int = 0,
                           scale: float = 1.0, offset: float = 0.0,
-                          fn: Callable[[np.ndarray], np.ndarray] | None = None) -> CalibrationData:
+                          fn: Callable[[np.ndarray], np.ndarray] | None = None,
+                          num_held_out: int = 0) -> CalibrationData:
     """Loads, selects, preprocesses and shape-checks calibration samples.
+
+    With `num_held_out`, that many samples (seeded, at most a fifth of the source) are set aside first and
+    returned as `held_out`; calibration draws from the others only, so the two never share a sample.
 
     Selection happens on the raw array, so only the chosen samples are converted, and every chosen sample
     is checked. `fn`, when given, receives the chosen raw batch.
@@ -380,16 +386,55 @@ def load_calibration_data(path: str | os.PathLike, input_shape: Sequence[int | N
     _check_preprocessing(scale, offset, fn)
     raw = load_array(path, key)
     source = _source(path, key)
-    chosen = raw[_select_indices(len(raw), num_samples, seed)]
+    held_out = None
+    pool = np.arange(len(raw))
+    if num_held_out > 0:
+        count = min(num_held_out, len(raw) // 5)
+        rng = np.random.default_rng(seed + 1)  # another stream than the calibration draw's
+        kept = np.sort(rng.choice(len(raw), size=count, replace=False))
+        pool = np.setdiff1d(pool, kept)
+        held_out = fit_to_input(preprocess(raw[kept], scale, offset, fn, source), input_shape, source)
+    chosen = raw[pool[_select_indices(len(pool), num_samples, seed)]]
     samples = fit_to_input(preprocess(chosen, scale, offset, fn, source), input_shape, source)
-    return CalibrationData(samples=samples, source=source, num_available=len(raw))
+    return CalibrationData(samples=samples, source=source, num_available=len(raw), held_out=held_out)
+
+
+def load_eval_data(path: str | os.PathLike, input_shape: Sequence[int | None], *, key: str,
+                   labels_key: str | None, scale: float = 1.0, offset: float = 0.0,
+                   limit: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Loads evaluation samples and, when `labels_key` is given, their labels as stored.
+
+    Unlike `load_labelled_data`, labels are not turned into class indices here: they may be class indices,
+    one-hot rows or regression targets, and only the model's outputs tell which (`fidelity.interpret_labels`).
+    Without `labels_key` the samples alone are returned (a fidelity check needs no labels).
+    """
+    if labels_key:
+        samples, labels = load_labelled_data(path, input_shape, key=key, labels_key=labels_key, scale=scale,
+                                             offset=offset, limit=limit, class_indices=False)
+        return samples, labels
+    _check_count(limit, "limit", allow_none=True)
+    path = pathlib.Path(path)
+    _check_exists(path, "Evaluation data", "an .npz archive holding samples")
+    if path.is_dir() or path.suffix.lower() != ".npz":
+        raise CalibrationDataError(
+            f"Evaluation data {path} is not an .npz archive. Expected one .npz holding samples (and labels); "
+            "save them with np.savez(path, x_test=samples)."
+        )
+    with _open_npz(path, "Evaluation data") as archive:
+        raw = _read_key(archive, key, path, "Evaluation data", "pass the right one with --eval_key")
+    source = _source(path, key)
+    _check_array(raw, source, "Evaluation data")
+    if limit is not None:
+        raw = raw[:limit]
+    return fit_to_input(preprocess(raw, scale, offset, None, source), input_shape, source), None
 
 
 def load_labelled_data(path: str | os.PathLike, input_shape: Sequence[int | None], *, key: str,
                        labels_key: str, scale: float = 1.0, offset: float = 0.0,
                        fn: Callable[[np.ndarray], np.ndarray] | None = None,
                        limit: int | None = None, what: str = "Evaluation data",
-                       key_flags: str = "--eval_key / --eval_labels_key") -> tuple[np.ndarray, np.ndarray]:
+                       key_flags: str = "--eval_key / --eval_labels_key",
+                       class_indices: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Loads labelled samples (evaluation or training data) and their integer labels from one `.npz`.
 
     Args:
@@ -427,7 +472,8 @@ def load_labelled_data(path: str | os.PathLike, input_shape: Sequence[int | None
             f"{what} {path} has {len(raw)} samples but {len(labels)} labels (keys '{key}', "
             f"'{labels_key}'). Expected one label per sample; pass matching arrays."
         )
-    labels = _class_indices(labels, labels_source)
+    if class_indices:
+        labels = _class_indices(labels, labels_source)
     if limit is not None:
         raw, labels = raw[:limit], labels[:limit]
     return fit_to_input(preprocess(raw, scale, offset, fn, source), input_shape, source), labels

@@ -15,7 +15,9 @@ import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from tfcompress.core._native import native_output_captured
+from tfcompress.conversion import fidelity
 from tfcompress.conversion.convert import INTEGER_MODES, Mode
+from tfcompress.conversion.fidelity import dequantize, quantize
 from tfcompress.core.progress import progress
 from tfcompress.core.errors import VerificationError
 from tfcompress.core.model_io import FloatModel
@@ -56,6 +58,8 @@ class VerificationResult:
     inputs: tuple[dict, ...]
     outputs: tuple[dict, ...]
     accuracy: AccuracyResult | None
+    fidelity: fidelity.FidelityResult | None = None
+    target_error: dict | None = None  # regression targets: mean squared error of float and .tflite
 
     @property
     def passed(self) -> bool:
@@ -77,6 +81,11 @@ def verify(
     batch_size: int = 500,
     raise_on_failure: bool = True,
     float_outputs: np.ndarray | None = None,
+    *,
+    eval_output: str | None = None,
+    samples_source: str = "evaluation data",
+    min_top1_agreement: float = fidelity.DEFAULT_MIN_TOP1_AGREEMENT,
+    min_output_sqnr_db: float = fidelity.DEFAULT_MIN_OUTPUT_SQNR_DB,
 ) -> VerificationResult:
     """Runs every check on a converted model.
 
@@ -85,12 +94,18 @@ def verify(
         mode: the conversion mode the model was made in (`convert.Mode`).
         io_dtype: the promised input and output dtype.
         float_model: the float model to compare against (needed for accuracy checks).
-        eval_samples: float32 evaluation samples shaped like the model input.
-        eval_labels: integer class labels for `eval_samples`.
+        eval_samples: float32 held-out samples shaped like the model input: every output of the float model
+            and the `.tflite` is compared on them (`fidelity`).
+        eval_labels: labels for `eval_samples`: class indices of a classifier output (gated with
+            `max_accuracy_drop`), or regression targets shaped like an output (their error is reported).
+            Without labels, every output is gated on fidelity instead.
         max_accuracy_drop: largest allowed float-minus-TFLite top-1 accuracy drop, a fraction in [0, 1].
         batch_size: samples per interpreter call.
         raise_on_failure: raise `VerificationError` listing every failed check.
-        float_outputs: the float model's outputs on `eval_samples`, if already computed.
+        float_outputs: the float model's outputs on `eval_samples`, if already computed (one output).
+        eval_output: which output the labels are for (needed when the model has several).
+        samples_source: where `eval_samples` come from, for the report.
+        min_top1_agreement, min_output_sqnr_db: the fidelity gates of outputs without class labels.
 
     Returns:
         A `VerificationResult`.
@@ -101,22 +116,45 @@ def verify(
             "max_accuracy_drop is a fraction in [0, 1] (0.005 is half a percentage point). "
             f"Received: max_accuracy_drop={max_accuracy_drop}"
         )
-    if (eval_samples is None) != (eval_labels is None):
-        raise ValueError("eval_samples and eval_labels go together. Received only one of them.")
-    if eval_samples is not None and len(eval_samples) != len(eval_labels):
+    if eval_labels is not None and eval_samples is None:
+        raise ValueError("eval_labels need their eval_samples. Received eval_labels without eval_samples.")
+    if eval_labels is not None and len(eval_samples) != len(eval_labels):
         raise ValueError(
             f"eval_samples and eval_labels differ in length. Received: {len(eval_samples)} samples, "
             f"{len(eval_labels)} labels"
         )
     parsed = read_tflite(tflite_model)
     checks = [*_dtype_checks(parsed, mode, io_dtype), _builtin_only_check(parsed)]
-    accuracy = None
-    if eval_samples is not None:
-        tflite_outputs = run_tflite(parsed, eval_samples, batch_size=batch_size)
-        if float_outputs is None and float_model is not None:
-            float_outputs = float_model.predict(eval_samples)
+    accuracy = measured = target_error = None
+    if eval_samples is not None and (float_model is not None or float_outputs is not None):
+        if len(eval_samples) < fidelity.MIN_FIDELITY_SAMPLES:
+            raise ValueError(
+                f"Comparing the .tflite with the float model needs at least {fidelity.MIN_FIDELITY_SAMPLES} "
+                f"held-out samples. Received: {len(eval_samples)} ({samples_source})"
+            )
+        tflite_all = fidelity.run_all_outputs(parsed, eval_samples, batch_size=batch_size)
         if float_outputs is not None:
-            accuracy = _accuracy(float_outputs, tflite_outputs, np.asarray(eval_labels))
+            float_all = {next(iter(tflite_all)): np.asarray(float_outputs)} if len(tflite_all) == 1 else None
+            if float_all is None:
+                raise ValueError("float_outputs holds one output, but the model has several: pass float_model.")
+        else:
+            float_all = float_model.predict_all(eval_samples)
+        pairs = fidelity.pair_outputs(float_all, tflite_all)
+        labels = None
+        if eval_labels is not None:
+            labels = fidelity.interpret_labels(eval_labels, dict((n, f) for n, f, _ in pairs), eval_output,
+                                               samples_source)
+        measured = fidelity.measure(pairs, samples_source, labels)
+        gated_by_labels = None
+        if labels is not None and labels.kind == "targets":
+            f, q = next((f, q) for n, f, q in pairs if n == labels.output)
+            target_error = {"output": labels.output,
+                            "float_mse": float(np.mean((f - labels.values) ** 2)),
+                            "tflite_mse": float(np.mean((q - labels.values) ** 2))}
+        if labels is not None and labels.kind == "classes":
+            gated_by_labels = labels.output
+            f, q = next((f, q) for n, f, q in pairs if n == labels.output)
+            accuracy = _accuracy(f, q, labels.values)
             if max_accuracy_drop is not None:
                 checks.append(Check(
                     "accuracy_drop",
@@ -125,12 +163,22 @@ def verify(
                     f"{accuracy.accuracy_drop:.4f} (limit {max_accuracy_drop:.4f}) on "
                     f"{accuracy.num_samples} samples",
                 ))
+        checks += [Check(name, False, detail) for name, detail in fidelity.gate_failures(
+            measured, min_top1_agreement, min_output_sqnr_db, skip=gated_by_labels)]
+        if not any(c.name.startswith("fidelity_") for c in checks):
+            gated = [o.name for o in measured.outputs if o.name != gated_by_labels]
+            if gated:
+                checks.append(Check("fidelity", True, f"output(s) {', '.join(gated)} within top-1 agreement >= "
+                                    f"{min_top1_agreement} and SQNR >= {min_output_sqnr_db} dB on "
+                                    f"{measured.num_samples} samples ({samples_source})"))
     result = VerificationResult(
         checks=tuple(checks),
         ops=parsed.op_counts(),
         inputs=tuple(_io_info(parsed, i) for i in parsed.inputs),
         outputs=tuple(_io_info(parsed, i) for i in parsed.outputs),
         accuracy=accuracy,
+        fidelity=measured,
+        target_error=target_error,
     )
     if raise_on_failure and not result.passed:
         raise VerificationError(result.failures, result)
@@ -190,24 +238,6 @@ def _run_batches(interpreter: Interpreter, inputs: np.ndarray, batch_size: int) 
         interpreter.invoke()
         outputs.append(interpreter.get_tensor(out["index"]).copy())
     return np.concatenate(outputs, axis=0)
-
-
-def quantize(x: np.ndarray, detail: dict) -> np.ndarray:
-    """Float values to the dtype of an interpreter tensor, with its scale and zero point."""
-    dtype = np.dtype(detail["dtype"])
-    scale, zero_point = detail["quantization"]
-    if dtype.kind == "f" or scale == 0:
-        return x.astype(dtype)
-    info = np.iinfo(dtype)
-    q = np.round(x / scale + zero_point)
-    return np.clip(q, info.min, info.max).astype(dtype)
-
-
-def dequantize(q: np.ndarray, detail: dict) -> np.ndarray:
-    scale, zero_point = detail["quantization"]
-    if np.dtype(detail["dtype"]).kind == "f" or scale == 0:
-        return q.astype(np.float32)
-    return ((q.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
 
 def _dtype_checks(parsed: TfliteModel, mode: Mode, io_dtype: str) -> list[Check]:

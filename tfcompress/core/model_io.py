@@ -48,18 +48,28 @@ class FloatModel:
         return tf.lite.TFLiteConverter.from_saved_model(self.saved_model_dir)
 
     def predict(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-        """Float outputs for `x`, computed in batches."""
-        outputs = []
+        """Float outputs of the first output for `x` (`predict_all` has every output), in batches."""
+        return next(iter(self.predict_all(x, batch_size).values()))
+
+    def predict_all(self, x: np.ndarray, batch_size: int = 1000) -> dict[str, np.ndarray]:
+        """Every output for `x` by name (Keras output names, or the SavedModel signature's), in batches."""
+        outputs: dict[str, list[np.ndarray]] = {}
         starts = range(0, len(x), batch_size)
         for start in progress(starts, total=len(starts), desc="evaluating (float model)"):
             batch = tf.constant(x[start : start + batch_size], dtype=tf.float32)
             if self.keras_model is not None:
                 out = self.keras_model(batch, training=False)
+                if isinstance(out, dict):
+                    named = out
+                else:
+                    values = out if isinstance(out, (list, tuple)) else [out]
+                    named = dict(zip(self.keras_model.output_names, values))
             else:
                 out = self._signature(**{self._input_name: batch})
-                out = out[sorted(out)[0]]
-            outputs.append(np.asarray(out))
-        return np.concatenate(outputs, axis=0)
+                named = {name: out[name] for name in sorted(out)}
+            for name, value in named.items():
+                outputs.setdefault(name, []).append(np.asarray(value))
+        return {name: np.concatenate(parts, axis=0) for name, parts in outputs.items()}
 
 
 def model_source(saved_model_dir: str | None, keras_model: str | None) -> str:

@@ -14,8 +14,10 @@ import os
 import shutil
 import time
 
+import numpy as np
+
 from tfcompress.core.version import __version__
-from tfcompress.conversion import calibration
+from tfcompress.conversion import calibration, fidelity
 from tfcompress.core.artefacts import prepare_output_dir, remove_if_empty, write_atomic, write_json
 from tfcompress.analysis import debug
 from tfcompress.targets import export as micro_export
@@ -66,8 +68,11 @@ class ConvertPipelineConfig:
     calibration_key: str | None = None
     eval_data: str | None = None
     eval_key: str = "x_test"
-    eval_labels_key: str = "y_test"
+    eval_labels_key: str | None = "y_test"  # None or "": no labels, fidelity gates only
+    eval_output: str | None = None
     num_eval_samples: int | None = None
+    min_top1_agreement: float = fidelity.DEFAULT_MIN_TOP1_AGREEMENT
+    min_output_sqnr_db: float = fidelity.DEFAULT_MIN_OUTPUT_SQNR_DB
     input_scale: float = 1.0
     input_offset: float = 0.0
     mode: str = Mode.INT8.value
@@ -92,6 +97,11 @@ class ConvertPipelineConfig:
             raise ValueError(
                 "num_calibration_samples must be at least 1 (100-500 is typical). "
                 f"Received: num_calibration_samples={self.num_calibration_samples}"
+            )
+        if not 0.0 <= self.min_top1_agreement <= 1.0:
+            raise ValueError(
+                "min_top1_agreement is a fraction in [0, 1] (0.97 is the default). "
+                f"Received: min_top1_agreement={self.min_top1_agreement}"
             )
         if self.latency_runs < 0:
             raise ValueError(f"latency_runs must be 0 (skip) or more. Received: latency_runs={self.latency_runs}")
@@ -145,24 +155,41 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
 
     start = time.perf_counter()
     model = load_model(config.model_source)
-    samples = None
-    if convert_config.needs_calibration and config.calibration_data is not None:
-        samples = calibration.load_calibration_data(
+    samples = held_out = None
+    if config.calibration_data is not None and (convert_config.needs_calibration or config.eval_data is None):
+        # Without evaluation data, calibration-source samples that calibration does not use are held out,
+        # so the .tflite is still compared with the float model on inputs it was not calibrated on.
+        loaded = calibration.load_calibration_data(
             config.calibration_data, model.input_shape, key=config.calibration_key,
             num_samples=config.num_calibration_samples, seed=config.seed,
             scale=config.input_scale, offset=config.input_offset,
-        ).samples
+            num_held_out=0 if config.eval_data is not None else HELD_OUT_SAMPLES,
+        )
+        samples = loaded.samples if convert_config.needs_calibration else None
+        held_out = loaded.held_out
     elif convert_config.needs_calibration and not model.is_quantization_aware:
         raise CalibrationDataError(
             f"{convert_config.mode.value} mode needs calibration data for {config.model_source}: pass "
             "--calibration_data (an .npz, .npy or image folder drawn from the training split)."
         )
     eval_x = eval_y = None
+    samples_source = "evaluation data"
     if config.eval_data is not None:
-        eval_x, eval_y = calibration.load_labelled_data(
+        eval_x, eval_y = calibration.load_eval_data(
             config.eval_data, model.input_shape, key=config.eval_key, labels_key=config.eval_labels_key,
             scale=config.input_scale, offset=config.input_offset, limit=config.num_eval_samples,
         )
+        samples_source = f"evaluation data {config.eval_data}"
+    elif held_out is not None:
+        if len(held_out) < fidelity.MIN_FIDELITY_SAMPLES:
+            raise CalibrationDataError(
+                f"Comparing the .tflite with the float model needs at least {fidelity.MIN_FIDELITY_SAMPLES} "
+                f"held-out samples, but {config.calibration_data} leaves only {len(held_out)} after calibration: "
+                "pass --eval_data, or calibration data with more samples."
+            )
+        eval_x = held_out
+        samples_source = (f"{len(held_out)} calibration-source samples not used for calibration "
+                          f"({config.calibration_data})")
     timings["load_seconds"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -173,8 +200,9 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
     result = verify(
         parsed, convert_config.mode, convert_config.io_dtype, float_model=model,
         eval_samples=eval_x, eval_labels=eval_y,
-        max_accuracy_drop=config.max_accuracy_drop if eval_x is not None else None,
-        raise_on_failure=False,
+        max_accuracy_drop=config.max_accuracy_drop if eval_y is not None else None,
+        raise_on_failure=False, eval_output=config.eval_output, samples_source=samples_source,
+        min_top1_agreement=config.min_top1_agreement, min_output_sqnr_db=config.min_output_sqnr_db,
     )
     timings["verify_seconds"] = time.perf_counter() - start
 
@@ -215,6 +243,9 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
 
 
 DEBUG_SAMPLES = 100
+# Calibration-source samples held out for the fidelity check when there is no evaluation data (at most a
+# fifth of the source: 100 of the 500 shipped MNIST calibration images).
+HELD_OUT_SAMPLES = 200
 
 
 def _write_debug(config, convert_config, model, samples, output_dir: str) -> None:
@@ -244,10 +275,15 @@ def _micro_export(parsed: TfliteModel, eval_x, eval_y, result: VerificationResul
     """
     inputs, described = micro_export.micro_inputs(parsed, eval_x, config.seed)
     accuracy = result.accuracy
+    classes = None
+    if accuracy is not None and len(parsed.outputs) == 1:  # class labels of the one output
+        classes = np.asarray(eval_y)
+        if classes.ndim == 2:
+            classes = classes[:, 0] if classes.shape[1] == 1 else classes.argmax(axis=1)
     return micro_export.build_micro_export(
-        parsed, inputs, described, name="model", source=MODEL_FILENAME, eval_labels=eval_y,
+        parsed, inputs, described, name="model", source=MODEL_FILENAME, eval_labels=classes,
         float_accuracy=None if accuracy is None else accuracy.float_accuracy,
-        max_accuracy_drop=config.max_accuracy_drop if accuracy is not None else None)
+        max_accuracy_drop=config.max_accuracy_drop if classes is not None else None)
 
 
 def _report(config, convert_config, parsed: TfliteModel, result, samples, timings) -> dict:
@@ -268,6 +304,8 @@ def _report(config, convert_config, parsed: TfliteModel, result, samples, timing
         },
         "num_calibration_samples_used": 0 if samples is None else int(len(samples)),
         "accuracy": None if result.accuracy is None else dataclasses.asdict(result.accuracy),
+        "fidelity": None if result.fidelity is None else dataclasses.asdict(result.fidelity),
+        "target_error": result.target_error,
         "checks": [dataclasses.asdict(c) for c in result.checks],
         "failures": result.failures,
         "timings": {k: round(v, 3) for k, v in timings.items()},

@@ -89,6 +89,7 @@ def test_markdown_and_plots_are_written(run_dir):
     markdown = open(os.path.join(run_dir, "report.md")).read()
     assert "| int8 (.tflite) | tflite |" in markdown and f"{HAND_MACS:,}" in markdown
     assert "Worst quantized tensors" in markdown  # debug.json from the QuantizationDebugger
+    assert "## Fidelity against the float model (" in markdown
     for name in report.PLOTS:
         png = open(os.path.join(run_dir, name), "rb").read()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

@@ -77,6 +77,7 @@ class Report:
     layers: tuple[LayerRow, ...]
     worst_tensors: tuple[TensorError, ...]
     latency_threads: int
+    fidelity: dict | None = None  # the final model against the float model, every output (report.json's)
 
 
 def compute_report(run_dir: str, latency_runs: int = 200,
@@ -99,7 +100,11 @@ def compute_report(run_dir: str, latency_runs: int = 200,
         layers = tuple(LayerRow(layer.name, layer.op, layer.weight_bytes, layer.weight_zero_fraction, layer.macs)
                        for layer in inspect_tflite(models.read(final_path)).layers
                        if layer.weight_bytes or layer.macs)
-    return Report(SCHEMA_VERSION, run_dir, kind, rows, layers, _worst_tensors(run_dir), latency_threads=1)
+    fidelity = record.get("fidelity")
+    if fidelity is None and "stages" in record:
+        fidelity = record["stages"][-1].get("fidelity")
+    return Report(SCHEMA_VERSION, run_dir, kind, rows, layers, _worst_tensors(run_dir), latency_threads=1,
+                  fidelity=fidelity)
 
 
 class _ParsedModels:
@@ -265,6 +270,14 @@ def render_markdown(report: Report) -> str:
             f"| {r.stage} | {r.format} | {_fmt(r.accuracy, '.4f')} | {_fmt(change, '+.2f')} | {_fmt(r.bytes)} | "
             f"{_fmt(r.gzip_bytes)} | {_fmt(r.parameters)} | {_fmt(r.nonzero_parameters)} | {_fmt(r.macs)} | "
             f"{_fmt(r.latency_median_ms, '.3f')} | {_fmt(r.latency_p90_ms, '.3f')} | {_fmt(r.arena_bytes)} |")
+    if report.fidelity:
+        f = report.fidelity
+        lines += ["", f"## Fidelity against the float model ({f['num_samples']:,} held-out samples: {f['source']})",
+                  "", "| output | shape | SQNR (dB) | max abs error | mean abs error | top-1 agreement |",
+                  "|---|---|---|---|---|---|"]
+        for o in f["outputs"]:
+            lines.append(f"| {o['name']} | {tuple(o['shape'])} | {o['sqnr_db']:.1f} | {o['max_abs_error']:.4g} | "
+                         f"{o['mean_abs_error']:.4g} | {_fmt(o['top1_agreement'], '.4f')} |")
     if report.layers:
         lines += ["", "## Layers of the final model", "",
                   "| layer | op | weight bytes | zeros | MACs |", "|---|---|---|---|---|"]

@@ -12,7 +12,9 @@ Stages run in this order, each when asked for: float → factorize → prune →
 --distill_from the factorize, prune and cluster fine-tunes train through the teacher; QAT uses the labels.
 Each stage leaves its model in <output_dir>/stages/ and its numbers in <output_dir>/report.json; a rerun
 with the same flags resumes after the last completed stage (--overwrite starts over). The validation split
-is cut from the end of --train_data. Exit codes: 0 verified, 1 verification failed, 2 bad input.
+is cut from the end of --train_data. With --qat the model before QAT is also quantized post-training, and
+whichever int8 model scores higher on the validation split ships (a tie ships post-training quantization;
+--force_qat ships QAT regardless). Exit codes: 0 verified, 1 verification failed, 2 bad input.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ _CLUSTER_EPOCHS = flags.DEFINE_integer("cluster_epochs", 1, "Epochs of the clust
 _QAT = flags.DEFINE_bool("qat", False, "Run quantization-aware fine-tuning (prune-preserving after --prune, "
                          "cluster-preserving after --cluster).")
 _QAT_EPOCHS = flags.DEFINE_integer("qat_epochs", 1, "Epochs of QAT.", lower_bound=1)
+_FORCE_QAT = flags.DEFINE_bool("force_qat", False, "Ship the QAT model even where post-training quantization "
+                               "of the model before QAT scores higher on validation (needs --qat).")
 _LEAVE_FLOAT = flags.DEFINE_list("leave_float", [], "Layers tfmot cannot quantize to keep float during QAT; "
                                   "the model is then not full-integer and int8 conversion refuses it: pick "
                                   "another --mode (dynamic, float16) to convert it anyway.")
@@ -70,7 +74,8 @@ _LOSS = flags.DEFINE_enum("loss", "auto", list(optimize_config.LOSSES), "Fine-tu
                           "from the model's output (softmax or logits: sparse categorical, sigmoid: binary), and "
                           "from_logits follows the output activation.")
 _CALIBRATION = flags.DEFINE_string("calibration_data", None, "Calibration samples for the final conversion "
-                                   "(needed without --qat).")
+                                   "(needed without --qat; with --qat they calibrate the post-training "
+                                   "candidate, else it draws --num_calibration_samples from the training split).")
 _CALIBRATION_KEY = flags.DEFINE_string("calibration_key", None, "Array name inside a calibration .npz.")
 _NUM_CALIBRATION = flags.DEFINE_integer("num_calibration_samples", 500, "Calibration samples to draw.",
                                         lower_bound=1)
@@ -97,7 +102,8 @@ def main(argv: list[str]) -> None:
         factorize_epochs=_FACTORIZE_EPOCHS.value, prune=_PRUNE.value, final_sparsity=_SPARSITY.value,
         prune_scope=_SCOPE.value, prune_structure=_STRUCTURE.value, prune_exclude=tuple(_PRUNE_EXCLUDE.value),
         prune_epochs=_PRUNE_EPOCHS.value, cluster=_CLUSTER.value, cluster_epochs=_CLUSTER_EPOCHS.value,
-        qat=_QAT.value, qat_epochs=_QAT_EPOCHS.value, leave_float=tuple(_LEAVE_FLOAT.value),
+        qat=_QAT.value, qat_epochs=_QAT_EPOCHS.value, force_qat=_FORCE_QAT.value,
+        leave_float=tuple(_LEAVE_FLOAT.value),
         distill_from=_DISTILL_FROM.value, distill_temperature=_TEMPERATURE.value, distill_alpha=_ALPHA.value,
         mode=_MODE.value,
         batch_size=_BATCH.value, learning_rate=_LR.value, loss=_LOSS.value,
@@ -111,6 +117,8 @@ def main(argv: list[str]) -> None:
         acc, zeros = stage.get("eval_accuracy"), stage.get("sparsity")
         print(f"  {stage['stage']:<9} eval accuracy {'-' if acc is None else f'{acc:.4f}'}  "
               f"sparsity {'-' if zeros is None else f'{zeros:.3f}'}  {stage['seconds']:.1f} s")
+    if result.shipped:
+        print(f"shipped {result.shipped['candidate']}: {result.shipped['reason']}")
     print(f"verified {result.model_path}; report {result.report_path}")
 
 

@@ -3,8 +3,10 @@ factorize, cluster and distillation stages."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -14,8 +16,10 @@ from conftest import CALIBRATION, MNIST, SCALE, run_scripts
 from tfcompress.core._keras import keras, tf
 from tfcompress.core.errors import NotFullyQuantizedError, OutputPathError
 import tfcompress
+from tfcompress.runs.candidates import Candidate, decide
 from tfcompress.runs.optimize import OptimizeConfig, output_activation, run_optimize, training_loss
 from tfcompress.core.tflite_model import read_tflite
+from tfcompress.models import zoo, zoo_data
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +77,108 @@ def test_prune_then_pqat_gives_verified_sparse_int8_and_resumes(keras_file, trai
         run_optimize(_config(keras_file, train_npz, eval_npz, tmp_path / "out", final_sparsity=0.6))
 
 
+def _integer_only_uint8_io(parsed) -> bool:
+    io = set(parsed.inputs + parsed.outputs)
+    return ({parsed.tensors[i].dtype for i in io} == {"uint8"}
+            and {t.dtype for t in parsed.tensors if t.index not in io} <= {"int8", "int32"})
+
+
+@pytest.fixture(scope="module")
+def resnet8_files(tmp_path_factory):
+    """The zoo's ResNet-8 trained on MNIST train[:3000] (32x32x3), and a training file of train[:3600]:
+    the last 600, which the float model never saw, are the optimize run's validation split."""
+    model, data = zoo.train("resnet8")
+    directory = tmp_path_factory.mktemp("resnet8")
+    files = zoo.write_run_files(model, data, directory)
+    held_out = zoo_data.mnist_32x32_rgb(num_train=3600)
+    np.savez(directory / "train.npz", x_train=held_out.x_train, y_train=held_out.y_train)
+    return files, str(directory / "train.npz")
+
+
+@pytest.mark.slow  # trains the zoo's ResNet-8 (about 15 s) before a QAT run (about 15 s)
+def test_one_epoch_qat_of_the_residual_cnn_loses_to_ptq_on_validation_so_ptq_ships(resnet8_files, tmp_path):
+    files, train = resnet8_files
+    config = OptimizeConfig(output_dir=str(tmp_path / "out"), train_data=train, keras_model=files.keras_model,
+                            validation_fraction=600 / 3600, eval_data=files.eval_data, qat=True, batch_size=64,
+                            calibration_data=files.calibration_data, calibration_key="x", latency_runs=0)
+    result = run_optimize(config)
+    assert [s["stage"] for s in result.stages] == ["float", "qat", "convert"]
+    report = json.loads(open(result.report_path).read())
+    shipped = report["shipped"]
+    qat, ptq = shipped["candidates"]["qat"], shipped["candidates"]["ptq"]
+    # A one-epoch QAT fine-tune of the residual CNN (BatchNorm folded, batch statistics) loses accuracy
+    # that post-training quantization of the float model keeps.
+    assert qat["validation_accuracy"] < ptq["validation_accuracy"]
+    assert shipped["candidate"] == "ptq" and report["stages"][-1]["shipped"] == "ptq"
+    assert shipped["reason"].startswith("post-training quantization scored higher (validation accuracy QAT ")
+    # Made from the float model, calibrated on --calibration_data as given.
+    assert ptq["source"] == report["stages"][0]["artefact"] == report["stages"][-1]["converted_from"]
+    assert ptq["calibration_data"] == files.calibration_data
+    # What ships passed the gated convert stage and is byte for byte the PTQ candidate.
+    shipped_bytes = open(result.model_path, "rb").read()
+    assert _integer_only_uint8_io(read_tflite(shipped_bytes))
+    assert shipped_bytes == open(ptq["model_path"], "rb").read() and len(shipped_bytes) == ptq["bytes"]
+    assert report["stages"][-1]["eval_accuracy"] == pytest.approx(ptq["eval_accuracy"], abs=0.002)
+
+
+def test_force_qat_ships_qat_where_ptq_scores_higher_and_a_rerun_without_it_ships_ptq(keras_file, train_npz,
+                                                                                      eval_npz, tmp_path):
+    # A learning rate far too high for a fine-tune: QAT wrecks the small CNN, post-training quantization of
+    # the float model does not.
+    config = _config(keras_file, train_npz, eval_npz, tmp_path / "out", prune=False, learning_rate=0.05,
+                     force_qat=True, latency_runs=0)
+    forced = run_optimize(config)
+    qat, ptq = forced.shipped["candidates"]["qat"], forced.shipped["candidates"]["ptq"]
+    assert qat["validation_accuracy"] < ptq["validation_accuracy"] - 0.05
+    # Without --calibration_data, PTQ calibrates on samples drawn from the training split, as stored.
+    assert ptq["source"] == forced.stages[0]["artefact"]
+    assert ptq["calibration_data"] == str(tmp_path / "out" / "stages" / "ptq_calibration.npz")
+    with np.load(ptq["calibration_data"]) as d, np.load(train_npz) as train:
+        drawn, training_split = d["x"], train["x_train"][:2200 - 220]  # the last 10% validate
+        assert drawn.shape == (500, 28, 28) and drawn.dtype == training_split.dtype
+        assert {x.tobytes() for x in drawn} <= {x.tobytes() for x in training_split}
+    assert forced.shipped["candidate"] == "qat" and forced.stages[-1]["shipped"] == "qat"
+    assert forced.shipped["reason"].startswith("QAT as --force_qat asks (validation accuracy QAT ")
+    assert forced.stages[-1]["converted_from"] == forced.stages[1]["artefact"]
+    shipped_bytes = open(forced.model_path, "rb").read()
+    assert _integer_only_uint8_io(read_tflite(shipped_bytes))
+    assert shipped_bytes == open(qat["model_path"], "rb").read()
+
+    # Which candidate ships is decided after training: without --force_qat the rerun resumes after QAT.
+    chosen = run_optimize(dataclasses.replace(config, force_qat=False))
+    assert chosen.resumed_after == "qat"
+    report = json.loads(open(chosen.report_path).read())
+    assert report["shipped"]["candidate"] == "ptq" and report["stages"][-1]["shipped"] == "ptq"
+    assert report["shipped"]["reason"] == (
+        f"post-training quantization scored higher (validation accuracy QAT {qat['validation_accuracy']:.4f}, "
+        f"post-training quantization {ptq['validation_accuracy']:.4f})")
+    shipped_bytes = open(chosen.model_path, "rb").read()
+    assert _integer_only_uint8_io(read_tflite(shipped_bytes))
+    assert shipped_bytes == open(ptq["model_path"], "rb").read()
+
+
+def _candidate(name: str, validation_accuracy: float | None) -> Candidate:
+    made = validation_accuracy is not None
+    return Candidate(name, f"{name}.h5", None, None, model_path=f"{name}.tflite" if made else None,
+                     validation_accuracy=validation_accuracy, error=None if made else "conversion failed")
+
+
+@pytest.mark.parametrize("qat, ptq, force_qat, shipped, reason", [
+    (0.95, 0.95, False, "ptq", r"^post-training quantization scored as high \(validation accuracy QAT 0\.9500, "
+                               r"post-training quantization 0\.9500\); a tie ships it, as the model not fine-tuned"),
+    (0.96, 0.95, False, "qat", r"^QAT scored higher \(validation accuracy QAT 0\.9600, post-training "
+                               r"quantization 0\.9500\)$"),
+    (0.90, 0.95, False, "ptq", r"^post-training quantization scored higher \(validation accuracy QAT 0\.9000, "),
+    (0.90, 0.95, True, "qat", r"^QAT as --force_qat asks \(validation accuracy QAT 0\.9000, "),
+    (0.90, None, False, "qat", r"^QAT: post-training quantization failed \(see its error\)$"),
+])
+def test_qat_ships_only_when_forced_or_strictly_better_on_validation(qat, ptq, force_qat, shipped, reason):
+    choice = decide(_candidate("qat", qat), _candidate("ptq", ptq), force_qat=force_qat)
+    assert choice.shipped.name == shipped
+    assert re.search(reason, choice.reason)
+    assert choice.to_json()["candidate"] == shipped and set(choice.to_json()["candidates"]) == {"qat", "ptq"}
+
+
 def test_nothing_to_do_and_bad_split_are_refused(keras_file, train_npz, tmp_path):
     with pytest.raises(ValueError, match=r"Nothing to optimize: pass --factorize_energy, --prune, --cluster "
                                          r"and/or --qat"):
@@ -119,6 +225,7 @@ def test_command_line_bad_input_exits_2(tmp_path):
         # Every new stage flag parses and reaches OptimizeConfig; the last one is out of range.
         ["optimize", "--keras_model=/nonexistent.keras", f"--train_data={MNIST}", "--factorize_energy=0.9",
          "--factorize_layers=fc", "--factorize_epochs=1", "--prune", "--cluster=8", "--cluster_epochs=1",
+         "--qat", "--force_qat",
          "--distill_from=/nonexistent_teacher.h5", "--distill_temperature=2", "--distill_alpha=1.5",
          f"--output_dir={tmp_path}/out"],
         ["optimize", f"--saved_model_dir={not_keras}", f"--train_data={MNIST}", "--prune",
@@ -244,6 +351,9 @@ def test_distilled_factorize_and_prune_reduce_parameters_and_convert_verified(ke
     (dict(prune=False, distill_from="teacher.h5"),
      r"with only --qat the teacher would go unused.* Received: distill_from='teacher.h5'$"),
     (dict(cluster_epochs=0), r"Received: cluster_epochs=0$"),
+    (dict(qat=False, force_qat=True),
+     r"^force_qat ships the QAT model even where post-training quantization scores higher on validation, so it "
+     r"needs --qat: pass --qat as well, or leave --force_qat out\. Received: force_qat=True, qat=False$"),
 ])
 def test_bad_new_stage_settings_are_refused(keras_file, train_npz, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -273,6 +383,8 @@ def test_settings_of_stages_that_do_not_run_leave_the_fingerprint_alone(keras_fi
     base = _config(keras_file, train_npz, None, tmp_path)
     assert _config(keras_file, train_npz, None, tmp_path, cluster_epochs=3, distill_alpha=0.5,
                    factorize_epochs=2).fingerprint() == base.fingerprint()
+    # Which candidate ships is decided after training: --force_qat reruns only the candidates and convert.
+    assert _config(keras_file, train_npz, None, tmp_path, force_qat=True).fingerprint() == base.fingerprint()
     clustered = _config(keras_file, train_npz, None, tmp_path, cluster=8)
     assert clustered.fingerprint() != base.fingerprint()
     assert _config(keras_file, train_npz, None, tmp_path, cluster=8, cluster_epochs=2).fingerprint() \

@@ -4,7 +4,7 @@ int8 `.tflite` out.
 Takes an `OptimizeConfig` (its fields are the flags of `pipelines/optimize.py`); returns an
 `OptimizeResult`. Stages run in a fixed order, each only when asked for:
 
-    float → factorize → prune → cluster → qat → convert
+    float → factorize → prune → cluster → qat → (candidates) → convert
 
 Factorization comes first because it changes the layers (a Dense becomes two) and the later stages should
 compress the layers that ship; pruning comes before clustering so that clustering can keep the zeros
@@ -13,7 +13,10 @@ pruning, CQAT/PCQAT after clustering). With a teacher (`distill_from`) the facto
 fine-tunes train through `tfcompress.training.distill.Distiller`; QAT trains on the labels alone. Each stage leaves its
 artefact under `<output_dir>/stages/` and its numbers in `<output_dir>/report.json`. A rerun with the same
 settings resumes after the last completed stage. The validation split is cut from the end of the training
-data; the evaluation data (a test split) is only ever measured on, never used to choose anything.
+data; the evaluation data (a test split) is only ever measured on, never used to choose anything. After
+QAT, `tfcompress.runs.candidates` also quantizes the model QAT started from post-training and ships the one
+that scores better on validation (`force_qat`: QAT regardless); either goes through the same gated convert
+stage.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from tfcompress.training.distill import Distiller
 from tfcompress.core.errors import ModelLoadError, OutputPathError
 from tfcompress.training.factorize import FactorizeResult, factorize
 from tfcompress.core.model_io import load_model, model_source
+from tfcompress.runs import candidates
 from tfcompress.runs.pipeline import MICRO_DIRNAME, ConvertPipelineConfig, run_convert
 from tfcompress.training.prune import PruningCallback, prune, strip
 from tfcompress.runs.optimize_config import OptimizeConfig
@@ -53,6 +57,8 @@ class OptimizeResult:
     report_path: str
     stages: tuple[dict, ...]
     resumed_after: str | None
+    shipped: dict | None = None
+    """With --qat: which candidate (QAT, or PTQ of the model before QAT) shipped and why (`Choice.to_json`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,38 +108,68 @@ def run_optimize(config: OptimizeConfig) -> OptimizeResult:
                   details=details)
 
     start = time.perf_counter()
-    last = state["completed"][-1]
+    choice = _choose_candidate(state, stages_dir, inputs)
+    shipped = None if choice is None else choice.to_json() | {"seconds": round(time.perf_counter() - start, 3)}
+    converted, convert_stage = _convert_stage(inputs, state, stages_dir, output_dir, choice)
+    stages = [*state["completed"], convert_stage]
+    report_path = os.path.join(output_dir, "report.json")
+    write_json(report_path, {"schema_version": REPORT_SCHEMA_VERSION, "config": dataclasses.asdict(config),
+                             "resumed_after": resumed_after, "loss": inputs.loss.describe(), "shipped": shipped,
+                             "stages": stages})
+    run_report.write_report(run_report.compute_report(output_dir, latency_runs=config.latency_runs,
+                                                      parsed={"model.tflite": converted.tflite}))
+    return OptimizeResult(convert_stage["artefact"], report_path, tuple(stages), resumed_after, shipped)
+
+
+def _choose_candidate(state: dict, stages_dir: str, inputs: _Inputs) -> candidates.Choice | None:
+    """With QAT: the QAT model or post-training quantization of the model before it, by validation."""
+    completed = state["completed"]
+    if completed[-1]["stage"] != "qat" or inputs.config.mode == "float32":  # float32 quantizes nothing
+        return None
+    splits = candidates.Splits(inputs.x_val, inputs.y_val, inputs.x_eval, inputs.y_eval,
+                               split=len(inputs.x_train), from_logits=inputs.loss.from_logits)
+    return candidates.choose(inputs.config, stages_dir, before_qat=completed[-2]["artefact"],
+                             qat=completed[-1]["artefact"], splits=splits)
+
+
+def _convert_stage(inputs: _Inputs, state: dict, stages_dir: str, output_dir: str,
+                   choice: candidates.Choice | None):
+    """Converts what ships through the gated convert stage (whichever candidate it is) into model.tflite."""
+    config = inputs.config
+    start = time.perf_counter()
+    source, calibration_data, calibration_key, tflite = (state["completed"][-1]["artefact"],
+                                                         config.calibration_data, config.calibration_key, None)
+    if choice is not None:
+        shipped = choice.shipped
+        source, calibration_data, calibration_key = shipped.source, shipped.calibration_data, shipped.calibration_key
+        tflite = shipped.tflite  # converted from these very settings: verified with the gates, not redone
     converted = run_convert(ConvertPipelineConfig(
-        output_dir=os.path.join(stages_dir, "convert"), keras_model=last["artefact"], mode=config.mode,
-        calibration_data=config.calibration_data, calibration_key=config.calibration_key,
+        output_dir=os.path.join(stages_dir, "convert"), keras_model=source, mode=config.mode,
+        calibration_data=calibration_data, calibration_key=calibration_key,
         eval_data=config.eval_data, eval_key=config.eval_key, eval_labels_key=config.eval_labels_key,
         input_scale=config.input_scale, input_offset=config.input_offset,
         num_calibration_samples=config.num_calibration_samples,
         max_accuracy_drop=config.max_accuracy_drop, seed=config.seed, target=config.target, overwrite=True,
         latency_runs=0,  # the run's own report times the final model once
-    ))
+    ), converted=tflite)
     model_path = os.path.join(output_dir, "model.tflite")
     write_atomic(model_path, converted.tflite.data)
     if config.target:
         _copy_dir(os.path.join(os.path.dirname(converted.model_path), MICRO_DIRNAME),
                   os.path.join(output_dir, MICRO_DIRNAME))
     accuracy = converted.verification.accuracy
-    stages = [*state["completed"], {
-        "stage": "convert", "artefact": model_path, "bytes": converted.num_bytes,
+    return converted, {
+        "stage": "convert", "artefact": model_path, "converted_from": source,
+        "shipped": None if choice is None else choice.shipped.name, "bytes": converted.num_bytes,
         "eval_accuracy": None if accuracy is None else accuracy.tflite_accuracy,
         "accuracy_drop_vs_input_model": None if accuracy is None else accuracy.accuracy_drop,
         "weight_sparsity": converted.report["model"]["weight_sparsity"],
         # What ships: at most `cluster` values per output channel of each weight tensor.
         "distinct_values": distinct_values(converted.tflite) if config.cluster is not None else None,
         "micro": converted.report.get("micro"),
+        "fidelity": converted.report.get("fidelity"),
         "seconds": round(time.perf_counter() - start, 3),
-    }]
-    report_path = os.path.join(output_dir, "report.json")
-    write_json(report_path, {"schema_version": REPORT_SCHEMA_VERSION, "config": dataclasses.asdict(config),
-                             "resumed_after": resumed_after, "loss": inputs.loss.describe(), "stages": stages})
-    run_report.write_report(run_report.compute_report(output_dir, latency_runs=config.latency_runs,
-                                                      parsed={"model.tflite": converted.tflite}))
-    return OptimizeResult(model_path, report_path, tuple(stages), resumed_after)
+    }
 
 
 # ---------------------------------------------------------------------------------------------------

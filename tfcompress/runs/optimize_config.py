@@ -53,6 +53,7 @@ class OptimizeConfig:
     cluster_epochs: int = 1
     qat: bool = False
     qat_epochs: int = 1
+    force_qat: bool = False
     leave_float: tuple[str, ...] = ()
     distill_from: str | None = None
     distill_temperature: float = 4.0
@@ -91,6 +92,12 @@ class OptimizeConfig:
                 "Nothing to optimize: pass --factorize_energy, --prune, --cluster and/or --qat (for "
                 "post-training quantization alone use tfcompress convert). Received: factorize_energy=None, "
                 "prune=False, cluster=None, qat=False"
+            )
+        if self.force_qat and not self.qat:
+            raise ValueError(
+                "force_qat ships the QAT model even where post-training quantization scores higher on "
+                "validation, so it needs --qat: pass --qat as well, or leave --force_qat out. "
+                "Received: force_qat=True, qat=False"
             )
         self._check_factorize()
         self._check_cluster()
@@ -153,9 +160,9 @@ class OptimizeConfig:
         """Identifies the settings the training stages' artefacts were made with.
 
         Options of the final conversion and of measurement only (mode, calibration, evaluation, the
-        accuracy gate) are left out: changing them reruns just the convert stage. So are the settings of
-        stages that do not run (a `cluster_epochs` without `cluster`), which also keeps the fingerprints
-        of runs made before those stages existed.
+        accuracy gate, which candidate ships) are left out: changing them reruns just the candidates and the
+        convert stage. So are the settings of stages that do not run (a `cluster_epochs` without `cluster`),
+        which also keeps the fingerprints of runs made before those stages existed.
         """
         values = dataclasses.asdict(self) | {"leave_float": sorted(self.leave_float),
                                              "prune_exclude": sorted(self.prune_exclude),
@@ -164,7 +171,7 @@ class OptimizeConfig:
             values.pop("loss")
         for name in ("output_dir", "overwrite", "mode", "target", "latency_runs", "max_accuracy_drop",
                      "calibration_data", "calibration_key", "num_calibration_samples", "eval_data", "eval_key",
-                     "eval_labels_key"):
+                     "eval_labels_key", "force_qat"):
             values.pop(name)
         unused = {"factorize_energy": ("factorize_energy", "factorize_layers", "factorize_epochs"),
                   "cluster": ("cluster", "cluster_epochs"),

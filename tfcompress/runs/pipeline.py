@@ -73,6 +73,9 @@ class ConvertPipelineConfig:
     num_eval_samples: int | None = None
     min_top1_agreement: float = fidelity.DEFAULT_MIN_TOP1_AGREEMENT
     min_output_sqnr_db: float = fidelity.DEFAULT_MIN_OUTPUT_SQNR_DB
+    # Calibration-source samples set aside for the fidelity check when there is no evaluation data. None:
+    # HELD_OUT_SAMPLES without eval data, none with it; 0: none (the run then compares nothing).
+    held_out_samples: int | None = None
     input_scale: float = 1.0
     input_offset: float = 0.0
     mode: str = Mode.INT8.value
@@ -127,8 +130,14 @@ class ConvertPipelineResult:
     """The verified model as parsed once by the run (its `.data` is `model.tflite`'s bytes)."""
 
 
-def run_convert(config: ConvertPipelineConfig) -> ConvertPipelineResult:
+def run_convert(config: ConvertPipelineConfig, converted: TfliteModel | None = None) -> ConvertPipelineResult:
     """Converts and verifies one model, writing `model.tflite` and `report.json` to `output_dir`.
+
+    Args:
+        config: the run's settings.
+        converted: the `.tflite` an earlier `run_convert` made from this very model, mode and calibration
+            data (the optimize run's candidates): verified and written here exactly like a fresh
+            conversion, which it replaces. The conversion is deterministic, so only the time differs.
 
     Raises:
         InputError: bad model, data or output location (nothing is written).
@@ -140,15 +149,15 @@ def run_convert(config: ConvertPipelineConfig) -> ConvertPipelineResult:
     artefacts = (MODEL_FILENAME, REPORT_FILENAME, run_report.MARKDOWN) + ((MICRO_DIRNAME,) if config.target else ())
     output_dir, created = prepare_output_dir(config.output_dir, artefacts, config.overwrite)
     try:
-        return _convert_and_write(config, convert_config, output_dir)
+        return _convert_and_write(config, convert_config, output_dir, converted)
     except (InputError, ConversionError, ValueError):
         if created:
             remove_if_empty(output_dir)
         raise
 
 
-def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertConfig,
-                       output_dir: str) -> ConvertPipelineResult:
+def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertConfig, output_dir: str,
+                       converted: TfliteModel | None) -> ConvertPipelineResult:
     model_path = os.path.join(output_dir, MODEL_FILENAME)
     report_path = os.path.join(output_dir, REPORT_FILENAME)
     timings = {}
@@ -163,7 +172,7 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
             config.calibration_data, model.input_shape, key=config.calibration_key,
             num_samples=config.num_calibration_samples, seed=config.seed,
             scale=config.input_scale, offset=config.input_offset,
-            num_held_out=0 if config.eval_data is not None else HELD_OUT_SAMPLES,
+            num_held_out=_num_held_out(config),
         )
         samples = loaded.samples if convert_config.needs_calibration else None
         held_out = loaded.held_out
@@ -192,9 +201,11 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
                           f"({config.calibration_data})")
     timings["load_seconds"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    parsed = convert_and_read(model, convert_config, samples)  # parsed once; every later stage takes it
-    timings["convert_seconds"] = time.perf_counter() - start
+    parsed = converted
+    if parsed is None:
+        start = time.perf_counter()
+        parsed = convert_and_read(model, convert_config, samples)  # parsed once; every later stage takes it
+        timings["convert_seconds"] = time.perf_counter() - start
 
     start = time.perf_counter()
     result = verify(
@@ -240,6 +251,12 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
             os.unlink(os.path.join(output_dir, name))
     write_json(report_path, report)
     raise VerificationError(result.failures, result)
+
+
+def _num_held_out(config: ConvertPipelineConfig) -> int:
+    if config.held_out_samples is not None:
+        return config.held_out_samples
+    return 0 if config.eval_data is not None else HELD_OUT_SAMPLES
 
 
 DEBUG_SAMPLES = 100

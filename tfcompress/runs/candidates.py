@@ -1,0 +1,173 @@
+"""The optimize run's last choice: the QAT model, or post-training quantization of the model QAT started from.
+
+Takes the run's `OptimizeConfig`, the Keras artefacts before and after the QAT stage and the validation
+split; returns a `Choice` naming the candidate to ship and why. Both candidates are converted by
+`run_convert` in the run's mode (so with its io dtype) into `<stages>/candidates/{qat,ptq}/`, checked for
+what every conversion must be (integer-only, the I/O dtypes) but not gated on the evaluation data, and
+scored in LiteRT on the validation split. The better one ships; on a tie post-training quantization does,
+as the model nobody fine-tuned further: QAT that cannot beat it has not earned its place. `force_qat`
+ships QAT whatever the scores. The evaluation data (a test split) is measured for the report only, never
+used to choose. The caller hands the shipped candidate's `.tflite` to the gated convert stage, which verifies
+it as it would a model it converted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+
+import numpy as np
+
+from tfcompress.conversion import calibration
+from tfcompress.conversion.convert import ConvertConfig
+from tfcompress.conversion.verify import run_tflite
+from tfcompress.core.artefacts import write_atomic
+from tfcompress.core.errors import TfcompressError
+from tfcompress.core.tflite_model import TfliteModel
+from tfcompress.runs.optimize_config import OptimizeConfig
+from tfcompress.runs.pipeline import ConvertPipelineConfig, run_convert
+
+CANDIDATES_DIRNAME = "candidates"
+CALIBRATION_FILENAME = "ptq_calibration.npz"
+CALIBRATION_KEY = "x"
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One converted model the run could ship.
+
+    Attributes:
+        name: "qat" or "ptq".
+        source: the Keras artefact it is converted from.
+        calibration_data, calibration_key: the samples its conversion calibrates with (None: none needed).
+        model_path: its `.tflite`; None when it could not be made (`error` says why).
+        bytes, sha256: of that `.tflite`.
+        validation_accuracy: top-1 in LiteRT on the run's validation split (what the choice reads).
+        eval_accuracy: top-1 in LiteRT on the evaluation data, reported only.
+        error: why the conversion failed, for a PTQ candidate that could not be made.
+    """
+
+    name: str
+    source: str
+    calibration_data: str | None
+    calibration_key: str | None
+    model_path: str | None = None
+    bytes: int | None = None
+    sha256: str | None = None
+    validation_accuracy: float | None = None
+    eval_accuracy: float | None = None
+    error: str | None = None
+    tflite: TfliteModel | None = dataclasses.field(default=None, repr=False, compare=False)
+    """The converted model as parsed (`model_path`'s bytes), for the convert stage to verify, not redo."""
+
+    def to_json(self) -> dict:
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self) if field.name != "tflite"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    shipped: Candidate
+    candidates: tuple[Candidate, ...]
+    reason: str
+
+    def to_json(self) -> dict:
+        return {"candidate": self.shipped.name, "reason": self.reason,
+                "candidates": {c.name: c.to_json() for c in self.candidates}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """The samples the candidates are scored on; `split` is where validation starts in the training data."""
+
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_eval: np.ndarray | None
+    y_eval: np.ndarray | None
+    split: int
+    from_logits: bool
+
+
+def choose(config: OptimizeConfig, stages_dir: str, before_qat: str, qat: str, splits: Splits) -> Choice:
+    """Converts both candidates, scores them on validation and picks the one to ship.
+
+    Raises:
+        ConversionError, VerificationError: the QAT candidate cannot be converted (as the run without
+            the comparison would fail). A PTQ candidate that fails is reported and QAT ships.
+    """
+    directory = os.path.join(stages_dir, CANDIDATES_DIRNAME)
+    qat_candidate = _converted(Candidate("qat", qat, config.calibration_data, config.calibration_key),
+                               config, directory, splits)
+    ptq = Candidate("ptq", before_qat, calibration_data=None, calibration_key=None)
+    try:  # QAT needs no calibration data, so too few training samples to draw from only rule PTQ out
+        data, key = _ptq_calibration(config, stages_dir, splits.split)
+        ptq = dataclasses.replace(ptq, calibration_data=data, calibration_key=key)
+        ptq = _converted(ptq, config, directory, splits)
+    except TfcompressError as e:
+        ptq = dataclasses.replace(ptq, error=str(e))
+    return decide(qat_candidate, ptq, force_qat=config.force_qat)
+
+
+def decide(qat: Candidate, ptq: Candidate, force_qat: bool = False) -> Choice:
+    """The rule: QAT ships if forced, if PTQ could not be made, or if it scores strictly higher on validation."""
+    candidates = (qat, ptq)
+    if ptq.model_path is None:
+        return Choice(qat, candidates, "QAT: post-training quantization failed (see its error)")
+    a, b = qat.validation_accuracy, ptq.validation_accuracy
+    scores = f"validation accuracy QAT {a:.4f}, post-training quantization {b:.4f}"
+    if force_qat:
+        return Choice(qat, candidates, f"QAT as --force_qat asks ({scores})")
+    if a > b:
+        return Choice(qat, candidates, f"QAT scored higher ({scores})")
+    if a == b:
+        # QAT that cannot beat quantizing the model it started from has not earned its place; that model's
+        # weights are the ones the earlier stages validated, without a further fake-quant fine-tune.
+        return Choice(ptq, candidates, f"post-training quantization scored as high ({scores}); a tie ships it, "
+                      "as the model not fine-tuned further")
+    return Choice(ptq, candidates, f"post-training quantization scored higher ({scores})")
+
+
+def _ptq_calibration(config: OptimizeConfig, stages_dir: str, split: int) -> tuple[str | None, str | None]:
+    """--calibration_data when given, else samples drawn (seeded) from the training split, raw as stored.
+
+    Raw, so that the convert stage applies --input_scale/--input_offset to them as to any calibration file;
+    never from the validation or evaluation data, which would then score a model calibrated on them.
+    """
+    if config.calibration_data is not None or not ConvertConfig(config.mode).needs_calibration:
+        return config.calibration_data, config.calibration_key
+    raw = calibration.load_array(config.train_data, config.train_key)[:split]
+    buffer = io.BytesIO()
+    np.savez(buffer, **{CALIBRATION_KEY: calibration.select(raw, config.num_calibration_samples, config.seed)})
+    path = os.path.join(stages_dir, CALIBRATION_FILENAME)
+    write_atomic(path, buffer.getvalue())
+    return path, CALIBRATION_KEY
+
+
+def _converted(candidate: Candidate, config: OptimizeConfig, directory: str, splits: Splits) -> Candidate:
+    converted = run_convert(ConvertPipelineConfig(
+        output_dir=os.path.join(directory, candidate.name), keras_model=candidate.source, mode=config.mode,
+        calibration_data=candidate.calibration_data, calibration_key=candidate.calibration_key,
+        input_scale=config.input_scale, input_offset=config.input_offset,
+        num_calibration_samples=config.num_calibration_samples, seed=config.seed, overwrite=True,
+        latency_runs=0, debug_layers=False,  # a candidate is scored, not profiled
+        # Calibrated on exactly what the convert stage would calibrate on (which holds samples out for its
+        # fidelity check only when it has no evaluation data), so the shipped bytes are the same either way.
+        held_out_samples=0 if config.eval_data is not None else None,
+    ))
+    accuracy = _top1_accuracy(converted.tflite, splits.x_val, splits.y_val, splits.from_logits)
+    return dataclasses.replace(
+        candidate, model_path=converted.model_path, bytes=converted.num_bytes, sha256=converted.tflite.sha256,
+        tflite=converted.tflite,
+        validation_accuracy=accuracy,
+        eval_accuracy=_top1_accuracy(converted.tflite, splits.x_eval, splits.y_eval, splits.from_logits))
+
+
+def _top1_accuracy(model, x, y, from_logits: bool) -> float | None:
+    if x is None:
+        return None
+    outputs = run_tflite(model, x)
+    if outputs.shape[-1] == 1:  # one sigmoid unit (or logit): the class is which side of the midpoint
+        predicted = (outputs[:, 0] > (0.0 if from_logits else 0.5)).astype(np.int64)
+    else:
+        predicted = np.argmax(outputs, axis=1)
+    return float(np.mean(predicted == y))

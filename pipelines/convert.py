@@ -113,11 +113,13 @@ def summary(result: pipeline.ConvertPipelineResult) -> str:
             top1 = "" if out.top1_agreement is None else f", top-1 agreement {out.top1_agreement:.4f}"
             lines.append(f"  output {out.name}: SQNR {out.sqnr_db:.1f} dB, max |error| {out.max_abs_error:.4g}"
                          f"{top1} ({fid.num_samples} samples, {fid.source})")
+    lines += [f"  note: {note}" for note in result.verification.notes]
     micro = result.report.get("micro")
     if micro:
         lines.append(f"  micro: flash {micro['flash_bytes']:,} bytes, arena {micro['arena']['arena_bytes']:,} "
                      f"bytes, TFLM vs LiteRT reference kernels top-1 agreement "
                      f"{micro['tflm_check']['top1_agreement']:.4f}")
+        lines += [f"  micro note: {note}" for note in micro.get("notes", [])]
     lines.append(f"  report {result.report_path} (and report.md, plots)")
     return "\n".join(lines)
 

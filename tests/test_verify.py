@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import re
+
+import flatbuffers
 import numpy as np
 import pytest
+from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.interpreter import Interpreter
 
 from conftest import small_cnn
 from tfcompress.conversion.convert import ConvertConfig, convert
 from tfcompress.core._keras import keras
-from tfcompress.core.errors import CalibrationDataError, ModelLoadError, VerificationError
+from tfcompress.core.errors import CalibrationDataError, InterpreterRunError, ModelLoadError, VerificationError
 from tfcompress.core.model_io import load_model
 from tfcompress.core.tflite_model import read_tflite
-from tfcompress.conversion.verify import quantize, run_tflite, verify
+from tfcompress.conversion.verify import quantize, run_litert, run_tflite, verify
+from tfcompress.models import zoo_data
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +211,58 @@ def test_a_two_output_model_is_compared_output_by_output(mnist_subset, calibrati
     assert parity.classifier and parity.top1_agreement >= 0.97 and parity.sqnr_db >= 15.0
     assert "output(s) parity within" in result.checks[-1].detail
     assert float_parity.shape == (1000, 2)
+def test_xnnpack_failure_falls_back_to_builtin_kernels_and_says_so():
+    # An unrolled LSTM's int8 model: LiteRT's XNNPACK delegate fails when it first runs ("failed to create
+    # XNNPACK runtime"); LiteRT's builtin kernels without the delegate run it.
+    keras.utils.set_random_seed(0)
+    data = zoo_data.mnist_rows(num_train=100, num_test=50)
+    inputs = keras.Input((28, 28))
+    x = keras.layers.LSTM(16, unroll=True)(inputs)
+    model = load_model(keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(x)))
+    flatbuffer = convert(model, ConvertConfig(), data.x_train)
+    result = verify(flatbuffer, "int8", "uint8", float_model=model, eval_samples=data.x_test,
+                    eval_labels=data.y_test)
+    assert result.passed and result.accuracy.num_samples == 50
+    (note,) = result.notes
+    assert re.fullmatch(r"LiteRT's XNNPACK delegate cannot run the model \(failed to create XNNPACK runtime.*"
+                        r"failed to prepare\.\); it ran on LiteRT's builtin kernels without the delegate "
+                        r"\(OpResolverType\.BUILTIN_WITHOUT_DEFAULT_DELEGATES\)", note), note
+    parsed = read_tflite(flatbuffer)
+    tensor = parsed.tensors[parsed.inputs[0]]
+    quantized = quantize(data.x_test, {"dtype": np.uint8, "quantization": (tensor.scale[0], tensor.zero_point[0])})
+    builtin = run_litert(parsed, quantized)
+    assert builtin.kernels == "builtin" and builtin.note == note
+    reference = run_litert(parsed, quantized, reference_kernels=True)
+    # The builtin kernels are LiteRT's optimized ones without XNNPACK: within a few steps of the reference.
+    assert np.abs(builtin.outputs[0].astype(int) - reference.outputs[0].astype(int)).max() <= 3
+
+
+def _with_reshape_to(data: bytes, shape: list[int]) -> bytes:
+    """The model with its RESHAPE's shape tensor rewritten (a model LiteRT then cannot allocate)."""
+    model = schema.ModelT.InitFromPackedBuf(data, 0)
+    graph = model.subgraphs[0]
+    for op in graph.operators:
+        code = model.operatorCodes[op.opcodeIndex]
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == schema.BuiltinOperator.RESHAPE:
+            buffer = model.buffers[graph.tensors[op.inputs[1]].buffer]
+            buffer.data = list(np.asarray(shape, np.int32).tobytes())
+            graph.tensors[op.inputs[1]].shape = [len(shape)]
+    builder = flatbuffers.Builder(len(data))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def test_a_model_litert_cannot_run_is_a_failed_check_not_a_crash(int8_model, saved_model_dir, mnist_subset):
+    _, _, x_test, y_test = mnist_subset
+    broken = _with_reshape_to(int8_model, [-1, 7])  # 13 * 13 * 8 values per sample do not split into rows of 7
+    result = verify(broken, "int8", "uint8", float_model=load_model(saved_model_dir), eval_samples=x_test[:20],
+                    eval_labels=y_test[:20], raise_on_failure=False)
+    assert not result.passed and result.accuracy is None
+    (failure,) = result.failures
+    assert re.fullmatch(r"litert_runtime: LiteRT cannot run the model with its builtin kernels \(.+\), nor with "
+                        r"its XNNPACK delegate \(.+\)\. The converter wrote a model its own runtime rejects: run "
+                        r"`tfcompress inspect` on it to find the op named, and change that layer", failure), failure
+    with pytest.raises(InterpreterRunError, match=r"^1 verification check\(s\) failed: litert_runtime: LiteRT's "
+                                                  r"reference kernels cannot run the model \("):
+        run_litert(broken, quantize(x_test[:2], {"dtype": np.uint8, "quantization": (1 / 255, 0)}),
+                   reference_kernels=True)

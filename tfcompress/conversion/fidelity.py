@@ -16,15 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter
 
-from tfcompress.core._native import native_output_captured
 from tfcompress.core.errors import CalibrationDataError
-from tfcompress.core.progress import progress
-from tfcompress.core.tflite_model import TfliteModel
 
 # Measured on the int8 (uint8-I/O) conversion of every zoo model on its held-out samples (README): the
 # classifiers' top-1 agreement is 0.990-1.000 and their probabilities keep 26.5-39.3 dB SQNR, the
@@ -64,39 +59,6 @@ class Labels:
     output: str
     kind: str  # "classes" or "targets"
     values: np.ndarray
-
-
-def run_all_outputs(model: TfliteModel, samples: np.ndarray, batch_size: int = 500) -> dict[str, np.ndarray]:
-    """Every output of a single-input `.tflite` on float `samples`, dequantized, by signature output name."""
-    interpreter = Interpreter(model_content=model.data, num_threads=os.cpu_count() or 1)
-    (inp,) = interpreter.get_input_details()
-    names = _output_names(interpreter)
-    details = {d["index"]: d for d in interpreter.get_output_details()}
-    outputs: dict[int, list[np.ndarray]] = {index: [] for index in details}
-    current = None
-    starts = range(0, len(samples), batch_size)
-    for start in progress(starts, total=len(starts), desc="evaluating (LiteRT, every output)"):
-        batch = samples[start : start + batch_size]
-        if current != len(batch):
-            interpreter.resize_tensor_input(inp["index"], [len(batch), *inp["shape"][1:]])
-            with native_output_captured():
-                interpreter.allocate_tensors()
-            current = len(batch)
-        interpreter.set_tensor(inp["index"], quantize(batch, inp))
-        interpreter.invoke()
-        for index in details:
-            outputs[index].append(interpreter.get_tensor(index).copy())
-    return {names.get(index, details[index]["name"]): dequantize(np.concatenate(parts), details[index])
-            for index, parts in outputs.items()}
-
-
-def _output_names(interpreter: Interpreter) -> dict[int, str]:
-    """Tensor index -> the signature's output name (the Keras output name), where there is a signature."""
-    signatures = interpreter.get_signature_list()
-    if not signatures:
-        return {}
-    runner = interpreter.get_signature_runner(next(iter(signatures)))
-    return {detail["index"]: name for name, detail in runner.get_output_details().items()}
 
 
 def pair_outputs(float_outputs: dict[str, np.ndarray],

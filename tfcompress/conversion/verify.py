@@ -3,7 +3,10 @@
 Takes the flatbuffer (bytes or path), the mode and I/O dtype it was converted for, and optionally the
 float model with labelled evaluation data; returns a `VerificationResult` listing every check. All checks
 run; with `raise_on_failure` a single `VerificationError` then lists every failed one. Evaluation runs in
-batches (the interpreter's input is resized), never one sample at a time.
+batches (the interpreter's input is resized), never one sample at a time, except for a model converted with
+a fixed batch size, which runs in batches of exactly that size. Where LiteRT's default XNNPACK delegate
+cannot run a model (measured: an unrolled LSTM), it runs again on LiteRT's builtin kernels without the
+delegate and the result says so in `notes`; where LiteRT cannot run it at all, that is a failed check.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from tfcompress.conversion import fidelity
 from tfcompress.conversion.convert import INTEGER_MODES, Mode
 from tfcompress.conversion.fidelity import dequantize, quantize
 from tfcompress.core.progress import progress
-from tfcompress.core.errors import VerificationError
+from tfcompress.core.errors import InterpreterRunError, VerificationError
 from tfcompress.core.model_io import FloatModel
-from tfcompress.core.tflite_model import TfliteModel, TfliteSource, read_tflite, weight_tensors
+from tfcompress.core.tflite_model import TfliteModel, TfliteSource, output_names, read_tflite, weight_tensors
 
 # Tensor dtypes an integer mode may contain besides its I/O: activations, weights, biases, shapes.
 _ALLOWED_DTYPES = {
@@ -60,6 +63,8 @@ class VerificationResult:
     accuracy: AccuracyResult | None
     fidelity: fidelity.FidelityResult | None = None
     target_error: dict | None = None  # regression targets: mean squared error of float and .tflite
+    notes: tuple[str, ...] = ()
+    """What the run had to work around, e.g. LiteRT's XNNPACK delegate failing (then builtin kernels ran)."""
 
     @property
     def passed(self) -> bool:
@@ -126,13 +131,25 @@ def verify(
     parsed = read_tflite(tflite_model)
     checks = [*_dtype_checks(parsed, mode, io_dtype), _builtin_only_check(parsed)]
     accuracy = measured = target_error = None
+    notes: list[str] = []
     if eval_samples is not None and (float_model is not None or float_outputs is not None):
         if len(eval_samples) < fidelity.MIN_FIDELITY_SAMPLES:
             raise ValueError(
                 f"Comparing the .tflite with the float model needs at least {fidelity.MIN_FIDELITY_SAMPLES} "
                 f"held-out samples. Received: {len(eval_samples)} ({samples_source})"
             )
-        tflite_all = fidelity.run_all_outputs(parsed, eval_samples, batch_size=batch_size)
+        try:
+            run = run_litert(parsed, quantize(eval_samples, _input_detail(parsed)), batch_size=batch_size)
+        except InterpreterRunError as e:
+            checks += [Check(f.split(":")[0], False, f.split(":", 1)[-1].strip()) for f in e.failures]
+            run = None
+        else:
+            notes += [run.note] if run.note else []
+    else:
+        run = None
+    if run is not None:
+        tflite_all = {name: dequantize(raw, _output_detail(parsed, i))
+                      for i, (name, raw) in enumerate(zip(output_names(parsed), run.outputs))}
         if float_outputs is not None:
             float_all = {next(iter(tflite_all)): np.asarray(float_outputs)} if len(tflite_all) == 1 else None
             if float_all is None:
@@ -179,65 +196,148 @@ def verify(
         accuracy=accuracy,
         fidelity=measured,
         target_error=target_error,
+        notes=tuple(notes),
     )
     if raise_on_failure and not result.passed:
         raise VerificationError(result.failures, result)
     return result
 
 
+@dataclasses.dataclass(frozen=True)
+class LiteRTRun:
+    """Every output of one LiteRT run, in the model's output order, as stored (quantized).
+
+    `kernels` is "optimized" (the default resolver with XNNPACK), "builtin" (the default delegate failed,
+    so LiteRT's builtin kernels ran without it; `note` says why) or "reference" (`BUILTIN_REF`).
+    """
+
+    outputs: tuple[np.ndarray, ...]
+    kernels: str
+    note: str | None = None
+
+
+def run_litert(model: TfliteSource, inputs: np.ndarray, batch_size: int = 500, num_threads: int | None = None,
+               reference_kernels: bool = False) -> LiteRTRun:
+    """Runs `inputs` (already in the model's input dtype) through LiteRT; every output, as stored.
+
+    Where the default XNNPACK delegate fails to prepare or run the model, it runs again with
+    `OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES` (the same builtin kernels, no delegate) and says so.
+
+    Raises:
+        InterpreterRunError: LiteRT cannot allocate or invoke the model with the kernels asked for (and,
+            for the default kernels, not without the delegate either).
+    """
+    if reference_kernels:
+        try:
+            return LiteRTRun(_run_batches(_interpreter(model, num_threads, OpResolverType.BUILTIN_REF), inputs,
+                                          batch_size), "reference")
+        except RuntimeError as e:
+            raise InterpreterRunError([f"litert_runtime: LiteRT's reference kernels cannot run the model "
+                                       f"({_one_line(e)}). {_RUNTIME_FIX}"]) from None
+    try:
+        return LiteRTRun(_run_batches(_interpreter(model, num_threads), inputs, batch_size), "optimized")
+    except RuntimeError as e:
+        delegate = _one_line(e)
+    try:
+        outputs = _run_batches(_interpreter(model, num_threads, OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES),
+                               inputs, batch_size)
+    except RuntimeError as e:
+        raise InterpreterRunError([f"litert_runtime: LiteRT cannot run the model with its builtin kernels "
+                                   f"({_one_line(e)}), nor with its XNNPACK delegate ({delegate}). "
+                                   f"{_RUNTIME_FIX}"]) from None
+    return LiteRTRun(outputs, "builtin", note=(
+        f"LiteRT's XNNPACK delegate cannot run the model ({delegate}); it ran on LiteRT's builtin kernels "
+        "without the delegate (OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)"))
+
+
+_RUNTIME_FIX = ("The converter wrote a model its own runtime rejects: run `tfcompress inspect` on it to find the "
+                "op named, and change that layer")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def run_tflite(model: TfliteSource, samples: np.ndarray, batch_size: int = 500,
                num_threads: int | None = None) -> np.ndarray:
-    """Runs float `samples` through a single-input, single-output `.tflite` model in batches.
+    """Runs float `samples` through a single-input `.tflite` model in batches; its first output.
 
     Inputs are quantized with the input tensor's scale and zero point; outputs are dequantized, so the
     result is comparable with the float model's.
     """
-    interpreter = _interpreter(model, num_threads)
-    (inp,) = interpreter.get_input_details()
-    out = interpreter.get_output_details()[0]
-    raw = _run_batches(interpreter, quantize(samples, inp), batch_size)
-    return dequantize(raw, out)
+    parsed = read_tflite(model)
+    run = run_litert(parsed, quantize(samples, _input_detail(parsed)), batch_size, num_threads)
+    return dequantize(run.outputs[0], _output_detail(parsed, 0))
 
 
 def run_tflite_raw(model: TfliteSource, inputs: np.ndarray, batch_size: int = 500,
                    num_threads: int | None = None, reference_kernels: bool = False) -> np.ndarray:
-    """Runs `inputs` already in the model's input dtype; returns the output tensor as stored (quantized).
+    """Runs `inputs` already in the model's input dtype; returns the first output tensor as stored (quantized).
 
     `reference_kernels` runs LiteRT's reference kernels (`OpResolverType.BUILTIN_REF`) instead of the
     default optimized ones with XNNPACK: the same arithmetic as TFLite Micro's reference kernels, which
     the optimized kernels may round differently (several output steps on deep int8 nets).
     """
-    return _run_batches(_interpreter(model, num_threads, reference_kernels), inputs, batch_size)
+    return run_litert(model, inputs, batch_size, num_threads, reference_kernels).outputs[0]
 
 
-def _interpreter(model: TfliteSource, num_threads: int | None, reference_kernels: bool = False) -> Interpreter:
+def _input_detail(model: TfliteModel) -> dict:
+    (index,) = model.inputs
+    return _detail(model.tensors[index])
+
+
+def _output_detail(model: TfliteModel, position: int) -> dict:
+    return _detail(model.tensors[model.outputs[position]])
+
+
+def _detail(tensor) -> dict:
+    """The two fields of an interpreter's tensor details that `quantize` and `dequantize` read."""
+    return {"dtype": np.dtype(tensor.dtype),
+            "quantization": (tensor.scale[0] if tensor.scale else 0.0,
+                             tensor.zero_point[0] if tensor.zero_point else 0)}
+
+
+def _interpreter(model: TfliteSource, num_threads: int | None,
+                 resolver: OpResolverType = OpResolverType.AUTO) -> Interpreter:
     if isinstance(model, TfliteModel):
         model = model.data
     kwargs = {"model_content": model} if isinstance(model, (bytes, bytearray)) else {"model_path": os.fspath(model)}
-    if reference_kernels:
-        kwargs["experimental_op_resolver_type"] = OpResolverType.BUILTIN_REF
+    if resolver is not OpResolverType.AUTO:
+        kwargs["experimental_op_resolver_type"] = resolver
     return Interpreter(num_threads=num_threads or os.cpu_count() or 1, **kwargs)
 
 
-def _run_batches(interpreter: Interpreter, inputs: np.ndarray, batch_size: int) -> np.ndarray:
+def _run_batches(interpreter: Interpreter, inputs: np.ndarray, batch_size: int) -> tuple[np.ndarray, ...]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1. Received: batch_size={batch_size}")
     (inp,) = interpreter.get_input_details()
-    out = interpreter.get_output_details()[0]
-    outputs = []
+    outs = interpreter.get_output_details()
+    signature = inp.get("shape_signature")
+    # A model converted with a fixed batch size (keras.Input(batch_size=1), the route to TFLM for recurrent
+    # layers) has that batch baked into its constant shapes: resizing it fails, so it runs in batches of
+    # exactly that size, the last one padded.
+    fixed = int(signature[0]) if signature is not None and len(signature) and signature[0] > 0 else None
+    size = fixed or batch_size
+    outputs: list[list[np.ndarray]] = [[] for _ in outs]
     current = None
-    starts = range(0, len(inputs), batch_size)
+    starts = range(0, len(inputs), size)
     for start in progress(starts, total=len(starts), desc="evaluating (LiteRT)"):
-        batch = inputs[start : start + batch_size]
+        batch = inputs[start : start + size]
+        count = len(batch)
+        if fixed and count < fixed:
+            batch = np.concatenate([batch, np.repeat(batch[-1:], fixed - count, axis=0)])
         if current != len(batch):
-            interpreter.resize_tensor_input(inp["index"], [len(batch), *inp["shape"][1:]])
+            if not fixed:
+                interpreter.resize_tensor_input(inp["index"], [len(batch), *inp["shape"][1:]])
             with native_output_captured():  # LiteRT announces its XNNPACK delegate on the C-level stderr
                 interpreter.allocate_tensors()
             current = len(batch)
         interpreter.set_tensor(inp["index"], batch)
-        interpreter.invoke()
-        outputs.append(interpreter.get_tensor(out["index"]).copy())
-    return np.concatenate(outputs, axis=0)
+        with native_output_captured():  # and a delegate that fails at run time prints its reason there
+            interpreter.invoke()
+        for collected, out in zip(outputs, outs):
+            collected.append(interpreter.get_tensor(out["index"])[:count].copy())
+    return tuple(np.concatenate(collected, axis=0) for collected in outputs)
 
 
 def _dtype_checks(parsed: TfliteModel, mode: Mode, io_dtype: str) -> list[Check]:

@@ -63,5 +63,9 @@ class VerificationError(TfcompressError):
         )
 
 
+class InterpreterRunError(VerificationError):
+    """LiteRT could not allocate or invoke the model, even without its default (XNNPACK) delegate."""
+
+
 class MicroTargetError(InputError):
     """The model cannot go to a microcontroller: float or hybrid ops, or ops TFLM has no kernel for."""

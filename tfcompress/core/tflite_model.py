@@ -217,6 +217,16 @@ def _parse(data: bytes, source: str) -> TfliteModel:
     )
 
 
+def output_names(model: TfliteModel) -> tuple[str, ...]:
+    """Each output's name in the serving signature (the Keras output name), else its tensor name."""
+    by_index = {}
+    for signature in (model.root.signatureDefs or []) if model.root is not None else []:
+        for item in signature.outputs or []:
+            name = item.name.decode() if isinstance(item.name, bytes) else str(item.name)
+            by_index.setdefault(int(item.tensorIndex), name)
+    return tuple(by_index.get(i, model.tensors[i].name) for i in model.outputs)
+
+
 def _decode(value: bytes | str | None) -> str:
     if value is None:
         return ""

@@ -135,13 +135,16 @@ def two_output(num_classes: int = 10) -> keras.Model:
 
 
 def gru_classifier(num_classes: int = 10, units: int = 32, steps: int = 28, features: int = 28,
-                   unroll: bool = True) -> keras.Model:
+                   unroll: bool = True, batch_size: int | None = None) -> keras.Model:
     """A GRU over a sequence (MNIST rows: 28 steps of 28 features) and a softmax Dense head.
 
     `unroll=True` unrolls the recurrence over the fixed number of steps, so the converter sees plain
-    matrix products and element-wise ops instead of a WHILE loop over a subgraph.
+    matrix products and element-wise ops instead of a WHILE loop over a subgraph. With the batch size free
+    (`batch_size=None`) the GRU's zero initial state is a FILL whose shape is read from the input at run
+    time, which TFLite Micro cannot run; `batch_size=1` fixes it, the converter folds the state into a
+    constant, and the model runs in TFLM (the weights are the same, so a trained model's can be copied).
     """
-    inputs = keras.Input((steps, features), name="sequence")
+    inputs = keras.Input((steps, features), batch_size=batch_size, name="sequence")
     x = keras.layers.GRU(units, unroll=unroll, name="gru")(inputs)
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name="gru_classifier")

@@ -3,8 +3,8 @@
 Takes the flatbuffer and samples to check it with; runs it in TFLM (`tfcompress.targets.micro`), and returns
 the files a microcontroller build needs: `<name>_model_data.h/.cc` (the model as an aligned C array),
 `<name>_op_resolver.h` (a `MicroMutableOpResolver` with exactly the ops the model uses), `<name>.tflite`
-and `manifest.json` (shapes, quantization, ops, arena and flash bytes, the TFLM check). Nothing is
-written unless every check passed, and each file lands whole.
+and `manifest.json` (shapes, quantization, ops, arena and flash bytes, the TFLM check of every output).
+One input, any number of outputs. Nothing is written unless every check passed, and each file lands whole.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 from tfcompress.core.version import __version__
 from tfcompress.conversion import calibration
-from tfcompress.targets import micro
+from tfcompress.targets import micro, tflm_check
 from tfcompress.core.artefacts import prepare_output_dir, remove_if_empty, write_atomic, write_json
 from tfcompress.core.errors import InputError, VerificationError
 from tfcompress.core.tflite_model import Tensor, TfliteModel, TfliteSource, read_tflite
@@ -111,11 +111,12 @@ def _sanitise(text: str) -> str:
 
 
 def micro_inputs(model: TfliteModel, samples: np.ndarray | None, seed: int = 0,
-                 num_random: int = DEFAULT_RANDOM_SAMPLES) -> tuple[np.ndarray, str]:
+                 num_random: int = DEFAULT_RANDOM_SAMPLES, kind: str = "evaluation") -> tuple[np.ndarray, str]:
     """Inputs in the model's input dtype for the TFLM check, and how they were made.
 
-    `samples` are float model inputs (preprocessed), quantized with the input tensor's parameters;
-    without them, seeded uniform random inputs over the input dtype's range are used.
+    `samples` are float model inputs (preprocessed; `kind` names them in the description), quantized with
+    the input tensor's parameters; without them, seeded uniform random inputs over the input dtype's range
+    are used.
     """
     (index,) = model.inputs
     tensor = model.tensors[index]
@@ -124,7 +125,7 @@ def micro_inputs(model: TfliteModel, samples: np.ndarray | None, seed: int = 0,
     if samples is not None:
         detail = {"dtype": dtype, "quantization": (tensor.scale[0] if tensor.scale else 0.0,
                                                    tensor.zero_point[0] if tensor.zero_point else 0)}
-        return quantize(np.asarray(samples, np.float32), detail), f"{len(samples)} evaluation samples"
+        return quantize(np.asarray(samples, np.float32), detail), f"{len(samples)} {kind} samples"
     rng = np.random.default_rng(seed)
     if dtype.kind == "f":
         inputs = rng.uniform(0.0, 1.0, size=(num_random, *shape)).astype(dtype)
@@ -141,11 +142,16 @@ def build_micro_export(flatbuffer: TfliteSource, inputs: np.ndarray, samples: st
                        max_accuracy_drop: float | None = None) -> MicroExport:
     """Checks the model in TFLM and renders the firmware files (nothing is written here).
 
-    With `eval_labels` (class indices of `inputs`), TFLM's own top-1 accuracy is measured; with
-    `float_accuracy` and `max_accuracy_drop` too, it is gated like LiteRT's: at most that drop below float.
+    Every output is compared with LiteRT's reference kernels in its own quantized steps; top-1 agreement
+    is gated on classifier outputs (`tflm_check.classifier_outputs`: a SOFTMAX's, and the first output where
+    `labels` or `eval_labels` are given, which both describe the first output). With `eval_labels`
+    (class indices of `inputs`), TFLM's own top-1 accuracy is measured; with `float_accuracy` and
+    `max_accuracy_drop` too, it is gated like LiteRT's: at most that drop below float.
 
     Raises:
-        MicroTargetError: float, hybrid or custom ops, or nothing to compress with `compress`.
+        MicroTargetError: float, hybrid or custom ops, an input TFLM needs constant computed at run time,
+            a kernel TFLM refuses the model with, or nothing to compress with `compress`.
+        InputError: more than one input, or labels that do not fit the first output.
         VerificationError: TFLM disagrees with LiteRT beyond the tolerance, or the compressed model
             does not reproduce the uncompressed one exactly.
     """
@@ -153,16 +159,17 @@ def build_micro_export(flatbuffer: TfliteSource, inputs: np.ndarray, samples: st
     model = read_tflite(flatbuffer)
     flatbuffer = model.data
     micro.check_micro_compatible(model, source)
-    _check_single_io(model, source)
+    _check_single_input(model, source)
     labels = _check_labels(labels, model)
     arena = micro.measure_arena(model, inputs[:1])
-    tflm_outputs = micro.run_tflm(model, inputs, arena.arena_bytes)  # run with the reported arena
-    check, phone = micro.compare_with_litert(model, inputs, tflm_outputs, samples)
-    failures = list(check.failures)
+    tflm_outputs = micro.run_tflm_outputs(model, inputs, arena.arena_bytes)  # run with the reported arena
+    classifiers = tflm_check.classifier_outputs(model, labelled=eval_labels is not None or labels is not None)
+    comparison = tflm_check.compare_with_litert(model, inputs, tflm_outputs, samples, classifiers)
+    failures = list(comparison.failures)
     tflm_accuracy = None
-    if eval_labels is not None:
+    if eval_labels is not None:  # class labels of the first output
         tflm_accuracy = {"num_samples": int(len(eval_labels)), "tflm_accuracy": float(np.mean(
-            tflm_outputs.reshape(len(tflm_outputs), -1).argmax(1) == np.asarray(eval_labels)))}
+            tflm_outputs[0].reshape(len(tflm_outputs[0]), -1).argmax(1) == np.asarray(eval_labels)))}
         if float_accuracy is not None and max_accuracy_drop is not None:
             drop = float_accuracy - tflm_accuracy["tflm_accuracy"]
             tflm_accuracy |= {"float_accuracy": float_accuracy, "accuracy_drop": drop,
@@ -205,9 +212,16 @@ def build_micro_export(flatbuffer: TfliteSource, inputs: np.ndarray, samples: st
         "labels": labels,
         "ops": shipped_model.op_counts(),
         "resolver": {"methods": calls, "op_count": len(calls)},
-        "tflm_check": dataclasses.asdict(check),
+        # The first output's checks (the only one's, for most models); every output's in output_checks.
+        "tflm_check": dataclasses.asdict(comparison.checks[0]),
         # Reported, not gated: the phone runtime's optimized kernels against the reference arithmetic.
-        "litert_optimized_vs_reference": dataclasses.asdict(phone),
+        "litert_optimized_vs_reference": dataclasses.asdict(comparison.phone[0]),
+        "output_checks": [{"output": check.output, "tensor": model.tensors[index].name,
+                           "top1_gated": position in classifiers, "tflm_check": dataclasses.asdict(check),
+                           "litert_optimized_vs_reference": dataclasses.asdict(phone)}
+                          for position, (index, check, phone) in enumerate(
+                              zip(model.outputs, comparison.checks, comparison.phone))],
+        "notes": list(comparison.notes),
         "tflm_accuracy": tflm_accuracy,
         "compression": compression,
         "tflite_micro_version": _tflm_version(),
@@ -255,7 +269,7 @@ def run_export(config: ExportConfig) -> ExportResult:
         inputs, described = micro_inputs(model, samples, config.seed)
         export = build_micro_export(model, inputs, described, name=name, labels=labels,
                                     compress=config.compress, source=config.tflite, eval_labels=sample_labels)
-        extra = {"notes": [note] if note else []}
+        extra = {"notes": export.manifest["notes"] + ([note] if note else [])}
         if config.vela:
             from tfcompress.targets import vela
 
@@ -286,11 +300,11 @@ def _check_labels(labels: list[str] | None, model: TfliteModel) -> list[str] | N
     return list(labels)
 
 
-def _check_single_io(model: TfliteModel, source: str) -> None:
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise InputError(f"{source} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
-                         "microcontroller export supports one of each. Export a single-input, "
-                         "single-output model.")
+def _check_single_input(model: TfliteModel, source: str) -> None:
+    if len(model.inputs) != 1:
+        raise InputError(f"{source} has {len(model.inputs)} inputs; microcontroller export supports one (and "
+                         "any number of outputs). Export a single-input model, e.g. with the inputs "
+                         "concatenated into one tensor.")
 
 
 def _tensor_info(t: Tensor) -> dict:
@@ -311,6 +325,14 @@ def _describe(t: Tensor) -> str:
     return f"{t.dtype} {list(t.shape)}{quant} ({t.name})"
 
 
+def _output_lines(model: TfliteModel) -> list[str]:
+    if len(model.outputs) == 1:
+        return [f"// Output: {_describe(model.tensors[model.outputs[0]])}"]
+    names = tflm_check.output_names(model)
+    return [f"// Output {position} ({names[position]}): {_describe(model.tensors[index])}"
+            for position, index in enumerate(model.outputs)]
+
+
 def _guard(name: str, suffix: str) -> str:
     return f"{name.upper()}_{suffix}_H_"
 
@@ -321,7 +343,7 @@ def _model_header(name: str, model: TfliteModel, arena: micro.ArenaSize, labels:
         f"// Generated by tfcompress {__version__}. Do not edit.",
         f"// Model sha256: {model.sha256}",
         f"// Input:  {_describe(model.tensors[model.inputs[0]])}",
-        f"// Output: {_describe(model.tensors[model.outputs[0]])}",
+        *_output_lines(model),
         "// Ops: " + ", ".join(f"{op} x{n}" for op, n in model.op_counts().items()),
         f"// Tensor arena: {arena.arena_bytes} bytes (TFLM recording allocator measured "
         f"{arena.recorded_bytes}, plus {arena.margin:.0%} margin, rounded up to 16).",

@@ -1,10 +1,12 @@
 """Microcontroller stage: runs a `.tflite` model in TensorFlow Lite Micro's own interpreter.
 
 Takes a verified integer flatbuffer; returns what a firmware build needs to know about it: whether TFLM
-can run it at all (`check_micro_compatible`), the `MicroMutableOpResolver` calls it needs
-(`resolver_calls`), the tensor arena it needs as measured by TFLM's recording allocator
-(`measure_arena`), how its outputs compare with LiteRT's (`compare_with_litert`), and optionally a
-look-up-table compressed flatbuffer for models whose weights take few distinct values (`lut_compress`).
+can run it at all (`check_micro_compatible`: integer ops with a TFLM kernel, and the inputs TFLM's
+kernels need constant are constant), the `MicroMutableOpResolver` calls it needs (`resolver_calls`), the
+tensor arena it needs as measured by TFLM's recording allocator (`measure_arena`), every output of every
+input in TFLM (`run_tflm_outputs`; `tfcompress.targets.tflm_check` compares them with LiteRT's), and
+optionally a look-up-table compressed flatbuffer for models whose weights take few distinct values
+(`lut_compress`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import math
 import re
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -20,8 +23,8 @@ from tfcompress.core._native import native_output_captured
 from tfcompress.core.errors import MicroTargetError, VerificationError
 from tfcompress.core.progress import progress
 from tfcompress.core.tflite_model import TfliteModel, TfliteSource, model_bytes, read_tflite, weight_tensors
-from tfcompress.conversion.verify import run_tflite_raw
 from tfcompress.targets import arena_probe
+from tfcompress.targets.tflm_check import TflmComparison, ancestors, compare_outputs
 
 # Builtin op -> its MicroMutableOpResolver method, as declared in TFLM's micro_mutable_op_resolver.h.
 # Every op here has a registration in the pinned tflite-micro package's interpreter.
@@ -63,14 +66,17 @@ TFLM_CUSTOM: dict[str, str] = {
     "TFLite_Detection_PostProcess": "AddDetectionPostprocess",
 }
 
-# TFLM's reference kernels and LiteRT's optimized kernels may round a requantization differently, by one
-# step of that op's output; a step lost early can move later outputs by a step more. So the tolerance is
-# one step per op that requantizes (ops that only move or pick int8 values keep them exactly).
-STEPS_PER_REQUANTIZING_OP = 1
-_EXACT_OPS = frozenset({"RESHAPE", "SQUEEZE", "EXPAND_DIMS", "MAX_POOL_2D", "TRANSPOSE", "PAD", "PADV2",
-                        "STRIDED_SLICE", "SLICE", "GATHER", "SPACE_TO_DEPTH", "DEPTH_TO_SPACE", "PACK",
-                        "UNPACK", "SPLIT", "SPLIT_V", "SHAPE"})
-MIN_TOP1_AGREEMENT = 0.999
+# Inputs that TFLM's kernels refuse unless they are constant in the flatbuffer (each kernel's Prepare:
+# "Non-constant >name< tensor is not supported", the same list in the pinned tflite-micro's library and in
+# tflite-micro's kernels/*.cc): op -> (input position, name).
+CONSTANT_INPUTS: dict[str, tuple[tuple[int, str], ...]] = {
+    "BROADCAST_TO": ((1, "shape"),), "EXPAND_DIMS": ((1, "axis"),), "FILL": ((0, "dims"),),
+    "PAD": ((1, "paddings"),), "PADV2": ((1, "paddings"),), "RESIZE_BILINEAR": ((1, "size"),),
+    "RESIZE_NEAREST_NEIGHBOR": ((1, "size"),), "SPLIT": ((0, "axis"),), "SPLIT_V": ((2, "axis"),),
+    "STRIDED_SLICE": ((1, "begin"), (2, "end"), (3, "strides")), "TRANSPOSE": ((1, "perm"),),
+}
+# Allocator lines that mean the arena was too small (anything else TFLM refuses is the model, not the size).
+_ARENA_FAILURE = re.compile(r"Failed to (resize buffer|allocate)|Requested: \d+")
 # Margin on the recording allocator's figure: the host build is 64-bit (its persistent structs are at
 # least as large as a 32-bit MCU's), but the arena start is aligned at run time and vendor kernels may
 # ask for scratch buffers the reference kernels do not. Rounded up to 16 bytes.
@@ -93,36 +99,6 @@ class ArenaSize:
     margin: float
     smallest_run_bytes: int | None = None
     probes: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class TflmComparison:
-    """TFLM against LiteRT on the same quantized inputs; differences in output quantization steps."""
-
-    num_samples: int
-    max_step_difference: int
-    mean_step_difference: float
-    top1_agreement: float
-    tolerance_steps: int
-    min_top1_agreement: float
-    samples: str
-    reference: str = "LiteRT"
-    compared: str = "TFLM"
-
-    @property
-    def passed(self) -> bool:
-        return (self.max_step_difference <= self.tolerance_steps
-                and self.top1_agreement >= self.min_top1_agreement)
-
-    @property
-    def failures(self) -> list[str]:
-        found = []
-        if self.max_step_difference > self.tolerance_steps:
-            found.append(f"tflm_output_difference: {self.compared} and {self.reference} outputs differ by up to "
-                         f"{self.max_step_difference} quantized steps (tolerance {self.tolerance_steps})")
-        if self.top1_agreement < self.min_top1_agreement:
-            found.append(f"tflm_top1_agreement: {self.top1_agreement:.4f} < {self.min_top1_agreement}")
-        return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +152,35 @@ def check_micro_compatible(model: TfliteModel, source: str = "the model") -> Non
             f"{', '.join(missing)}. Replace them in the model, or register your own kernel with "
             "MicroMutableOpResolver::AddCustom and export with a hand-written resolver."
         )
+    computed = _computed_constant_inputs(model)
+    if computed:
+        raise MicroTargetError(
+            f"TFLM cannot run {source}: {'; '.join(computed)}. Build the model with a fixed batch size of 1 "
+            "(keras.Input(shape, batch_size=1)) so that the converter folds the shape into a constant, and "
+            "convert again."
+        )
+
+
+def _computed_constant_inputs(model: TfliteModel) -> list[str]:
+    """Each input of `CONSTANT_INPUTS` that the model computes at run time, described for the message."""
+    producers = {out: op for op in model.operators for out in op.outputs}
+    found = []
+    for op in model.operators:
+        for position, name in CONSTANT_INPUTS.get(op.op, ()):
+            if position >= len(op.inputs) or op.inputs[position] < 0:
+                continue
+            tensor = model.tensors[op.inputs[position]]
+            if tensor.is_constant:
+                continue
+            if tensor.index not in producers:
+                origin = "from a model input"
+            elif "SHAPE" in {a.op for a in ancestors(model, tensor.index, producers)}:
+                origin = "from the input's shape, read by SHAPE"
+            else:
+                origin = f"by {producers[tensor.index].op}"
+            found.append(f"{model.describe(op)} takes its {name} computed at run time ({origin}), and TFLM's "
+                         f"{op.op} kernel needs a constant {name}")
+    return found
 
 
 def resolver_calls(model: TfliteModel) -> list[str]:
@@ -196,7 +201,16 @@ def _interpreter(flatbuffer: TfliteSource, arena_bytes: int):
         else:
             error = None
     if error is not None:
-        raise ArenaTooSmallError(arena_bytes, (log[0] if log else "").strip()) from None
+        detail = (log[0] if log else "").strip()  # empty where TFCOMPRESS_NATIVE_LOG=1 let it through
+        first = detail.splitlines()[0] if detail else ""
+        if first and not _ARENA_FAILURE.search(detail):  # a kernel's Prepare refused the model itself
+            refusal = MicroTargetError(
+                f"TFLM cannot prepare the model: {first}. Change the op that kernel belongs to (TFLM's "
+                "reference kernels support fewer shapes and types than LiteRT's); TFCOMPRESS_NATIVE_LOG=1 "
+                "shows TFLM's whole log.")
+            refusal.details = detail
+            raise refusal from None
+        raise ArenaTooSmallError(arena_bytes, detail) from None
     return interpreter
 
 
@@ -259,84 +273,38 @@ def _smallest_arena(data: bytes, sample: np.ndarray, failing: int, working: int)
     return working, probes
 
 
-def run_tflm(flatbuffer: TfliteSource, inputs: np.ndarray, arena_bytes: int) -> np.ndarray:
-    """Runs `inputs` (model input dtype, batch axis first) one by one in TFLM; raw outputs stacked."""
-    interpreter = _interpreter(flatbuffer, arena_bytes)
-    outputs = []
+def run_tflm_outputs(flatbuffer: TfliteSource, inputs: np.ndarray, arena_bytes: int) -> tuple[np.ndarray, ...]:
+    """Runs `inputs` (model input dtype, batch axis first) one by one in TFLM; every output, raw, stacked,
+    in the model's output order (TFLM's `get_output(i)`)."""
+    model = read_tflite(flatbuffer)
+    interpreter = _interpreter(model, arena_bytes)
+    outputs: list[list[np.ndarray]] = [[] for _ in model.outputs]
     for i in progress(range(len(inputs)), total=len(inputs), desc="running in TFLM"):
         interpreter.set_input(inputs[i : i + 1], 0)
         interpreter.invoke()
-        outputs.append(np.array(interpreter.get_output(0)))
-    return np.concatenate(outputs, axis=0)
+        for position, collected in enumerate(outputs):
+            collected.append(np.array(interpreter.get_output(position)))
+    return tuple(np.concatenate(collected, axis=0) for collected in outputs)
 
 
-REFERENCE = "LiteRT reference kernels"
+def run_tflm(flatbuffer: TfliteSource, inputs: np.ndarray, arena_bytes: int) -> np.ndarray:
+    """`run_tflm_outputs`' first output: for single-output models."""
+    return run_tflm_outputs(flatbuffer, inputs, arena_bytes)[0]
 
 
-def compare_with_litert(flatbuffer: TfliteSource, inputs: np.ndarray, tflm_outputs: np.ndarray,
-                        samples: str) -> tuple[TflmComparison, TflmComparison]:
-    """TFLM's outputs (from `run_tflm`) against LiteRT's on the same inputs.
+def compare_tflm_exact(compressed: TfliteSource, inputs: np.ndarray, arena_bytes: int,
+                       reference_outputs: np.ndarray | Sequence[np.ndarray], samples: str) -> TflmComparison:
+    """A compressed model in TFLM against the original's TFLM outputs: decoding is lossless, no tolerance.
 
-    Returns `(check, phone)`. `check` compares TFLM with LiteRT's reference kernels, the same arithmetic
-    TFLM runs, within `tolerance_steps`: that is the gate. `phone` compares LiteRT's default optimized
-    (XNNPACK) kernels with its reference kernels: what a phone runs against what a microcontroller runs.
-    Both runtimes are right, yet on deep int8 nets they round differently by several steps and flip some
-    top-1 decisions, so `phone` is reported, never failed.
+    Every output is compared element by element (side by side per sample, for several outputs).
     """
-    model = read_tflite(flatbuffer)
-    reference = run_tflite_raw(model, inputs, reference_kernels=True)
-    optimized = run_tflite_raw(model, inputs)
-    step, tolerance = _output_step(model), tolerance_steps(model)
-    check = compare_outputs(tflm_outputs / step, reference / step, samples, REFERENCE, tolerance,
-                            MIN_TOP1_AGREEMENT)
-    phone = compare_outputs(optimized / step, reference / step, samples, REFERENCE, tolerance, 0.0,
-                            compared="LiteRT (XNNPACK)")
-    return check, phone
-
-
-def compare_tflm_exact(compressed: TfliteSource, inputs: np.ndarray, arena_bytes: int, reference_outputs: np.ndarray,
-                       samples: str) -> TflmComparison:
-    """A compressed model in TFLM against the original's TFLM outputs: decoding is lossless, no tolerance."""
-    decoded = run_tflm(compressed, inputs, arena_bytes)
-    return compare_outputs(decoded, reference_outputs, samples, "uncompressed TFLM", 0, 1.0)
-
-
-def tolerance_steps(model: TfliteModel) -> int:
-    """How many output steps TFLM may differ from LiteRT: one per requantizing op (at least one)."""
-    return max(1, STEPS_PER_REQUANTIZING_OP * sum(op.op not in _EXACT_OPS for op in model.operators))
-
-
-def _output_step(model: TfliteModel) -> float:
-    """1 for an integer output; for a float output, the scale of the integer tensor it was dequantized from."""
-    out = model.tensors[model.outputs[0]]
-    if out.dtype not in ("float32", "float16"):
-        return 1.0
-    for op in model.operators:
-        if op.op == "DEQUANTIZE" and out.index in op.outputs:
-            source = model.tensors[op.inputs[0]]
-            if source.scale:
-                return float(source.scale[0])
-    return 1.0
-
-
-def compare_outputs(a: np.ndarray, b: np.ndarray, samples: str, reference: str, tolerance: int,
-                    min_agreement: float, compared: str = "TFLM") -> TflmComparison:
-    """Largest and mean difference (in steps) and top-1 agreement of two stacks of outputs."""
-    n = len(a)
-    # Float outputs arrive divided by their step, so rounding gives whole steps here too.
-    a, b = np.rint(a).astype(np.int64).reshape(n, -1), np.rint(b).astype(np.int64).reshape(n, -1)
-    diff = np.abs(a - b)
-    return TflmComparison(
-        num_samples=n,
-        max_step_difference=int(diff.max(initial=0)),
-        mean_step_difference=float(diff.mean()) if diff.size else 0.0,
-        top1_agreement=float(np.mean(a.argmax(1) == b.argmax(1))),
-        tolerance_steps=tolerance,
-        min_top1_agreement=min_agreement,
-        samples=samples,
-        reference=reference,
-        compared=compared,
-    )
+    decoded = run_tflm_outputs(compressed, inputs, arena_bytes)
+    if isinstance(reference_outputs, np.ndarray):
+        reference_outputs = (reference_outputs,)
+    n = len(inputs)
+    side_by_side = [np.concatenate([np.asarray(o).reshape(n, -1).astype(np.int64) for o in outputs], axis=1)
+                    for outputs in (decoded, reference_outputs)]
+    return compare_outputs(*side_by_side, samples, "uncompressed TFLM", 0, 1.0)
 
 
 def lut_compress(flatbuffer: TfliteSource, max_index_bitwidth: int = 4) -> LutCompression:

@@ -17,7 +17,8 @@ from tfcompress.core._keras import keras, tf
 from tfcompress.core.errors import NotFullyQuantizedError, OutputPathError
 import tfcompress
 from tfcompress.runs.candidates import Candidate, decide
-from tfcompress.runs.optimize import OptimizeConfig, output_activation, run_optimize, training_loss
+from tfcompress.runs.optimize import OptimizeConfig, run_optimize
+from tfcompress.training.losses import output_activation, training_loss
 from tfcompress.core.tflite_model import read_tflite
 from tfcompress.models import zoo, zoo_data
 
@@ -421,5 +422,5 @@ def test_loss_is_decided_on_the_float_model_not_the_qat_wrapped_one():
     assert training_loss(model, "binary_crossentropy").describe() == (
         "binary_crossentropy (from_logits=False: the model ends in softmax)")
     with pytest.raises(ValueError, match="loss is one of auto, sparse_categorical_crossentropy, "
-                                         "binary_crossentropy .* Received: loss='mse'"):
+                                         "binary_crossentropy, mean_squared_error .* Received: loss='mse'"):
         OptimizeConfig(output_dir="o", train_data="t.npz", keras_model="m.keras", qat=True, loss="mse")

@@ -25,6 +25,7 @@ from tfcompress.conversion.verify import dequantize, quantize, run_tflite
 from tfcompress.core.errors import ConversionError
 from tfcompress.core.tflite_model import read_tflite
 from tfcompress.models import zoo, zoo_data
+from tfcompress.runs.optimize import OptimizeConfig, run_optimize
 from tfcompress.runs.pipeline import ConvertPipelineConfig, run_convert
 
 MAX_DROP = 0.005
@@ -273,3 +274,72 @@ def _run_signature(path, samples: np.ndarray) -> dict[str, np.ndarray]:
     outputs = runner(**{name: quantize(samples, detail)})
     details = runner.get_output_details()
     return {head: dequantize(values, details[head]) for head, values in outputs.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# optimize --prune --qat on the zoo: classifiers, the autoencoder (regression targets), and refusals
+
+
+def _optimize(run: Trained, tmp_path, **overrides):
+    train = tmp_path / "train.npz"
+    labels = run.data.y_train
+    np.savez(train, x_train=run.data.x_train, **({} if labels is run.data.x_train else {"y_train": labels}))
+    values = dict(output_dir=str(tmp_path / "out"), keras_model=run.files.keras_model, train_data=str(train),
+                  eval_data=run.files.eval_data, prune=True, final_sparsity=0.5, qat=True, prune_epochs=1,
+                  qat_epochs=1, calibration_data=run.files.calibration_data, calibration_key="x",
+                  num_calibration_samples=NUM_CALIBRATION, max_accuracy_drop=MAX_DROP, latency_runs=0)
+    return run_optimize(OptimizeConfig(**(values | overrides)))
+
+
+def test_optimize_prunes_and_ships_the_better_of_qat_and_ptq_on_a_zoo_classifier(trained, tmp_path):
+    result = _optimize(trained("ds_cnn"), tmp_path)
+    report = json.loads(open(result.report_path).read())
+    assert report["loss"] == "sparse_categorical_crossentropy (from_logits=False: the model ends in softmax)"
+    assert result.shipped["candidate"] in ("qat", "ptq")
+    chosen = result.shipped["candidates"][result.shipped["candidate"]]
+    other = result.shipped["candidates"]["ptq" if result.shipped["candidate"] == "qat" else "qat"]
+    assert chosen["validation_accuracy"] >= other["validation_accuracy"]
+    _assert_uint8_integer_only(result.model_path)
+    convert_stage = result.stages[-1]
+    # The zeros of pruning reach the shipped weights whichever candidate ships (tfmot leaves depthwise
+    # kernels unpruned: 4 of them here; the 5 convolutions and the Dense head are at 50%).
+    sparsity = convert_stage["weight_sparsity"]
+    pruned = [name for name, value in sparsity.items() if value == pytest.approx(0.5, abs=0.02)]
+    assert len(pruned) == 6, sparsity
+    assert all(value < 0.05 for name, value in sparsity.items() if name not in pruned)
+    assert convert_stage["accuracy_drop_vs_input_model"] <= MAX_DROP
+
+
+def test_optimize_fine_tunes_the_autoencoder_on_its_own_inputs(trained, tmp_path):
+    run = trained("dense_autoencoder")
+    result = _optimize(run, tmp_path, train_labels_key="x_train", eval_labels_key="x_test", target="micro")
+    report = json.loads(open(result.report_path).read())
+    assert report["loss"] == "mean_squared_error (regression targets shaped like the output)"
+    float_stage, prune_stage, qat_stage, convert_stage = result.stages
+    assert float_stage["validation_accuracy"] is None and float_stage["validation_mse"] > 0
+    assert prune_stage["sparsity"] == pytest.approx(0.5, abs=0.01)
+    # tfmot's QAT of the Dense + BatchNorm blocks leaves a float QUANTIZE/DEQUANTIZE pair the int8 converter
+    # refuses; post-training quantization of the pruned model converts, so it ships and the run says why.
+    assert result.shipped["candidate"] == "ptq"
+    assert result.shipped["reason"].startswith("post-training quantization: the QAT model does not convert "
+                                               "(int8 conversion left 2 op(s) in float: DEQUANTIZE")
+    (output,) = convert_stage["fidelity"]["outputs"]
+    assert output["name"] == "reconstruction" and output["sqnr_db"] >= 25.0
+    assert convert_stage["target_error"]["tflite_mse"] <= 1.1 * convert_stage["target_error"]["float_mse"]
+    assert convert_stage["micro"]["tflm_check"]["max_step_difference"] <= convert_stage["micro"]["tflm_check"][
+        "tolerance_steps"]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("two_output", r"^optimize fine-tunes single-output models; two_output has 2 outputs \(digit, parity\)\. "
+                   r"Convert it with tfcompress convert \(every output is verified\), or fine-tune it in your own "
+                   r"loop with tfcompress\.prune and tfcompress\.quantize_aware\.$"),
+    ("gru_classifier", r"^tfmot cannot quantize 1 layer\(s\) of model gru_classifier: gru \(GRU\)\."),
+])
+def test_optimize_refuses_what_it_cannot_fine_tune_in_one_line(trained, tmp_path, name, message):
+    run = trained(name)
+    labels = run.data.y_train["digit"] if isinstance(run.data.y_train, dict) else run.data.y_train
+    np.savez(tmp_path / "train.npz", x_train=run.data.x_train, y_train=labels)
+    with pytest.raises(ValueError, match=message):
+        run_optimize(OptimizeConfig(output_dir=str(tmp_path / "out"), keras_model=run.files.keras_model,
+                                    train_data=str(tmp_path / "train.npz"), prune=True, qat=True, prune_epochs=1))

@@ -57,6 +57,8 @@ class Candidate:
     sha256: str | None = None
     validation_accuracy: float | None = None
     eval_accuracy: float | None = None
+    validation_mse: float | None = None  # regression targets: what the choice reads instead
+    eval_mse: float | None = None
     error: str | None = None
     tflite: TfliteModel | None = dataclasses.field(default=None, repr=False, compare=False)
     """The converted model as parsed (`model_path`'s bytes), for the convert stage to verify, not redo."""
@@ -96,8 +98,17 @@ def choose(config: OptimizeConfig, stages_dir: str, before_qat: str, qat: str, s
             the comparison would fail). A PTQ candidate that fails is reported and QAT ships.
     """
     directory = os.path.join(stages_dir, CANDIDATES_DIRNAME)
-    qat_candidate = _converted(Candidate("qat", qat, config.calibration_data, config.calibration_key),
-                               config, directory, splits)
+    qat_candidate = Candidate("qat", qat, config.calibration_data, config.calibration_key)
+    try:
+        qat_candidate = _converted(qat_candidate, config, directory, splits)
+    except TfcompressError as e:
+        # A QAT model the converter cannot make integer (measured: the zoo autoencoder's Dense + BatchNorm
+        # blocks keep a float QUANTIZE/DEQUANTIZE pair) need not sink the run when PTQ converts.
+        if config.force_qat:
+            raise
+        qat_error = e
+    else:
+        qat_error = None
     ptq = Candidate("ptq", before_qat, calibration_data=None, calibration_key=None)
     try:  # QAT needs no calibration data, so too few training samples to draw from only rule PTQ out
         data, key = _ptq_calibration(config, stages_dir, splits.split)
@@ -105,6 +116,12 @@ def choose(config: OptimizeConfig, stages_dir: str, before_qat: str, qat: str, s
         ptq = _converted(ptq, config, directory, splits)
     except TfcompressError as e:
         ptq = dataclasses.replace(ptq, error=str(e))
+    if qat_error is not None:
+        if ptq.model_path is None:
+            raise qat_error
+        qat_candidate = dataclasses.replace(qat_candidate, error=str(qat_error))
+        return Choice(ptq, (qat_candidate, ptq), "post-training quantization: the QAT model does not convert "
+                      f"({' '.join(str(qat_error).split())})")
     return decide(qat_candidate, ptq, force_qat=config.force_qat)
 
 
@@ -113,8 +130,13 @@ def decide(qat: Candidate, ptq: Candidate, force_qat: bool = False) -> Choice:
     candidates = (qat, ptq)
     if ptq.model_path is None:
         return Choice(qat, candidates, "QAT: post-training quantization failed (see its error)")
-    a, b = qat.validation_accuracy, ptq.validation_accuracy
-    scores = f"validation accuracy QAT {a:.4f}, post-training quantization {b:.4f}"
+    if qat.validation_mse is not None and ptq.validation_mse is not None:  # regression: lower is better
+        a, b = -qat.validation_mse, -ptq.validation_mse
+        scores = (f"validation mean squared error QAT {qat.validation_mse:.6g}, post-training quantization "
+                  f"{ptq.validation_mse:.6g}")
+    else:
+        a, b = qat.validation_accuracy, ptq.validation_accuracy
+        scores = f"validation accuracy QAT {a:.4f}, post-training quantization {b:.4f}"
     if force_qat:
         return Choice(qat, candidates, f"QAT as --force_qat asks ({scores})")
     if a > b:
@@ -154,12 +176,20 @@ def _converted(candidate: Candidate, config: OptimizeConfig, directory: str, spl
         # fidelity check only when it has no evaluation data), so the shipped bytes are the same either way.
         held_out_samples=0 if config.eval_data is not None else None,
     ))
-    accuracy = _top1_accuracy(converted.tflite, splits.x_val, splits.y_val, splits.from_logits)
+    common = dict(model_path=converted.model_path, bytes=converted.num_bytes, sha256=converted.tflite.sha256,
+                  tflite=converted.tflite)
+    if splits.y_val.dtype.kind == "f":  # regression targets
+        return dataclasses.replace(candidate, **common,
+                                   validation_mse=_mse(converted.tflite, splits.x_val, splits.y_val),
+                                   eval_mse=_mse(converted.tflite, splits.x_eval, splits.y_eval))
     return dataclasses.replace(
-        candidate, model_path=converted.model_path, bytes=converted.num_bytes, sha256=converted.tflite.sha256,
-        tflite=converted.tflite,
-        validation_accuracy=accuracy,
+        candidate, **common,
+        validation_accuracy=_top1_accuracy(converted.tflite, splits.x_val, splits.y_val, splits.from_logits),
         eval_accuracy=_top1_accuracy(converted.tflite, splits.x_eval, splits.y_eval, splits.from_logits))
+
+
+def _mse(model, x, y) -> float | None:
+    return None if x is None else float(np.mean((run_tflite(model, x) - y) ** 2))
 
 
 def _top1_accuracy(model, x, y, from_logits: bool) -> float | None:

@@ -47,6 +47,7 @@ from tfcompress.runs import candidates
 from tfcompress.runs.pipeline import MICRO_DIRNAME, ConvertPipelineConfig, run_convert
 from tfcompress.training.prune import PruningCallback, prune, strip
 from tfcompress.runs.optimize_config import OptimizeConfig
+from tfcompress.training.losses import TrainingLoss, training_loss, training_targets
 from tfcompress.training.quantize import quantize_aware
 
 STATE_FILENAME = "state.json"
@@ -168,6 +169,7 @@ def _convert_stage(inputs: _Inputs, state: dict, stages_dir: str, output_dir: st
         "distinct_values": distinct_values(converted.tflite) if config.cluster is not None else None,
         "micro": converted.report.get("micro"),
         "fidelity": converted.report.get("fidelity"),
+        "target_error": converted.report.get("target_error"),
         "seconds": round(time.perf_counter() - start, 3),
     }
 
@@ -285,7 +287,16 @@ def _fine_tune(model, inputs: _Inputs, epochs: int, callbacks=()) -> None:
 def _check_inputs(config: OptimizeConfig) -> _Inputs:
     """Loads the model, data and teacher and tries each stage's settings on the model, writing nothing."""
     float_model = _to_keras(load_model(model_source(config.saved_model_dir, config.keras_model)))
-    data = _load_data(config, tuple(float_model.inputs[0].shape))
+    if len(float_model.outputs) != 1:
+        raise ValueError(
+            f"optimize fine-tunes single-output models; {float_model.name} has {len(float_model.outputs)} outputs "
+            f"({', '.join(float_model.output_names)}). Convert it with tfcompress convert (every output is "
+            "verified), or fine-tune it in your own loop with tfcompress.prune and tfcompress.quantize_aware."
+        )
+    *data, regression = _load_data(config, float_model)
+    if regression and config.distill_from is not None:
+        raise ValueError("--distill_from distils class logits; the training targets are regression targets. "
+                         f"Leave --distill_from out. Received: distill_from={config.distill_from!r}")
     teacher = _load_teacher(config, float_model)
     factorized = None
     if config.factorize_energy is not None:
@@ -298,7 +309,7 @@ def _check_inputs(config: OptimizeConfig) -> _Inputs:
     if config.cluster is not None:
         _clustered(model, config)
     return _Inputs(config, *data, float_model=float_model, teacher=teacher, factorized=factorized,
-                   loss=training_loss(float_model, config.loss))
+                   loss=training_loss(float_model, config.loss, regression=regression))
 
 
 def _load_teacher(config: OptimizeConfig, student):
@@ -402,77 +413,48 @@ def _pruned(model, config: OptimizeConfig):
                  exclude=list(config.prune_exclude) or None)
 
 
-def _load_data(config: OptimizeConfig, shape):
-    x, y = calibration.load_labelled_data(
+def _load_data(config: OptimizeConfig, model):
+    """The training, validation and evaluation splits, and whether the labels are regression targets.
+
+    Class indices for a classifier; targets shaped like the model output for a regression (an autoencoder
+    is given its inputs: --train_labels_key=x_train).
+    """
+    shape = tuple(model.inputs[0].shape)
+    x, raw = calibration.load_labelled_data(
         config.train_data, shape, key=config.train_key, labels_key=config.train_labels_key,
         scale=config.input_scale, offset=config.input_offset, what="Training data",
-        key_flags="--train_key / --train_labels_key")
+        key_flags="--train_key / --train_labels_key", class_indices=False)
+    if config.train_labels_key == config.train_key:  # an autoencoder: the targets are the model's inputs
+        raw = x
+    y, regression = training_targets(raw, model, f"{config.train_data} (key '{config.train_labels_key}')")
     split = len(x) - max(1, int(round(len(x) * config.validation_fraction)))
     x_eval = y_eval = None
-    if config.eval_data is not None:
-        x_eval, y_eval = calibration.load_labelled_data(
+    if config.eval_data is not None and config.eval_labels_key:
+        x_eval, raw_eval = calibration.load_labelled_data(
             config.eval_data, shape, key=config.eval_key, labels_key=config.eval_labels_key,
-            scale=config.input_scale, offset=config.input_offset)
-    return x[:split], y[:split], x[split:], y[split:], x_eval, y_eval
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingLoss:
-    """The loss every fine-tune trains with, chosen once from the float model's output (or `--loss`)."""
-
-    name: str  # a LOSSES key
-    from_logits: bool
-    reason: str
-
-    def keras_loss(self):
-        if self.name == "binary_crossentropy":
-            return keras.losses.BinaryCrossentropy(from_logits=self.from_logits)
-        return keras.losses.SparseCategoricalCrossentropy(from_logits=self.from_logits)
-
-    def describe(self) -> str:
-        return f"{self.name} (from_logits={self.from_logits}: {self.reason})"
-
-
-def training_loss(model, loss: str = "auto") -> TrainingLoss:
-    """The fine-tuning loss for `model`'s labels, from its output activation.
-
-    Decided on the float model, before any wrapping: tfmot's QAT wrappers replace the output layer's
-    activation with a quantize-aware one, so a wrapped softmax model would look like it outputs logits.
-    A softmax (or sigmoid) output means probabilities (`from_logits=False`); anything else, logits.
-    """
-    activation = output_activation(model)
-    name = loss
-    if loss == "auto":
-        name = "binary_crossentropy" if activation == "sigmoid" else "sparse_categorical_crossentropy"
-    if activation in ("softmax", "sigmoid"):
-        return TrainingLoss(name, False, f"the model ends in {activation}")
-    return TrainingLoss(name, True, f"the model ends in {activation}, so it outputs logits")
-
-
-def output_activation(model) -> str:
-    """'softmax', 'sigmoid', or the name of whatever else the layer making the (first) output applies."""
-    layer = model.outputs[0]._keras_history.layer
-    while hasattr(layer, "layer") and isinstance(layer.layer, keras.layers.Layer):  # pruning/cluster wrappers
-        layer = layer.layer
-    if isinstance(layer, keras.layers.Softmax):
-        return "softmax"
-    activation = getattr(layer, "activation", None)
-    for name in ("softmax", "sigmoid"):
-        if activation is getattr(keras.activations, name):
-            return name
-    return getattr(activation, "__name__", "linear") if activation is not None else "linear"
+            scale=config.input_scale, offset=config.input_offset, class_indices=False)
+        if config.eval_labels_key == config.eval_key:
+            raw_eval = x_eval
+        y_eval, _ = training_targets(raw_eval, model, f"{config.eval_data} (key '{config.eval_labels_key}')")
+    return x[:split], y[:split], x[split:], y[split:], x_eval, y_eval, regression
 
 
 def _compile(model, inputs: _Inputs) -> None:
     model.compile(optimizer=keras.optimizers.Adam(inputs.config.learning_rate), loss=inputs.loss.keras_loss(),
-                  metrics=["accuracy"])
+                  metrics=inputs.loss.metrics)
 
 
 def _accuracy(model, x, y) -> float | None:
-    if x is None:
+    if x is None or y.dtype.kind == "f":  # no data, or regression targets: see _mse
         return None
     logits = model.predict(x, batch_size=1000, verbose=0)
     return float(np.mean(np.argmax(logits, axis=1) == y))
+
+
+def _mse(model, x, y) -> float | None:
+    if x is None:
+        return None
+    return float(np.mean((model.predict(x, batch_size=1000, verbose=0) - y) ** 2))
 
 
 def _kernel_sparsity(model) -> float:
@@ -493,6 +475,8 @@ def _complete(state, stages_dir, stage, model, inputs: _Inputs, seconds, details
         "stage": stage, "artefact": path,
         "validation_accuracy": _accuracy(model, inputs.x_val, inputs.y_val),
         "eval_accuracy": _accuracy(model, inputs.x_eval, inputs.y_eval),
+        **({"validation_mse": _mse(model, inputs.x_val, inputs.y_val),
+            "eval_mse": _mse(model, inputs.x_eval, inputs.y_eval)} if inputs.loss.regression else {}),
         "parameters": int(model.count_params()),
         "nonzero_parameters": int(sum(np.count_nonzero(w) for w in model.get_weights())),
         "sparsity": _kernel_sparsity(model),

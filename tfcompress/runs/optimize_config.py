@@ -16,9 +16,8 @@ import numpy as np
 from tfcompress.training.cluster import MAX_CLUSTERS, MIN_CLUSTERS
 from tfcompress.core.model_io import model_source
 from tfcompress.runs.pipeline import check_target
+from tfcompress.training.losses import LOSSES
 
-# Fine-tuning losses for class labels; softmax/sigmoid outputs train with from_logits=False, others True.
-LOSSES = ("auto", "sparse_categorical_crossentropy", "binary_crossentropy")
 
 # The training stages in the order they run (each only when its setting asks for it).
 TRAINING_STAGES = ("factorize", "prune", "cluster", "qat")
@@ -76,7 +75,8 @@ class OptimizeConfig:
         if self.loss not in LOSSES:
             raise ValueError(
                 f"loss is one of {', '.join(LOSSES)} ('auto' picks from the model's output: softmax or "
-                f"logits → sparse categorical, sigmoid → binary). Received: loss={self.loss!r}"
+                f"logits → sparse categorical, sigmoid → binary, regression targets → mean squared error). "
+                f"Received: loss={self.loss!r}"
             )
         check_target(self.target, self.mode)
         if not 0.0 < self.validation_fraction < 1.0:

@@ -188,6 +188,8 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
             config.eval_data, model.input_shape, key=config.eval_key, labels_key=config.eval_labels_key,
             scale=config.input_scale, offset=config.input_offset, limit=config.num_eval_samples,
         )
+        if config.eval_labels_key and config.eval_labels_key == config.eval_key:
+            eval_y = eval_x  # an autoencoder's targets are its inputs, preprocessed like them
         samples_source = f"evaluation data {config.eval_data}"
     elif held_out is not None:
         if len(held_out) < fidelity.MIN_FIDELITY_SAMPLES:

@@ -38,6 +38,7 @@ _QAT_EPOCHS = flags.DEFINE_integer("qat_epochs", 1, "QAT fine-tune epochs.", low
 _LATENCY_RUNS = flags.DEFINE_integer("latency_runs", 100, "Single-thread invokes timed per model.", lower_bound=1)
 
 MAX_PTQ_DROP = 0.005
+OPTIMIZE_MAX_DROP = 0.01  # optimize's own default: int8 against the fine-tuned Keras model it converts
 NUM_CALIBRATION = 200
 PATHS = ("PTQ int8", "micro", "optimize prune+QAT")
 
@@ -96,18 +97,30 @@ def _run_path(path, entry, data, files, common, out, final_sparsity, prune_epoch
               latency_runs) -> dict:
     if path == "optimize prune+QAT":
         train = os.path.join(os.path.dirname(out), "inputs", "train.npz")
-        if not isinstance(data.y_train, np.ndarray) or data.y_train.dtype.kind != "i":
-            raise ValueError(f"optimize trains on class labels; {entry.name} is a {entry.task.value} model")
-        np.savez(train, x_train=data.x_train, y_train=data.y_train)
+        labels = data.y_train
+        extra = {"max_accuracy_drop": OPTIMIZE_MAX_DROP}
+        if entry.task is zoo.Task.REGRESSION:  # an autoencoder is trained on its own inputs
+            np.savez(train, x_train=data.x_train)
+            extra |= {"train_labels_key": "x_train", "eval_labels_key": "x_test"}
+        else:  # a multi-output model gets its first head's labels (and optimize says what it supports)
+            first = next(iter(labels.values())) if isinstance(labels, dict) else labels
+            np.savez(train, x_train=data.x_train, y_train=first)
         result = optimize.run_optimize(optimize.OptimizeConfig(
             output_dir=out, train_data=train, prune=True, final_sparsity=final_sparsity, qat=True,
-            prune_epochs=prune_epochs, qat_epochs=qat_epochs, **{k: v for k, v in common.items()
-                                                                 if k in _OPTIMIZE_FIELDS}))
+            prune_epochs=prune_epochs, qat_epochs=qat_epochs,
+            **({k: v for k, v in common.items() if k in _OPTIMIZE_FIELDS} | extra)))
         convert_stage = result.stages[-1]
         row = _tflite_numbers(result.model_path, latency_runs)
+        shipped = result.shipped or {}
+        candidates = shipped.get("candidates", {})
+        measured = convert_stage.get("fidelity") or {}
         return row | {"exit": 0, "float_accuracy": result.stages[0].get("eval_accuracy"),
                       "int8_accuracy": convert_stage.get("eval_accuracy"),
-                      "shipped": convert_stage.get("shipped", "qat")}
+                      "min_sqnr_db": min((o["sqnr_db"] for o in measured.get("outputs", [])), default=None),
+                      "shipped": shipped.get("candidate", "qat"), "shipped_reason": shipped.get("reason"),
+                      "candidates_eval_accuracy": {name: c.get("eval_accuracy") for name, c in candidates.items()},
+                      "candidates_validation": {name: c.get("validation_accuracy") if c.get("validation_mse") is None
+                                                else c.get("validation_mse") for name, c in candidates.items()}}
     result = pipeline.run_convert(pipeline.ConvertPipelineConfig(
         output_dir=out, target="micro" if path == "micro" else None, debug_layers=False, **common))
     row = _tflite_numbers(result.model_path, latency_runs) | {"exit": 0}
@@ -148,12 +161,12 @@ def _targets(rows: dict) -> dict:
         if row["path"] == "PTQ int8" and row.get("float_accuracy") is not None:
             targets[f"{row['model']}: PTQ accuracy drop"] = _benchmark.target(
                 row["float_accuracy"] - row["int8_accuracy"], MAX_PTQ_DROP, True, "PTQ lost accuracy")
-        if row["path"] == "optimize prune+QAT" and row.get("int8_accuracy") is not None:
-            ptq = rows.get(f"{row['model']} / PTQ int8", {})
-            if ptq.get("int8_accuracy") is not None:
-                targets[f"{row['model']}: optimize ships at least PTQ's accuracy"] = _benchmark.target(
-                    row["int8_accuracy"] - ptq["int8_accuracy"], 0.0, False,
-                    f"shipped {row['shipped']}, below PTQ on the evaluation data")
+        evaluated = row.get("candidates_eval_accuracy") or {}
+        if row["path"] == "optimize prune+QAT" and None not in (evaluated.get("qat"), evaluated.get("ptq")):
+            # The choice reads the validation split; this measures it on the evaluation data it never saw.
+            targets[f"{row['model']}: optimize's shipped model at or above its PTQ candidate (eval)"] = (
+                _benchmark.target(evaluated[row["shipped"]] - evaluated["ptq"], 0.0, False,
+                                  f"shipped {row['shipped']} by validation, below PTQ on the evaluation data"))
         if row["path"] == "PTQ int8" and task is zoo.Task.REGRESSION:
             targets[f"{row['model']}: output SQNR (dB)"] = _benchmark.target(
                 row["min_sqnr_db"], fidelity.DEFAULT_MIN_OUTPUT_SQNR_DB, False, "below the fidelity gate")

@@ -266,3 +266,21 @@ def test_a_model_litert_cannot_run_is_a_failed_check_not_a_crash(int8_model, sav
                                                   r"reference kernels cannot run the model \("):
         run_litert(broken, quantize(x_test[:2], {"dtype": np.uint8, "quantization": (1 / 255, 0)}),
                    reference_kernels=True)
+
+
+def test_a_binary_sigmoid_classifier_is_scored_at_the_midpoint(mnist_subset, calibration_samples):
+    x_train, y_train, x_test, y_test = mnist_subset
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.layers.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile("adam", "binary_crossentropy")
+    model.fit(x_train[:2000], (y_train[:2000] % 2)[:, None], epochs=2, verbose=0)
+    flatbuffer = _convert_keras(model, calibration_samples)
+    odd = y_test % 2
+    result = verify(flatbuffer, "int8", "uint8", float_model=load_model(model), eval_samples=x_test,
+                    eval_labels=odd, max_accuracy_drop=0.02)
+    expected = np.mean((model.predict(x_test, verbose=0)[:, 0] > 0.5) == odd)
+    assert result.passed, result.failures
+    assert result.accuracy.float_accuracy == pytest.approx(expected) and expected > 0.8
+    (out,) = result.fidelity.outputs
+    assert out.classifier and out.top1_agreement == result.accuracy.top1_agreement >= 0.95

@@ -97,14 +97,27 @@ def measure(pairs: list[tuple[str, np.ndarray, np.ndarray]], source: str,
         else:
             sqnr = min(EXACT_SQNR_DB, 10.0 * math.log10(signal / noise)) if signal > 0 else -EXACT_SQNR_DB
         labelled_classes = labels is not None and labels.output == name and labels.kind == "classes"
-        classifier = f.ndim == 2 and f.shape[1] >= 2 and (labelled_classes or _probability_rows(f))
+        classifier = f.ndim == 2 and (labelled_classes or (f.shape[1] >= 2 and _probability_rows(f)))
         outputs.append(OutputFidelity(
             name=name, shape=tuple(int(d) for d in f.shape[1:]), classifier=bool(classifier),
-            top1_agreement=float(np.mean(f.argmax(1) == q.argmax(1))) if classifier else None,
+            top1_agreement=float(np.mean(predicted_classes(f) == predicted_classes(q, like=f)))
+            if classifier else None,
             sqnr_db=round(sqnr, 3), max_abs_error=float(np.abs(error).max(initial=0.0)),
             mean_abs_error=float(np.abs(error).mean()) if error.size else 0.0,
         ))
     return FidelityResult(num_samples=int(len(pairs[0][1])) if pairs else 0, source=source, outputs=tuple(outputs))
+
+
+def predicted_classes(outputs: np.ndarray, like: np.ndarray | None = None) -> np.ndarray:
+    """Top-1 classes of (N, C) scores; for one unit (N, 1), a binary decision at 0.5 (probabilities) or 0 (logits).
+
+    `like`: the float outputs whose range decides the threshold (the .tflite's must use the same one).
+    """
+    if outputs.shape[1] == 1:
+        reference = outputs if like is None else like
+        threshold = 0.5 if reference.min() >= 0.0 and reference.max() <= 1.0 else 0.0
+        return (outputs[:, 0] > threshold).astype(np.int64)
+    return outputs.argmax(axis=1)
 
 
 def _probability_rows(f: np.ndarray) -> bool:
@@ -151,6 +164,10 @@ def interpret_labels(labels: np.ndarray, float_outputs: dict[str, np.ndarray], o
         )
     predicted = float_outputs[output]
     labels = np.asarray(labels)
+    flat = labels.reshape(len(labels), -1) if labels.ndim == 2 and labels.shape[1] == 1 else labels
+    if predicted.shape[1:] == (1,) and flat.ndim == 1 and np.isin(flat, (0, 1)).all():
+        # One sigmoid unit (or logit) and 0/1 labels: a binary classifier, decided at the midpoint.
+        return Labels(output, "classes", flat.astype(np.int64))
     if labels.shape == predicted.shape and not _one_hot(labels):
         return Labels(output, "targets", labels.astype(np.float32))
     classes = labels

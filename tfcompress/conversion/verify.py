@@ -396,8 +396,8 @@ def _accuracy(float_outputs: np.ndarray, tflite_outputs: np.ndarray, labels: np.
             "Accuracy needs a classifier with (batch, classes) outputs. "
             f"Received: float outputs {float_outputs.shape}, tflite outputs {tflite_outputs.shape}"
         )
-    float_top1 = float_outputs.argmax(axis=1)
-    tflite_top1 = tflite_outputs.argmax(axis=1)
+    float_top1 = fidelity.predicted_classes(float_outputs)
+    tflite_top1 = fidelity.predicted_classes(tflite_outputs, like=float_outputs)
     float_accuracy = float(np.mean(float_top1 == labels))
     tflite_accuracy = float(np.mean(tflite_top1 == labels))
     error = np.abs(float_outputs - tflite_outputs)

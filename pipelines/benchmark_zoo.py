@@ -102,9 +102,12 @@ def _run_path(path, entry, data, files, common, out, final_sparsity, prune_epoch
         if entry.task is zoo.Task.REGRESSION:  # an autoencoder is trained on its own inputs
             np.savez(train, x_train=data.x_train)
             extra |= {"train_labels_key": "x_train", "eval_labels_key": "x_test"}
-        else:  # a multi-output model gets its first head's labels (and optimize says what it supports)
-            first = next(iter(labels.values())) if isinstance(labels, dict) else labels
-            np.savez(train, x_train=data.x_train, y_train=first)
+        elif isinstance(labels, dict):  # a multi-output model: one labels array per output, in output order
+            names = entry.builder().output_names
+            np.savez(train, x_train=data.x_train, **{f"y_train_{name}": labels[name] for name in names})
+            extra |= {"train_labels_key": ",".join(f"y_train_{name}" for name in names)}
+        else:
+            np.savez(train, x_train=data.x_train, y_train=labels)
         result = optimize.run_optimize(optimize.OptimizeConfig(
             output_dir=out, train_data=train, prune=True, final_sparsity=final_sparsity, qat=True,
             prune_epochs=prune_epochs, qat_epochs=qat_epochs,

@@ -28,11 +28,16 @@ _MODEL = flags.DEFINE_string("saved_model_dir", None, "Keras SavedModel of the f
 _KERAS_MODEL = flags.DEFINE_string("keras_model", None, "A .keras or .h5 model (instead of --saved_model_dir).")
 _TRAIN = flags.DEFINE_string("train_data", None, "Training .npz (validation is cut from its end).", required=True)
 _TRAIN_KEY = flags.DEFINE_string("train_key", "x_train", "Samples array inside --train_data.")
-_TRAIN_LABELS_KEY = flags.DEFINE_string("train_labels_key", "y_train", "Labels array inside --train_data.")
+_TRAIN_LABELS_KEY = flags.DEFINE_string("train_labels_key", "y_train", "Labels array inside --train_data; for a "
+                                        "model with several outputs one per output, comma-separated in the "
+                                        "model's output order (y_digit,y_parity).")
 _VALIDATION = flags.DEFINE_float("validation_fraction", 0.1, "Share of --train_data held out for validation.")
 _EVAL = flags.DEFINE_string("eval_data", None, "Labelled evaluation .npz (a test split: measured only).")
 _EVAL_KEY = flags.DEFINE_string("eval_key", "x_test", "Samples array inside --eval_data.")
 _EVAL_LABELS_KEY = flags.DEFINE_string("eval_labels_key", "y_test", "Labels array inside --eval_data.")
+_EVAL_OUTPUT = flags.DEFINE_string("eval_output", None, "The output --eval_labels_key labels, when the model has "
+                                   "several; it also decides which of QAT and PTQ ships (default: the mean "
+                                   "over outputs on validation).")
 _SCALE = flags.DEFINE_float("input_scale", 1.0, "Model input = raw * input_scale + input_offset.")
 _OFFSET = flags.DEFINE_float("input_offset", 0.0, "See --input_scale.")
 _FACTORIZE_ENERGY = flags.DEFINE_float("factorize_energy", None, "Replace Dense and 1x1 Conv2D kernels by "
@@ -59,6 +64,10 @@ _QAT = flags.DEFINE_bool("qat", False, "Run quantization-aware fine-tuning (prun
 _QAT_EPOCHS = flags.DEFINE_integer("qat_epochs", 1, "Epochs of QAT.", lower_bound=1)
 _FORCE_QAT = flags.DEFINE_bool("force_qat", False, "Ship the QAT model even where post-training quantization "
                                "of the model before QAT scores higher on validation (needs --qat).")
+_QAT_DISTILL = flags.DEFINE_bool("qat_distill", False, "Distil the QAT fine-tune from the model QAT starts from "
+                                 "(its own float self; --distill_temperature and --distill_alpha apply).")
+_QAT_FREEZE_BN = flags.DEFINE_bool("qat_freeze_bn", False, "Keep BatchNormalization moving statistics fixed "
+                                   "during QAT (inference-mode normalization; scale and offset still train).")
 _LEAVE_FLOAT = flags.DEFINE_list("leave_float", [], "Layers tfmot cannot quantize to keep float during QAT; "
                                   "the model is then not full-integer and int8 conversion refuses it: pick "
                                   "another --mode (dynamic, float16) to convert it anyway.")
@@ -97,12 +106,14 @@ def main(argv: list[str]) -> None:
         output_dir=_OUTPUT.value, train_data=_TRAIN.value, saved_model_dir=_MODEL.value,
         keras_model=_KERAS_MODEL.value, train_key=_TRAIN_KEY.value, train_labels_key=_TRAIN_LABELS_KEY.value,
         validation_fraction=_VALIDATION.value, eval_data=_EVAL.value, eval_key=_EVAL_KEY.value,
-        eval_labels_key=_EVAL_LABELS_KEY.value, input_scale=_SCALE.value, input_offset=_OFFSET.value,
+        eval_labels_key=_EVAL_LABELS_KEY.value, eval_output=_EVAL_OUTPUT.value, input_scale=_SCALE.value,
+        input_offset=_OFFSET.value,
         factorize_energy=_FACTORIZE_ENERGY.value, factorize_layers=tuple(_FACTORIZE_LAYERS.value),
         factorize_epochs=_FACTORIZE_EPOCHS.value, prune=_PRUNE.value, final_sparsity=_SPARSITY.value,
         prune_scope=_SCOPE.value, prune_structure=_STRUCTURE.value, prune_exclude=tuple(_PRUNE_EXCLUDE.value),
         prune_epochs=_PRUNE_EPOCHS.value, cluster=_CLUSTER.value, cluster_epochs=_CLUSTER_EPOCHS.value,
         qat=_QAT.value, qat_epochs=_QAT_EPOCHS.value, force_qat=_FORCE_QAT.value,
+        qat_distill=_QAT_DISTILL.value, qat_freeze_bn=_QAT_FREEZE_BN.value,
         leave_float=tuple(_LEAVE_FLOAT.value),
         distill_from=_DISTILL_FROM.value, distill_temperature=_TEMPERATURE.value, distill_alpha=_ALPHA.value,
         mode=_MODE.value,

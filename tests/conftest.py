@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import subprocess
 import sys
@@ -97,3 +98,28 @@ def eval_npz(tmp_path_factory) -> str:
 def calibration_samples():
     with np.load(CALIBRATION) as d:
         return d["x"][:200].astype(np.float32) * SCALE
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedZooModel:
+    model: object
+    data: object  # zoo_data.ZooData
+    files: object  # zoo.RunFiles
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """Trains a zoo model (`tfcompress.models.zoo`) on first use and keeps it, with its run files written
+    by `zoo.write_run_files`, for the rest of the session: test_zoo and test_micro_zoo share the training."""
+    from tfcompress.models import zoo
+
+    cache: dict[str, TrainedZooModel] = {}
+
+    def get(name: str) -> TrainedZooModel:
+        if name not in cache:
+            model, data = zoo.train(name)
+            files = zoo.write_run_files(model, data, tmp_path_factory.mktemp(name))
+            cache[name] = TrainedZooModel(model, data, files)
+        return cache[name]
+
+    return get

@@ -123,3 +123,21 @@ def test_mismatched_models_and_misuse_are_refused(trained_model, mnist_subset):
     distiller.compile("adam")
     with pytest.raises(ValueError, match=r"student output shape=\(32, 7\), teacher output shape=\(32, 10\)"):
         distiller.fit(tf.constant(x_train[:64]), y_train[:64], epochs=1, verbose=0)
+
+
+def test_probability_models_distil_exactly_as_their_logit_models(trained_model, mnist_subset):
+    # softmax(log p) = p: a student and teacher that end in softmax (from_logits=False) give the losses of
+    # the same models without it (from_logits=True), so a float model can teach its own QAT copy.
+    x_train, y_train, _, _ = mnist_subset
+    student = _student()
+    with_softmax = {name: keras.Sequential([model, keras.layers.Softmax()])
+                    for name, model in (("student", student), ("teacher", trained_model))}
+    x, y = x_train[:256], y_train[:256]
+    losses = []
+    for distiller in (Distiller(student, trained_model, temperature=3.0, alpha=0.3),
+                      Distiller(with_softmax["student"], with_softmax["teacher"], temperature=3.0, alpha=0.3,
+                                from_logits=False)):
+        distiller.compile(keras.optimizers.SGD(0.0))
+        losses.append(distiller.evaluate(x, y, verbose=0, return_dict=True))
+    for name in ("loss", "student_loss", "distillation_loss"):
+        assert losses[1][name] == pytest.approx(losses[0][name], rel=1e-4), name

@@ -21,34 +21,12 @@ from tfcompress.conversion.convert import ConvertConfig, convert
 from tfcompress.core.errors import EXIT_BAD_INPUT, MicroTargetError
 from tfcompress.core.model_io import load_model
 from tfcompress.core.tflite_model import read_tflite
-from tfcompress.models import zoo, zoo_data
+from tfcompress.models import zoo
 from tfcompress.runs.pipeline import ConvertPipelineConfig, run_convert
 from tfcompress.targets import export, micro, tflm_check
 
 MAX_DROP = 0.005
 NUM_CALIBRATION = 200
-
-
-@dataclasses.dataclass(frozen=True)
-class Trained:
-    model: object
-    data: zoo_data.ZooData
-    files: zoo.RunFiles
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Trains a zoo model on first use and keeps it, with its run files, for the rest of the module."""
-    cache: dict[str, Trained] = {}
-
-    def get(name: str) -> Trained:
-        if name not in cache:
-            model, data = zoo.train(name)
-            files = zoo.write_run_files(model, data, tmp_path_factory.mktemp(name))
-            cache[name] = Trained(model, data, files)
-        return cache[name]
-
-    return get
 
 
 def _convert_micro(files: zoo.RunFiles, output_dir, with_eval: bool):

@@ -9,7 +9,6 @@ through its reconstruction targets and fidelity, the two-output model through th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -22,7 +21,8 @@ from ai_edge_litert.interpreter import Interpreter
 from pipelines import _common
 from pipelines import convert as convert_script
 from tfcompress.conversion.verify import dequantize, quantize, run_tflite
-from tfcompress.core.errors import ConversionError
+from tfcompress.core.errors import CalibrationDataError, ConversionError
+from tfcompress.core.model_io import load_model
 from tfcompress.core.tflite_model import read_tflite
 from tfcompress.models import zoo, zoo_data
 from tfcompress.runs.optimize import OptimizeConfig, run_optimize
@@ -30,28 +30,6 @@ from tfcompress.runs.pipeline import ConvertPipelineConfig, run_convert
 
 MAX_DROP = 0.005
 NUM_CALIBRATION = 200
-
-
-@dataclasses.dataclass(frozen=True)
-class Trained:
-    model: object
-    data: zoo_data.ZooData
-    files: zoo.RunFiles
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Trains a zoo model on first use and keeps it, with its run files, for the rest of the module."""
-    cache: dict[str, Trained] = {}
-
-    def get(name: str) -> Trained:
-        if name not in cache:
-            model, data = zoo.train(name)
-            files = zoo.write_run_files(model, data, tmp_path_factory.mktemp(name))
-            cache[name] = Trained(model, data, files)
-        return cache[name]
-
-    return get
 
 
 def _convert(files: zoo.RunFiles, output_dir, with_eval: bool, **overrides):
@@ -280,7 +258,7 @@ def _run_signature(path, samples: np.ndarray) -> dict[str, np.ndarray]:
 # optimize --prune --qat on the zoo: classifiers, the autoencoder (regression targets), and refusals
 
 
-def _optimize(run: Trained, tmp_path, **overrides):
+def _optimize(run, tmp_path, **overrides):
     train = tmp_path / "train.npz"
     labels = run.data.y_train
     np.savez(train, x_train=run.data.x_train, **({} if labels is run.data.x_train else {"y_train": labels}))
@@ -310,6 +288,36 @@ def test_optimize_prunes_and_ships_the_better_of_qat_and_ptq_on_a_zoo_classifier
     assert convert_stage["accuracy_drop_vs_input_model"] <= MAX_DROP
 
 
+def test_qat_can_distil_from_its_float_self_with_batch_norm_frozen(trained, tmp_path):
+    result = _optimize(trained("ds_cnn"), tmp_path, qat_distill=True, qat_freeze_bn=True)
+    float_stage, prune_stage, qat_stage, convert_stage = result.stages
+    assert qat_stage["distilled_from"] == "the model before QAT (self-distillation)"
+    assert len(qat_stage["frozen_batch_norm"]) == 9  # the stem's and two per depthwise-separable block
+    # Frozen: every BatchNormalization leaves QAT with the moving statistics pruning left it (it normalizes
+    # with them, in inference mode); its scale and offset still train.
+    before, after = (load_model(stage["artefact"]).keras_model for stage in (prune_stage, qat_stage))
+    inner = {getattr(layer, "layer", layer).name: getattr(layer, "layer", layer) for layer in after.layers}
+    scale_moved = False
+    for name in qat_stage["frozen_batch_norm"]:
+        (gamma, _, mean, variance), (gamma_qat, _, mean_qat, variance_qat) = (
+            before.get_layer(name).get_weights(), inner[name].get_weights())
+        np.testing.assert_array_equal(mean_qat, mean)
+        np.testing.assert_array_equal(variance_qat, variance)
+        scale_moved |= not np.array_equal(gamma_qat, gamma)
+    assert scale_moved
+    assert qat_stage["validation_accuracy"] >= prune_stage["validation_accuracy"] - 0.02
+    _assert_uint8_integer_only(result.model_path)
+    assert convert_stage["accuracy_drop_vs_input_model"] <= MAX_DROP
+
+
+def test_qat_distill_refuses_a_model_it_cannot_distil(trained, tmp_path):
+    run = trained("dense_autoencoder")
+    with pytest.raises(ValueError, match=r"^--qat_distill distils one output of class scores \(at least two classes\); "
+                       r"dense_autoencoder has 1 output\(s\) \(reconstruction\) with regression targets\. "
+                       r"Leave --qat_distill out\.$"):
+        _optimize(run, tmp_path, train_labels_key="x_train", eval_labels_key="x_test", qat_distill=True)
+
+
 def test_optimize_fine_tunes_the_autoencoder_on_its_own_inputs(trained, tmp_path):
     run = trained("dense_autoencoder")
     result = _optimize(run, tmp_path, train_labels_key="x_train", eval_labels_key="x_test", target="micro")
@@ -330,10 +338,56 @@ def test_optimize_fine_tunes_the_autoencoder_on_its_own_inputs(trained, tmp_path
         "tolerance_steps"]
 
 
+def test_optimize_fine_tunes_every_head_of_the_two_output_model(trained, tmp_path):
+    run = trained("two_output")
+    train = tmp_path / "train_by_head.npz"  # _optimize writes its own train.npz
+    np.savez(train, x_train=run.data.x_train, y_digit=run.data.y_train["digit"], y_parity=run.data.y_train["parity"])
+    result = _optimize(run, tmp_path, train_data=str(train), train_labels_key="y_digit,y_parity",
+                       eval_labels_key="y_test_digit", eval_output="digit")
+    report = json.loads(open(result.report_path).read())
+    softmax = "sparse_categorical_crossentropy (from_logits=False: the model ends in softmax)"
+    assert report["loss"] == f"digit: {softmax}; parity: {softmax}"
+    float_stage, prune_stage, qat_stage, convert_stage = result.stages
+    for stage in (float_stage, prune_stage, qat_stage):  # both heads trained and scored, the digit head decides
+        assert set(stage["validation_by_output"]) == {"digit", "parity"}
+        assert stage["validation_by_output"]["parity"] >= 0.85, stage
+        assert stage["validation_accuracy"] == stage["validation_by_output"]["digit"]
+    assert prune_stage["sparsity"] == pytest.approx(0.5, abs=0.01)
+    chosen = result.shipped["candidates"][result.shipped["candidate"]]
+    other = result.shipped["candidates"]["ptq" if result.shipped["candidate"] == "qat" else "qat"]
+    assert set(chosen["validation_by_output"]) == {"digit", "parity"}
+    assert chosen["validation_accuracy"] >= other["validation_accuracy"]
+    assert "per output QAT/PTQ: digit " in result.shipped["reason"]
+    _assert_uint8_integer_only(result.model_path)
+    assert convert_stage["accuracy_drop_vs_input_model"] <= MAX_DROP
+    fidelity = {output["name"].removeprefix("quant_"): output for output in convert_stage["fidelity"]["outputs"]}
+    assert set(fidelity) == {"digit", "parity"}
+    assert fidelity["parity"]["top1_agreement"] >= 0.97
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train_labels_key": "y_digit"},
+     r"^--train_labels_key names 1 labels array\(s\) \(y_digit\) but the model has 2 output\(s\) \(digit, parity\): "
+     r"pass one key per output, comma-separated in that order\.$"),
+    ({"eval_output": None},
+     r"^The model has 2 outputs \(digit, parity\) and the labels .*eval\.npz \(key 'y_test_digit'\) do not say which "
+     r"one they are for: pass --eval_output with one of those names\.$"),
+    ({"eval_output": "digits"},
+     r"^--eval_output 'digits' is not an output of the model\. Expected one of: digit, parity\.$"),
+])
+def test_optimize_on_two_outputs_refuses_labels_it_cannot_place(trained, tmp_path, overrides, message):
+    run = trained("two_output")
+    np.savez(tmp_path / "train.npz", x_train=run.data.x_train, y_digit=run.data.y_train["digit"],
+             y_parity=run.data.y_train["parity"])
+    values = dict(output_dir=str(tmp_path / "out"), keras_model=run.files.keras_model,
+                  train_data=str(tmp_path / "train.npz"), train_labels_key="y_digit,y_parity",
+                  eval_data=run.files.eval_data, eval_labels_key="y_test_digit", eval_output="digit", prune=True)
+    with pytest.raises(CalibrationDataError, match=message):
+        run_optimize(OptimizeConfig(**(values | overrides)))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name, message", [
-    ("two_output", r"^optimize fine-tunes single-output models; two_output has 2 outputs \(digit, parity\)\. "
-                   r"Convert it with tfcompress convert \(every output is verified\), or fine-tune it in your own "
-                   r"loop with tfcompress\.prune and tfcompress\.quantize_aware\.$"),
     ("gru_classifier", r"^tfmot cannot quantize 1 layer\(s\) of model gru_classifier: gru \(GRU\)\."),
 ])
 def test_optimize_refuses_what_it_cannot_fine_tune_in_one_line(trained, tmp_path, name, message):

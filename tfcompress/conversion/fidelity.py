@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -142,6 +143,15 @@ def gate_failures(result: FidelityResult, min_top1_agreement: float, min_output_
     return failures
 
 
+def resolve_output(names: Sequence[str], wanted: str) -> str | None:
+    """`wanted` among `names`, also under tfmot's QAT name for it (QAT wraps output layer `digit` as
+    `quant_digit`, which names the output); None when neither is there."""
+    for name in (wanted, f"quant_{wanted}"):
+        if name in names:
+            return name
+    return None
+
+
 def interpret_labels(labels: np.ndarray, float_outputs: dict[str, np.ndarray], output: str | None,
                      source: str) -> Labels:
     """Decides what `labels` are for the model, or refuses them in one line naming the fix.
@@ -158,10 +168,11 @@ def interpret_labels(labels: np.ndarray, float_outputs: dict[str, np.ndarray], o
                 "which one they are for: pass --eval_output with one of those names."
             )
         output = names[0]
-    elif output not in float_outputs:
+    elif resolve_output(names, output) is None:
         raise CalibrationDataError(
             f"--eval_output {output!r} is not an output of the model. Expected one of: {', '.join(names)}."
         )
+    output = resolve_output(names, output) or output
     predicted = float_outputs[output]
     labels = np.asarray(labels)
     flat = labels.reshape(len(labels), -1) if labels.ndim == 2 and labels.shape[1] == 1 else labels

@@ -270,6 +270,15 @@ def run_tflite(model: TfliteSource, samples: np.ndarray, batch_size: int = 500,
     return dequantize(run.outputs[0], _output_detail(parsed, 0))
 
 
+def run_tflite_all(model: TfliteSource, samples: np.ndarray, batch_size: int = 500,
+                   num_threads: int | None = None) -> dict[str, np.ndarray]:
+    """Like `run_tflite`, every output: dequantized, by its name in the serving signature (`output_names`)."""
+    parsed = read_tflite(model)
+    run = run_litert(parsed, quantize(samples, _input_detail(parsed)), batch_size, num_threads)
+    return {name: dequantize(raw, _output_detail(parsed, i))
+            for i, (name, raw) in enumerate(zip(output_names(parsed), run.outputs))}
+
+
 def run_tflite_raw(model: TfliteSource, inputs: np.ndarray, batch_size: int = 500,
                    num_threads: int | None = None, reference_kernels: bool = False) -> np.ndarray:
     """Runs `inputs` already in the model's input dtype; returns the first output tensor as stored (quantized).

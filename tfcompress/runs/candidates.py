@@ -16,12 +16,14 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
 from tfcompress.conversion import calibration
 from tfcompress.conversion.convert import ConvertConfig
-from tfcompress.conversion.verify import run_tflite
+from tfcompress.conversion import fidelity
+from tfcompress.conversion.verify import run_tflite_all
 from tfcompress.core.artefacts import write_atomic
 from tfcompress.core.errors import TfcompressError
 from tfcompress.core.tflite_model import TfliteModel
@@ -59,6 +61,7 @@ class Candidate:
     eval_accuracy: float | None = None
     validation_mse: float | None = None  # regression targets: what the choice reads instead
     eval_mse: float | None = None
+    validation_by_output: dict[str, float] | None = None  # a multi-output model: each head's own score
     error: str | None = None
     tflite: TfliteModel | None = dataclasses.field(default=None, repr=False, compare=False)
     """The converted model as parsed (`model_path`'s bytes), for the convert stage to verify, not redo."""
@@ -80,14 +83,70 @@ class Choice:
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
-    """The samples the candidates are scored on; `split` is where validation starts in the training data."""
+    """The samples the candidates are scored on; `split` is where validation starts in the training data.
+
+    `y_val` holds one labels array per model output (`heads`, in the float model's output order); `y_eval`
+    labels the output `eval_output` (the only one, for a single-output model).
+    """
 
     x_val: np.ndarray
-    y_val: np.ndarray
+    y_val: tuple[np.ndarray, ...]
     x_eval: np.ndarray | None
     y_eval: np.ndarray | None
     split: int
+    heads: tuple[Head, ...]
+    eval_output: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """One model output as the scores read it: its name, and whether it is a regression and outputs logits."""
+
+    name: str
+    regression: bool
     from_logits: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """What a model scored: top-1 accuracy (classifier heads) or mean squared error (regression heads).
+
+    With several outputs, `accuracy` and `mse` are those of `eval_output` when it names one, else the mean
+    over the heads of that kind; `by_output` has each head's own number.
+    """
+
+    accuracy: float | None
+    mse: float | None
+    by_output: dict[str, float] | None = None
+
+
+def score_outputs(outputs: Sequence[np.ndarray], labels: Sequence[np.ndarray], heads: Sequence[Head],
+                  eval_output: str | None = None) -> Scores:
+    """Scores a model's outputs (in `heads` order) against one labels array per head."""
+    by_output, accuracies, errors = {}, {}, {}
+    for out, y, head in zip(outputs, labels, heads, strict=True):
+        if head.regression:
+            errors[head.name] = by_output[head.name] = float(np.mean((out - y) ** 2))
+        else:
+            accuracies[head.name] = by_output[head.name] = float(np.mean(_predicted(out, head.from_logits) == y))
+    if len(heads) == 1:
+        return Scores(next(iter(accuracies.values()), None), next(iter(errors.values()), None))
+
+    def pick(values: dict[str, float]) -> float | None:
+        if eval_output in values:
+            return values[eval_output]
+        return float(np.mean(list(values.values()))) if values and eval_output is None else None
+    return Scores(pick(accuracies), pick(errors), by_output)
+
+
+def score_one(output: np.ndarray, labels: np.ndarray, head: Head) -> Scores:
+    return score_outputs([output], [labels], [head])
+
+
+def _predicted(outputs: np.ndarray, from_logits: bool) -> np.ndarray:
+    if outputs.shape[-1] == 1:  # one sigmoid unit (or logit): the class is which side of the midpoint
+        return (outputs[:, 0] > (0.0 if from_logits else 0.5)).astype(np.int64)
+    return np.argmax(outputs, axis=1)
 
 
 def choose(config: OptimizeConfig, stages_dir: str, before_qat: str, qat: str, splits: Splits) -> Choice:
@@ -137,6 +196,9 @@ def decide(qat: Candidate, ptq: Candidate, force_qat: bool = False) -> Choice:
     else:
         a, b = qat.validation_accuracy, ptq.validation_accuracy
         scores = f"validation accuracy QAT {a:.4f}, post-training quantization {b:.4f}"
+    if qat.validation_by_output and ptq.validation_by_output:  # several outputs: say what the numbers are
+        scores += "; per output QAT/PTQ: " + ", ".join(f"{name} {value:.4f}/{ptq.validation_by_output[name]:.4f}"
+                                                      for name, value in qat.validation_by_output.items())
     if force_qat:
         return Choice(qat, candidates, f"QAT as --force_qat asks ({scores})")
     if a > b:
@@ -178,26 +240,24 @@ def _converted(candidate: Candidate, config: OptimizeConfig, directory: str, spl
     ))
     common = dict(model_path=converted.model_path, bytes=converted.num_bytes, sha256=converted.tflite.sha256,
                   tflite=converted.tflite)
-    if splits.y_val.dtype.kind == "f":  # regression targets
-        return dataclasses.replace(candidate, **common,
-                                   validation_mse=_mse(converted.tflite, splits.x_val, splits.y_val),
-                                   eval_mse=_mse(converted.tflite, splits.x_eval, splits.y_eval))
+    validation = score_outputs(_outputs(converted.tflite, splits.x_val, splits.heads), splits.y_val, splits.heads,
+                               splits.eval_output)
+    evaluation = Scores(None, None)
+    if splits.x_eval is not None:
+        outputs = _outputs(converted.tflite, splits.x_eval, splits.heads)
+        names = [head.name for head in splits.heads]
+        position = names.index(splits.eval_output) if splits.eval_output in names else 0
+        evaluation = score_one(outputs[position], splits.y_eval, splits.heads[position])
     return dataclasses.replace(
-        candidate, **common,
-        validation_accuracy=_top1_accuracy(converted.tflite, splits.x_val, splits.y_val, splits.from_logits),
-        eval_accuracy=_top1_accuracy(converted.tflite, splits.x_eval, splits.y_eval, splits.from_logits))
+        candidate, **common, validation_accuracy=validation.accuracy, validation_mse=validation.mse,
+        validation_by_output=validation.by_output, eval_accuracy=evaluation.accuracy, eval_mse=evaluation.mse)
 
 
-def _mse(model, x, y) -> float | None:
-    return None if x is None else float(np.mean((run_tflite(model, x) - y) ** 2))
-
-
-def _top1_accuracy(model, x, y, from_logits: bool) -> float | None:
-    if x is None:
-        return None
-    outputs = run_tflite(model, x)
-    if outputs.shape[-1] == 1:  # one sigmoid unit (or logit): the class is which side of the midpoint
-        predicted = (outputs[:, 0] > (0.0 if from_logits else 0.5)).astype(np.int64)
-    else:
-        predicted = np.argmax(outputs, axis=1)
-    return float(np.mean(predicted == y))
+def _outputs(model: TfliteModel, x: np.ndarray, heads: Sequence[Head]) -> list[np.ndarray]:
+    """The `.tflite`'s outputs in the order of `heads`: by name (also tfmot's `quant_` one), else by position."""
+    by_name = run_tflite_all(model, x)
+    names = list(by_name)
+    resolved = [fidelity.resolve_output(names, head.name) for head in heads]
+    if None in resolved or len(set(resolved)) != len(heads):
+        return list(by_name.values())
+    return [by_name[name] for name in resolved]

@@ -40,7 +40,7 @@ from tfcompress.training.cluster import distinct_values
 from tfcompress.training.cluster import cluster as cluster_weights
 from tfcompress.training.cluster import strip as strip_clustering
 from tfcompress.training.distill import Distiller
-from tfcompress.core.errors import ModelLoadError, OutputPathError
+from tfcompress.core.errors import CalibrationDataError, ModelLoadError, OutputPathError
 from tfcompress.training.factorize import FactorizeResult, factorize
 from tfcompress.core.model_io import load_model, model_source
 from tfcompress.runs import candidates
@@ -68,15 +68,29 @@ class _Inputs:
 
     config: OptimizeConfig
     x_train: np.ndarray
-    y_train: np.ndarray
+    y_train: tuple[np.ndarray, ...]  # one labels array per output, in the model's output order
     x_val: np.ndarray
-    y_val: np.ndarray
+    y_val: tuple[np.ndarray, ...]
     x_eval: np.ndarray | None
-    y_eval: np.ndarray | None
+    y_eval: np.ndarray | None  # labels of the output `config.eval_output` (the only one, for one output)
     float_model: keras.Model
     teacher: keras.Model | None
     factorized: FactorizeResult | None
-    loss: TrainingLoss
+    losses: tuple[TrainingLoss, ...]  # one per output, in the model's output order
+    heads: tuple[candidates.Head, ...]
+
+    def targets(self, y: tuple[np.ndarray, ...]):
+        """Labels as Keras' fit takes them: the one array, or the list of one per output."""
+        return y[0] if len(y) == 1 else list(y)
+
+    @property
+    def regression(self) -> bool:
+        return any(loss.regression for loss in self.losses)
+
+    def describe_loss(self) -> str:
+        if len(self.losses) == 1:
+            return self.losses[0].describe()
+        return "; ".join(f"{head.name}: {loss.describe()}" for head, loss in zip(self.heads, self.losses))
 
 
 def run_optimize(config: OptimizeConfig) -> OptimizeResult:
@@ -115,7 +129,7 @@ def run_optimize(config: OptimizeConfig) -> OptimizeResult:
     stages = [*state["completed"], convert_stage]
     report_path = os.path.join(output_dir, "report.json")
     write_json(report_path, {"schema_version": REPORT_SCHEMA_VERSION, "config": dataclasses.asdict(config),
-                             "resumed_after": resumed_after, "loss": inputs.loss.describe(), "shipped": shipped,
+                             "resumed_after": resumed_after, "loss": inputs.describe_loss(), "shipped": shipped,
                              "stages": stages})
     run_report.write_report(run_report.compute_report(output_dir, latency_runs=config.latency_runs,
                                                       parsed={"model.tflite": converted.tflite}))
@@ -128,7 +142,7 @@ def _choose_candidate(state: dict, stages_dir: str, inputs: _Inputs) -> candidat
     if completed[-1]["stage"] != "qat" or inputs.config.mode == "float32":  # float32 quantizes nothing
         return None
     splits = candidates.Splits(inputs.x_val, inputs.y_val, inputs.x_eval, inputs.y_eval,
-                               split=len(inputs.x_train), from_logits=inputs.loss.from_logits)
+                               split=len(inputs.x_train), heads=inputs.heads, eval_output=inputs.config.eval_output)
     return candidates.choose(inputs.config, stages_dir, before_qat=completed[-2]["artefact"],
                              qat=completed[-1]["artefact"], splits=splits)
 
@@ -148,7 +162,7 @@ def _convert_stage(inputs: _Inputs, state: dict, stages_dir: str, output_dir: st
         output_dir=os.path.join(stages_dir, "convert"), keras_model=source, mode=config.mode,
         calibration_data=calibration_data, calibration_key=calibration_key,
         eval_data=config.eval_data, eval_key=config.eval_key, eval_labels_key=config.eval_labels_key,
-        input_scale=config.input_scale, input_offset=config.input_offset,
+        eval_output=config.eval_output, input_scale=config.input_scale, input_offset=config.input_offset,
         num_calibration_samples=config.num_calibration_samples,
         max_accuracy_drop=config.max_accuracy_drop, seed=config.seed, target=config.target, overwrite=True,
         latency_runs=0,  # the run's own report times the final model once
@@ -206,16 +220,53 @@ def _cluster_stage(model, inputs: _Inputs):
 
 def _qat_stage(model, inputs: _Inputs):
     config = inputs.config
-    # Plain fit, also with a teacher: the Distiller is not wired through tfmot's QAT wrappers here, and
-    # QAT is a short fine-tune of a model the teacher has already shaped.
+    # With a --distill_from teacher the QAT fine-tune still trains on the labels: QAT is a short fine-tune of a
+    # model the teacher has already shaped. --qat_distill instead makes the model QAT starts from (its own
+    # float self, pruned or clustered as the earlier stages left it) the teacher of its quantized copy.
     with _expected_cqat_warnings_dropped(config.qat_scheme == "cluster_preserving"):
         qat = quantize_aware(model, scheme=config.qat_scheme, leave_float=config.leave_float)
-        _compile(qat, inputs)
-        qat.fit(inputs.x_train, inputs.y_train, batch_size=config.batch_size, epochs=config.qat_epochs,
-                shuffle=True, validation_data=(inputs.x_val, inputs.y_val), verbose=progress.keras_verbose())
+        frozen = _freeze_batch_norm(qat) if config.qat_freeze_bn else []
+        trainer = qat
+        if config.qat_distill:
+            trainer = Distiller(qat, model, temperature=config.distill_temperature, alpha=config.distill_alpha,
+                                from_logits=inputs.losses[0].from_logits)
+            trainer.compile(optimizer=keras.optimizers.Adam(config.learning_rate), metrics=["accuracy"])
+        else:
+            _compile(qat, inputs)
+        trainer.fit(inputs.x_train, inputs.targets(inputs.y_train), batch_size=config.batch_size,
+                    epochs=config.qat_epochs, shuffle=True,
+                    validation_data=(inputs.x_val, inputs.targets(inputs.y_val)), verbose=progress.keras_verbose())
+    _unfreeze(qat, frozen)
     if config.qat_scheme == "cluster_preserving":
         qat = _reloadable(qat, model, config)
-    return qat, {"scheme": config.qat_scheme}
+    details = {"scheme": config.qat_scheme}
+    if config.qat_distill:
+        details["distilled_from"] = "the model before QAT (self-distillation)"
+    if config.qat_freeze_bn:
+        details["frozen_batch_norm"] = frozen
+    return qat, details
+
+
+def _freeze_batch_norm(model) -> list[str]:
+    """Sets every BatchNormalization (also inside tfmot's wrappers) non-trainable: tf_keras then runs it in
+    inference mode, so its moving statistics stay as they were (measured: tfmot's wrapper still trains the
+    scale and offset, which it tracks itself). Returns the layers' names."""
+    frozen = []
+    for layer in model.layers:
+        inner = getattr(layer, "layer", layer)
+        if isinstance(inner, keras.layers.BatchNormalization):
+            inner.trainable = False
+            frozen.append(inner.name)
+    return frozen
+
+
+def _unfreeze(model, names: list[str]) -> None:
+    """Undoes `_freeze_batch_norm` once trained: tfmot's QuantizeWrapper lists a frozen layer's scale twice in
+    its weights (measured: gamma and beta, trainable and not), which HDF5 cannot save."""
+    for layer in model.layers:
+        inner = getattr(layer, "layer", layer)
+        if inner.name in names:
+            inner.trainable = True
 
 
 # What CQAT always says: its kernels are assigned from the trained centroids, so Keras finds no gradient for
@@ -275,8 +326,8 @@ def _fine_tune(model, inputs: _Inputs, epochs: int, callbacks=()) -> None:
         trainer.compile(optimizer=keras.optimizers.Adam(config.learning_rate), metrics=["accuracy"])
     else:
         _compile(model, inputs)
-    trainer.fit(inputs.x_train, inputs.y_train, batch_size=config.batch_size, epochs=epochs, shuffle=True,
-                validation_data=(inputs.x_val, inputs.y_val), callbacks=list(callbacks),
+    trainer.fit(inputs.x_train, inputs.targets(inputs.y_train), batch_size=config.batch_size, epochs=epochs,
+                shuffle=True, validation_data=(inputs.x_val, inputs.targets(inputs.y_val)), callbacks=list(callbacks),
                 verbose=progress.keras_verbose())
 
 
@@ -287,14 +338,29 @@ def _fine_tune(model, inputs: _Inputs, epochs: int, callbacks=()) -> None:
 def _check_inputs(config: OptimizeConfig) -> _Inputs:
     """Loads the model, data and teacher and tries each stage's settings on the model, writing nothing."""
     float_model = _to_keras(load_model(model_source(config.saved_model_dir, config.keras_model)))
-    if len(float_model.outputs) != 1:
-        raise ValueError(
-            f"optimize fine-tunes single-output models; {float_model.name} has {len(float_model.outputs)} outputs "
-            f"({', '.join(float_model.output_names)}). Convert it with tfcompress convert (every output is "
-            "verified), or fine-tune it in your own loop with tfcompress.prune and tfcompress.quantize_aware."
+    names = tuple(float_model.output_names)
+    if len(names) > 1 and config.distill_from is not None:
+        raise ValueError(f"--distill_from distils one output's logits; {float_model.name} has {len(names)} "
+                         f"outputs ({', '.join(names)}). Leave --distill_from out. Received: "
+                         f"distill_from={config.distill_from!r}")
+    if len(names) > 1 and config.eval_data is not None and config.eval_output is None:
+        raise CalibrationDataError(
+            f"The model has {len(names)} outputs ({', '.join(names)}) and the labels {config.eval_data} (key "
+            f"'{config.eval_labels_key}') do not say which one they are for: pass --eval_output with one of those "
+            "names."
+        )
+    if config.eval_output is not None and config.eval_output not in names:
+        raise CalibrationDataError(
+            f"--eval_output {config.eval_output!r} is not an output of the model. Expected one of: {', '.join(names)}."
         )
     *data, regression = _load_data(config, float_model)
-    if regression and config.distill_from is not None:
+    if config.qat_distill and (len(names) > 1 or any(regression) or float_model.outputs[0].shape[-1] < 2):
+        raise ValueError(
+            "--qat_distill distils one output of class scores (at least two classes); "
+            f"{float_model.name} has {len(names)} output(s) ({', '.join(names)})"
+            f"{' with regression targets' if any(regression) else ''}. Leave --qat_distill out."
+        )
+    if any(regression) and config.distill_from is not None:
         raise ValueError("--distill_from distils class logits; the training targets are regression targets. "
                          f"Leave --distill_from out. Received: distill_from={config.distill_from!r}")
     teacher = _load_teacher(config, float_model)
@@ -308,8 +374,10 @@ def _check_inputs(config: OptimizeConfig) -> _Inputs:
         _pruned(model, config)  # checks the layers against the pruning settings; the copy is dropped
     if config.cluster is not None:
         _clustered(model, config)
-    return _Inputs(config, *data, float_model=float_model, teacher=teacher, factorized=factorized,
-                   loss=training_loss(float_model, config.loss, regression=regression))
+    losses = tuple(training_loss(float_model, config.loss, regression=r, output=i) for i, r in enumerate(regression))
+    heads = tuple(candidates.Head(name, loss.regression, loss.from_logits) for name, loss in zip(names, losses))
+    return _Inputs(config, *data, float_model=float_model, teacher=teacher, factorized=factorized, losses=losses,
+                   heads=heads)
 
 
 def _load_teacher(config: OptimizeConfig, student):
@@ -414,47 +482,73 @@ def _pruned(model, config: OptimizeConfig):
 
 
 def _load_data(config: OptimizeConfig, model):
-    """The training, validation and evaluation splits, and whether the labels are regression targets.
+    """The training, validation and evaluation splits, and per output whether its labels are regression targets.
 
-    Class indices for a classifier; targets shaped like the model output for a regression (an autoencoder
-    is given its inputs: --train_labels_key=x_train).
+    One labels array per output (`--train_labels_key=y_digit,y_parity`, in the model's output order): class
+    indices for a classifier output; targets shaped like the output for a regression (an autoencoder is given
+    its inputs: --train_labels_key=x_train). The evaluation labels are for one output (`--eval_output`).
     """
     shape = tuple(model.inputs[0].shape)
-    x, raw = calibration.load_labelled_data(
-        config.train_data, shape, key=config.train_key, labels_key=config.train_labels_key,
-        scale=config.input_scale, offset=config.input_offset, what="Training data",
-        key_flags="--train_key / --train_labels_key", class_indices=False)
-    if config.train_labels_key == config.train_key:  # an autoencoder: the targets are the model's inputs
-        raw = x
-    y, regression = training_targets(raw, model, f"{config.train_data} (key '{config.train_labels_key}')")
+    keys, names = config.train_labels_keys, list(model.output_names)
+    if len(keys) != len(names):
+        raise CalibrationDataError(
+            f"--train_labels_key names {len(keys)} labels array(s) ({', '.join(keys)}) but the model has "
+            f"{len(names)} output(s) ({', '.join(names)}): pass one key per output, comma-separated in that order."
+        )
+    ys, regression = [], []
+    for i, labels_key in enumerate(keys):
+        x, raw = calibration.load_labelled_data(
+            config.train_data, shape, key=config.train_key, labels_key=labels_key,
+            scale=config.input_scale, offset=config.input_offset, what="Training data",
+            key_flags="--train_key / --train_labels_key", class_indices=False)
+        if labels_key == config.train_key:  # an autoencoder: the targets are the model's inputs
+            raw = x
+        y, is_regression = training_targets(raw, model, f"{config.train_data} (key '{labels_key}')", output=i)
+        ys.append(y)
+        regression.append(is_regression)
     split = len(x) - max(1, int(round(len(x) * config.validation_fraction)))
     x_eval = y_eval = None
     if config.eval_data is not None and config.eval_labels_key:
+        position = names.index(config.eval_output) if config.eval_output is not None else 0
         x_eval, raw_eval = calibration.load_labelled_data(
             config.eval_data, shape, key=config.eval_key, labels_key=config.eval_labels_key,
             scale=config.input_scale, offset=config.input_offset, class_indices=False)
         if config.eval_labels_key == config.eval_key:
             raw_eval = x_eval
-        y_eval, _ = training_targets(raw_eval, model, f"{config.eval_data} (key '{config.eval_labels_key}')")
-    return x[:split], y[:split], x[split:], y[split:], x_eval, y_eval, regression
+        y_eval, _ = training_targets(raw_eval, model, f"{config.eval_data} (key '{config.eval_labels_key}')",
+                                     output=position)
+    return (x[:split], tuple(y[:split] for y in ys), x[split:], tuple(y[split:] for y in ys), x_eval, y_eval,
+            tuple(regression))
 
 
 def _compile(model, inputs: _Inputs) -> None:
-    model.compile(optimizer=keras.optimizers.Adam(inputs.config.learning_rate), loss=inputs.loss.keras_loss(),
-                  metrics=inputs.loss.metrics)
+    losses = inputs.losses
+    loss, metrics = ((losses[0].keras_loss(), losses[0].metrics) if len(losses) == 1 else
+                     ([each.keras_loss() for each in losses], [each.metrics for each in losses]))
+    model.compile(optimizer=keras.optimizers.Adam(inputs.config.learning_rate), loss=loss, metrics=metrics)
 
 
-def _accuracy(model, x, y) -> float | None:
-    if x is None or y.dtype.kind == "f":  # no data, or regression targets: see _mse
-        return None
-    logits = model.predict(x, batch_size=1000, verbose=0)
-    return float(np.mean(np.argmax(logits, axis=1) == y))
+def _predicted(model, x) -> list[np.ndarray]:
+    outputs = model.predict(x, batch_size=1000, verbose=0)
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
 
 
-def _mse(model, x, y) -> float | None:
-    if x is None:
-        return None
-    return float(np.mean((model.predict(x, batch_size=1000, verbose=0) - y) ** 2))
+def _stage_scores(model, inputs: _Inputs) -> dict:
+    """A stage's numbers on validation (every output) and on the evaluation data (the labelled output)."""
+    validation = candidates.score_outputs(_predicted(model, inputs.x_val), inputs.y_val, inputs.heads,
+                                          inputs.config.eval_output)
+    evaluation = candidates.Scores(None, None)
+    if inputs.x_eval is not None:
+        names = [head.name for head in inputs.heads]
+        position = names.index(inputs.config.eval_output) if inputs.config.eval_output in names else 0
+        evaluation = candidates.score_one(_predicted(model, inputs.x_eval)[position], inputs.y_eval,
+                                          inputs.heads[position])
+    scores = {"validation_accuracy": validation.accuracy, "eval_accuracy": evaluation.accuracy}
+    if inputs.regression:
+        scores |= {"validation_mse": validation.mse, "eval_mse": evaluation.mse}
+    if validation.by_output is not None:
+        scores["validation_by_output"] = validation.by_output
+    return scores
 
 
 def _kernel_sparsity(model) -> float:
@@ -473,10 +567,7 @@ def _complete(state, stages_dir, stage, model, inputs: _Inputs, seconds, details
     distilled = inputs.teacher is not None and stage in ("factorize", "prune", "cluster")
     state["completed"].append({
         "stage": stage, "artefact": path,
-        "validation_accuracy": _accuracy(model, inputs.x_val, inputs.y_val),
-        "eval_accuracy": _accuracy(model, inputs.x_eval, inputs.y_eval),
-        **({"validation_mse": _mse(model, inputs.x_val, inputs.y_val),
-            "eval_mse": _mse(model, inputs.x_eval, inputs.y_eval)} if inputs.loss.regression else {}),
+        **_stage_scores(model, inputs),
         "parameters": int(model.count_params()),
         "nonzero_parameters": int(sum(np.count_nonzero(w) for w in model.get_weights())),
         "sparsity": _kernel_sparsity(model),

@@ -37,6 +37,9 @@ class OptimizeConfig:
     eval_data: str | None = None
     eval_key: str = "x_test"
     eval_labels_key: str = "y_test"
+    eval_output: str | None = None
+    """The output `eval_labels_key` labels when the model has several; it also decides which QAT/PTQ candidate
+    ships. Without it a multi-output model's candidates are scored on the mean over its outputs."""
     input_scale: float = 1.0
     input_offset: float = 0.0
     factorize_energy: float | None = None
@@ -53,6 +56,11 @@ class OptimizeConfig:
     qat: bool = False
     qat_epochs: int = 1
     force_qat: bool = False
+    qat_distill: bool = False
+    """The QAT fine-tune distils from the model QAT starts from (its own float self) through `Distiller`."""
+    qat_freeze_bn: bool = False
+    """BatchNormalization layers normalize with the moving statistics the earlier stages left (inference mode)
+    during QAT, and keep them; their scale and offset still train."""
     leave_float: tuple[str, ...] = ()
     distill_from: str | None = None
     distill_temperature: float = 4.0
@@ -99,6 +107,10 @@ class OptimizeConfig:
                 "validation, so it needs --qat: pass --qat as well, or leave --force_qat out. "
                 "Received: force_qat=True, qat=False"
             )
+        for name in ("qat_distill", "qat_freeze_bn"):
+            if getattr(self, name) and not self.qat:
+                raise ValueError(f"{name} changes the QAT fine-tune, so it needs --qat: pass --qat as well, or "
+                                 f"leave --{name} out. Received: {name}=True, qat=False")
         self._check_factorize()
         self._check_cluster()
         self._check_distill()
@@ -169,9 +181,12 @@ class OptimizeConfig:
                                              "factorize_layers": sorted(self.factorize_layers)}
         if self.loss == "auto":  # the default: fingerprints of runs made before --loss existed still match
             values.pop("loss")
+        for name in ("qat_distill", "qat_freeze_bn"):  # likewise for the QAT options, when off
+            if not values[name]:
+                values.pop(name)
         for name in ("output_dir", "overwrite", "mode", "target", "latency_runs", "max_accuracy_drop",
                      "calibration_data", "calibration_key", "num_calibration_samples", "eval_data", "eval_key",
-                     "eval_labels_key", "force_qat"):
+                     "eval_labels_key", "eval_output", "force_qat"):
             values.pop(name)
         unused = {"factorize_energy": ("factorize_energy", "factorize_layers", "factorize_epochs"),
                   "cluster": ("cluster", "cluster_epochs"),
@@ -181,6 +196,11 @@ class OptimizeConfig:
                 for name in names:
                     values.pop(name)
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def train_labels_keys(self) -> tuple[str, ...]:
+        """`train_labels_key` split at commas: one labels array per model output, in the outputs' order."""
+        return tuple(key.strip() for key in self.train_labels_key.split(","))
 
     @property
     def stages(self) -> tuple[str, ...]:

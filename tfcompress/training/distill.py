@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
+
 from tfcompress.core._keras import keras, tf
 
 
@@ -22,8 +24,9 @@ class Distiller(keras.Model):
         alpha · CE(labels, student) + (1 − alpha) · KL(softmax(teacher / T) ‖ softmax(student / T)) · T²
 
     with sparse categorical cross-entropy on integer labels; the T² keeps the soft term's gradients at
-    the scale of the hard term's as T changes. Both models must output **logits** (no softmax at the
-    end), of the same shape. The teacher runs in inference mode (`training=False`) and none of its
+    the scale of the hard term's as T changes. Both models output **logits** (no softmax at the end), of
+    the same shape, or both probabilities with `from_logits=False`.
+    The teacher runs in inference mode (`training=False`) and none of its
     weights are trained: `Distiller.trainable_weights` holds the student's only. The caller's teacher
     object itself is left as it was (its `trainable` flag is not touched).
 
@@ -44,6 +47,9 @@ class Distiller(keras.Model):
         teacher: a trained tf_keras model; outputs logits of the student's shape.
         temperature: T > 0; higher values soften the teacher's distribution (2 to 8 is typical).
         alpha: weight of the hard-label loss in [0, 1]; 0 trains on the teacher alone.
+        from_logits: False when both models end in a softmax and output probabilities (a float model as
+            the teacher of its own quantization-aware copy): their logarithms stand in for the logits,
+            which is exact up to a per-sample constant that the softmax cancels.
         **kwargs: passed to `keras.Model` (e.g. `name`).
 
     Raises:
@@ -52,7 +58,7 @@ class Distiller(keras.Model):
     """
 
     def __init__(self, student: keras.Model, teacher: keras.Model, temperature: float = 4.0,
-                 alpha: float = 0.1, **kwargs):
+                 alpha: float = 0.1, from_logits: bool = True, **kwargs):
         for role, model in (("student", student), ("teacher", teacher)):
             if not isinstance(model, keras.Model):
                 raise ValueError(
@@ -75,7 +81,8 @@ class Distiller(keras.Model):
         self.teacher = teacher
         self.temperature = float(temperature)
         self.alpha = float(alpha)
-        self._hard_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        self.from_logits = bool(from_logits)
+        self._hard_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=self.from_logits)
         self._soft_loss = keras.losses.KLDivergence()
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
@@ -143,6 +150,11 @@ class Distiller(keras.Model):
         _check_shapes(tuple(student_logits.shape), tuple(teacher_logits.shape))
         t = self.temperature
         hard = self._hard_loss(y, student_logits, sample_weight=sample_weight)
+        if not self.from_logits:  # probabilities: log p is a logit vector of p (softmax(log p) = p), clipped
+            # only where float32 ran out (p = 0), far below what a temperature-softened softmax can see
+            tiny = tf.constant(np.finfo(np.float32).tiny, student_logits.dtype)
+            teacher_logits, student_logits = (tf.math.log(tf.maximum(p, tiny))
+                                              for p in (teacher_logits, student_logits))
         soft = self._soft_loss(tf.nn.softmax(teacher_logits / t, axis=-1),
                                tf.nn.softmax(student_logits / t, axis=-1),
                                sample_weight=sample_weight) * (t * t)

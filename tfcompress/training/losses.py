@@ -49,8 +49,9 @@ class TrainingLoss:
         return f"{self.name} (from_logits={self.from_logits}: {self.reason})"
 
 
-def training_loss(model, loss: str = "auto", regression: bool = False) -> TrainingLoss:
-    """The fine-tuning loss for `model`'s labels, from its output activation (`regression`: float targets).
+def training_loss(model, loss: str = "auto", regression: bool = False, output: int = 0) -> TrainingLoss:
+    """The fine-tuning loss for the labels of `model`'s output number `output`, from that output's activation
+    (`regression`: float targets).
 
     A softmax (or sigmoid) output means probabilities (`from_logits=False`); anything else, logits.
     """
@@ -62,7 +63,7 @@ def training_loss(model, loss: str = "auto", regression: bool = False) -> Traini
         raise ValueError("loss=mean_squared_error needs regression targets shaped like the model output; the "
                          "training labels are class indices. Pass float targets (--train_labels_key) or leave "
                          "--loss=auto.")
-    activation = output_activation(model)
+    activation = output_activation(model, output)
     name = loss
     if loss == "auto":
         name = "binary_crossentropy" if activation == "sigmoid" else "sparse_categorical_crossentropy"
@@ -71,9 +72,9 @@ def training_loss(model, loss: str = "auto", regression: bool = False) -> Traini
     return TrainingLoss(name, True, f"the model ends in {activation}, so it outputs logits")
 
 
-def output_activation(model) -> str:
-    """'softmax', 'sigmoid', or the name of whatever else the layer making the (first) output applies."""
-    layer = model.outputs[0]._keras_history.layer
+def output_activation(model, output: int = 0) -> str:
+    """'softmax', 'sigmoid', or the name of whatever else the layer making output number `output` applies."""
+    layer = model.outputs[output]._keras_history.layer
     while hasattr(layer, "layer") and isinstance(layer.layer, keras.layers.Layer):  # pruning/cluster wrappers
         layer = layer.layer
     if isinstance(layer, keras.layers.Softmax):
@@ -85,9 +86,9 @@ def output_activation(model) -> str:
     return getattr(activation, "__name__", "linear") if activation is not None else "linear"
 
 
-def is_regression_target(labels: np.ndarray, model) -> bool:
-    """Labels shaped like the model's output (and not one-hot rows) are regression targets."""
-    output_shape = tuple(model.outputs[0].shape[1:])
+def is_regression_target(labels: np.ndarray, model, output: int = 0) -> bool:
+    """Labels shaped like the model's output number `output` (and not one-hot rows) are regression targets."""
+    output_shape = tuple(model.outputs[output].shape[1:])
     labels = np.asarray(labels)
     if labels.shape[1:] != output_shape or labels.ndim < 2:
         return False
@@ -96,9 +97,9 @@ def is_regression_target(labels: np.ndarray, model) -> bool:
     return not one_hot
 
 
-def training_targets(labels: np.ndarray, model, source: str) -> tuple[np.ndarray, bool]:
-    """(targets, regression): float32 targets shaped like the output, or int64 class indices."""
-    if is_regression_target(labels, model):
+def training_targets(labels: np.ndarray, model, source: str, output: int = 0) -> tuple[np.ndarray, bool]:
+    """(targets, regression): float32 targets shaped like output number `output`, or int64 class indices."""
+    if is_regression_target(labels, model, output):
         return np.asarray(labels, np.float32), True
     labels = np.asarray(labels)
     if labels.ndim == 2:
@@ -107,6 +108,6 @@ def training_targets(labels: np.ndarray, model, source: str) -> tuple[np.ndarray
     if labels.ndim != 1 or not np.all(np.isfinite(values)) or np.any(values != np.round(values)) or np.any(values < 0):
         raise CalibrationDataError(
             f"Labels {source} have shape {np.asarray(labels).shape}, neither class indices (N,) nor targets shaped "
-            f"like the model output {(None, *model.outputs[0].shape[1:])}: pass one of those."
+            f"like the model output {(None, *model.outputs[output].shape[1:])}: pass one of those."
         )
     return labels.astype(np.int64), False

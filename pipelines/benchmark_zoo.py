@@ -143,7 +143,8 @@ def _run_path(path, entry, data, files, common, out, final_sparsity, prune_epoch
     return row
 
 
-_OPTIMIZE_FIELDS = ("keras_model", "calibration_data", "calibration_key", "eval_data", "num_calibration_samples",
+_OPTIMIZE_FIELDS = ("keras_model", "calibration_data", "calibration_key", "eval_data", "eval_output",
+                    "num_calibration_samples",
                     "max_accuracy_drop", "seed", "overwrite", "latency_runs")
 
 

@@ -148,8 +148,7 @@ def verify(
     else:
         run = None
     if run is not None:
-        tflite_all = {name: dequantize(raw, _output_detail(parsed, i))
-                      for i, (name, raw) in enumerate(zip(output_names(parsed), run.outputs))}
+        tflite_all = _named_outputs(parsed, run)
         if float_outputs is not None:
             float_all = {next(iter(tflite_all)): np.asarray(float_outputs)} if len(tflite_all) == 1 else None
             if float_all is None:
@@ -274,7 +273,12 @@ def run_tflite_all(model: TfliteSource, samples: np.ndarray, batch_size: int = 5
                    num_threads: int | None = None) -> dict[str, np.ndarray]:
     """Like `run_tflite`, every output: dequantized, by its name in the serving signature (`output_names`)."""
     parsed = read_tflite(model)
-    run = run_litert(parsed, quantize(samples, _input_detail(parsed)), batch_size, num_threads)
+    return _named_outputs(parsed, run_litert(parsed, quantize(samples, _input_detail(parsed)), batch_size,
+                                             num_threads))
+
+
+def _named_outputs(parsed: TfliteModel, run: LiteRTRun) -> dict[str, np.ndarray]:
+    """A run's outputs dequantized, by their names in the serving signature."""
     return {name: dequantize(raw, _output_detail(parsed, i))
             for i, (name, raw) in enumerate(zip(output_names(parsed), run.outputs))}
 

@@ -254,10 +254,17 @@ def _converted(candidate: Candidate, config: OptimizeConfig, directory: str, spl
 
 
 def _outputs(model: TfliteModel, x: np.ndarray, heads: Sequence[Head]) -> list[np.ndarray]:
-    """The `.tflite`'s outputs in the order of `heads`: by name (also tfmot's `quant_` one), else by position."""
+    """The `.tflite`'s outputs in the order of `heads`, by name (also tfmot's `quant_` one).
+
+    The converter may order several outputs otherwise than Keras (measured: the two-output model comes out
+    `parity`, `digit`), so only a single output is taken without its name.
+    """
     by_name = run_tflite_all(model, x)
-    names = list(by_name)
-    resolved = [fidelity.resolve_output(names, head.name) for head in heads]
-    if None in resolved or len(set(resolved)) != len(heads):
+    if len(by_name) == len(heads) == 1:
         return list(by_name.values())
+    resolved = [fidelity.resolve_output(list(by_name), head.name) for head in heads]
+    if None in resolved or len(set(resolved)) != len(heads):
+        raise ValueError(f"Cannot tell which .tflite output is which head: the .tflite names {sorted(by_name)}, "
+                         f"the model {[head.name for head in heads]}. Convert from the Keras model so the "
+                         "signature keeps the output names.")
     return [by_name[name] for name in resolved]

@@ -112,6 +112,21 @@ def test_sparsity_survives_cluster_preserving_qat(trained_model, mnist_subset):
     assert shipped["fc"] >= 0.5
 
 
+def test_the_one_strip_removes_clustering_wrappers_too(trained_model, mnist_subset):
+    """`tfcompress.strip` (the pruning module's) strips a clustered model as `strip_clustering` does."""
+    from tfcompress.training.prune import strip as strip_any
+
+    wrapped = _fit(cluster(trained_model, 8, layers=["fc"]), mnist_subset, 512)
+    plain = strip_any(wrapped)
+    assert not any(isinstance(lyr, ClusterWeights) for lyr in plain.layers)
+    assert [lyr.name for lyr in plain.layers] == ["conv", "pool", "flatten", "fc", "logits"]
+    fc = plain.get_layer("fc").kernel.numpy()
+    assert np.unique(fc).size <= 8
+    np.testing.assert_array_equal(fc, strip(wrapped).get_layer("fc").kernel.numpy())
+    x_test = mnist_subset[2][:64]
+    np.testing.assert_allclose(plain.predict(x_test, verbose=0), wrapped.predict(x_test, verbose=0), atol=1e-5)
+
+
 def test_quantize_aware_asks_to_strip_clustering_first(trained_model):
     with pytest.raises(ValueError, match=r"still has clustering wrappers\. Call tfcompress.strip_clustering"):
         quantize_aware(cluster(trained_model, 8, layers=["fc"]), scheme="cluster_preserving")

@@ -1,7 +1,9 @@
 """tfcompress: compress a TensorFlow/Keras model into a verified TensorFlow Lite model.
 
 The public API is re-exported here. Importing tfcompress sets TF_USE_LEGACY_KERAS=1 (tfmot needs Keras 2)
-before TensorFlow loads.
+before TensorFlow loads, unless it is set already: so `tf.keras` is tf_keras in the importing process, unless
+TF_USE_LEGACY_KERAS=0 was set (then it stays Keras 3). `import keras` is Keras 3 either way; tfcompress takes
+models from both.
 
 The library is in sub-packages by phase, each importing only from the floors below it (the contract is
 declared in `.importlinter` and checked by the tests):
@@ -14,7 +16,7 @@ declared in `.importlinter` and checked by the tests):
                                          progress, native-output capture
 """
 
-from tfcompress.core import _keras  # noqa: F401  (must run before anything imports TensorFlow)
+from tfcompress.core import _keras  # first: must run before anything imports TensorFlow
 from tfcompress.core.version import __version__
 from tfcompress.training.cluster import cluster, distinct_values
 from tfcompress.training.cluster import strip as strip_clustering
@@ -36,6 +38,7 @@ from tfcompress.training.factorize import FactorizeResult, LayerFactorization, f
 from tfcompress.analysis.inspection import Inspection, inspect_tflite
 from tfcompress.analysis.macs import MacCount, count_macs
 from tfcompress.core.model_io import FloatModel, load_model
+from tfcompress.core.keras3 import Keras3Error, Translation, to_keras3, to_tf_keras
 from tfcompress.runs.pipeline import ConvertPipelineConfig, ConvertPipelineResult, run_convert
 from tfcompress.training.prune import PruningCallback, SparsityNotReachedError, prune, sparsity, strip
 from tfcompress.training.quantize import quantize_aware
@@ -45,14 +48,16 @@ from tfcompress.conversion import calibration
 from tfcompress.core import tflite_model
 from tfcompress.analysis import latency
 
+_keras.restore_user_choice()  # tfmot's import set TF_USE_LEGACY_KERAS=1; a user's own value is put back
+
 __all__ = [
     "__version__", "calibration", "latency", "tflite_model",
     "CalibrationDataError", "ConversionError", "ConvertConfig", "ConvertPipelineConfig",
     "ConvertPipelineResult", "Distiller", "ExportConfig", "FactorizeResult", "FloatModel", "InputError",
-    "Inspection", "LayerFactorization", "MacCount", "Mode", "ModelLoadError", "NotFullyQuantizedError",
+    "Inspection", "Keras3Error", "LayerFactorization", "MacCount", "Mode", "ModelLoadError", "NotFullyQuantizedError",
     "OutputPathError", "PruningCallback", "QuantizationDebugResult", "SparsityNotReachedError",
-    "TfcompressError", "VerificationError", "VerificationResult", "cluster", "convert", "count_macs",
+    "TfcompressError", "Translation", "VerificationError", "VerificationResult", "cluster", "convert", "count_macs",
     "debug_quantization", "distinct_values", "factorize", "inspect_tflite", "load_model", "prune",
     "quantize_aware", "run_convert", "run_export", "run_tflite", "sparsity", "strip", "strip_clustering",
-    "verify",
+    "to_keras3", "to_tf_keras", "verify",
 ]

@@ -78,6 +78,7 @@ class Report:
     worst_tensors: tuple[TensorError, ...]
     latency_threads: int
     fidelity: dict | None = None  # the final model against the float model, every output (report.json's)
+    input_model: dict | None = None  # what the run started from: source, kind ("Keras 3 model (.keras file)"), ...
 
 
 def compute_report(run_dir: str, latency_runs: int = 200,
@@ -104,7 +105,7 @@ def compute_report(run_dir: str, latency_runs: int = 200,
     if fidelity is None and "stages" in record:
         fidelity = record["stages"][-1].get("fidelity")
     return Report(SCHEMA_VERSION, run_dir, kind, rows, layers, _worst_tensors(run_dir), latency_threads=1,
-                  fidelity=fidelity)
+                  fidelity=fidelity, input_model=record.get("input_model"))
 
 
 class _ParsedModels:
@@ -232,7 +233,7 @@ def _keras_arrays(path: str) -> list[np.ndarray]:
         def visit(name, item):
             leaf = name.rsplit("/", 1)[-1]
             if isinstance(item, h5py.Dataset) and (root == "layers" or leaf in (
-                    "kernel:0", "bias:0", "depthwise_kernel:0")):
+                    "kernel:0", "bias:0", "depthwise_kernel:0", "kernel", "bias", "depthwise_kernel")):
                 arrays.append(np.asarray(item))
         if root in handle:
             handle[root].visititems(visit)
@@ -258,7 +259,13 @@ def _fmt(value, spec: str = ",", none: str = "–") -> str:
 
 
 def render_markdown(report: Report) -> str:
-    lines = [f"# tfcompress report: {report.kind} run in {report.run_dir}", "",
+    lines = [f"# tfcompress report: {report.kind} run in {report.run_dir}", ""]
+    if report.input_model:
+        source = report.input_model
+        translation = (source.get("translation") or {}).get("description")
+        lines += [f"Model: {source['source']}, {source['kind']}"
+                  + (f"; {translation.replace('Keras 3 model, ', '')}" if translation else "") + ".", ""]
+    lines += [
              "Accuracy on the evaluation data; Δ against the float model in points. Latency: median and p90 of "
              f"single-sample invokes, {report.latency_threads} thread, fresh process.", "",
              "| stage | format | accuracy | Δ (points) | bytes | gzip -9 bytes | parameters | non-zero | MACs "

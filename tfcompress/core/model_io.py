@@ -1,7 +1,8 @@
 """Loading the float model a pipeline starts from: SavedModel directory, tf_keras model, or model file.
 
-Takes what the user has (a SavedModel directory, a `.keras`/`.h5` file, or a live `tf_keras.Model`) and
-returns a `FloatModel`: its input shape, a batched `predict`, and a fresh `TFLiteConverter` for it.
+Takes what the user has (a SavedModel directory, a `.keras`/`.h5` file, or a live model) from either Keras
+(tf_keras, or Keras 3: its files, its `model.export()` SavedModels and its model objects) and returns a
+`FloatModel`: its input shape, a batched `predict`, a fresh `TFLiteConverter` for it, and what it is.
 Loading errors become one-line `ModelLoadError`s that name the path and the fix.
 """
 
@@ -14,7 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tfcompress.core._keras import keras, tf
+from tfcompress.core import keras3 as keras3_io
+from tfcompress.core._keras import is_keras3, keras, tf
 from tfcompress.core.errors import ModelLoadError
 from tfcompress.core.progress import progress
 
@@ -32,6 +34,9 @@ class FloatModel:
         is_quantization_aware: the graph carries fake-quant ranges from QAT.
         keras_model: the tf_keras model, when there is one.
         saved_model_dir: the SavedModel directory, when loaded from one.
+        keras_version: 2 (tf_keras), 3 (Keras 3: a model object, file or `model.export()` SavedModel), or None
+            (a SavedModel no Keras wrote).
+        kind: what it is, for reports ("Keras 3 model (.keras file)", ...).
     """
 
     source: str
@@ -41,8 +46,16 @@ class FloatModel:
     saved_model_dir: str | None = None
     _signature: Callable | None = None
     _input_name: str | None = None
+    keras_version: int | None = 2
+    kind: str = "tf_keras model"
+
+    @property
+    def is_keras3(self) -> bool:
+        return self.keras_version == 3
 
     def converter(self) -> tf.lite.TFLiteConverter:
+        if self.keras_model is not None and self.keras_version == 3:
+            return keras3_io.converter(self.keras_model)
         if self.keras_model is not None:
             return tf.lite.TFLiteConverter.from_keras_model(self.keras_model)
         return tf.lite.TFLiteConverter.from_saved_model(self.saved_model_dir)
@@ -63,7 +76,9 @@ class FloatModel:
                     named = out
                 else:
                     values = out if isinstance(out, (list, tuple)) else [out]
-                    named = dict(zip(self.keras_model.output_names, values))
+                    names = (keras3_io.output_names(self.keras_model) if self.keras_version == 3
+                             else self.keras_model.output_names)
+                    named = dict(zip(names, values))
             else:
                 out = self._signature(**{self._input_name: batch})
                 named = {name: out[name] for name in sorted(out)}
@@ -83,21 +98,27 @@ def model_source(saved_model_dir: str | None, keras_model: str | None) -> str:
 
 
 def load_model(source: Any) -> FloatModel:
-    """Loads a float model from a SavedModel directory, a `.keras`/`.h5` file or a tf_keras model.
+    """Loads a float model from a SavedModel directory, a `.keras`/`.h5` file or a model object.
+
+    Either Keras: a tf_keras (Keras 2) or Keras 3 model object, a `.keras`/`.h5` file either wrote (told apart
+    by the version the file records), a tf_keras SavedModel, a Keras 3 `model.export()` SavedModel, or any
+    SavedModel with a serving signature. Keras 3 models must be on the TensorFlow backend.
 
     Args:
-        source: a path (str or PathLike) or a `tf_keras.Model`.
+        source: a path (str or PathLike) or a Keras model.
 
     Raises:
         ModelLoadError: missing path, unknown format, or a file TensorFlow cannot read.
-        ValueError: `source` is neither a path nor a tf_keras model.
+        ValueError: `source` is neither a path nor a Keras model, or a Keras 3 model on another backend.
     """
     if isinstance(source, keras.Model):
-        return _from_keras(source, source.name)
+        return _from_keras(source, source.name, "tf_keras model (object)")
+    if is_keras3(source):
+        keras3_io.check_usable(source)
+        return _from_keras(source, source.name, "Keras 3 model (object)", keras_version=3)
     if not isinstance(source, (str, os.PathLike)):
         raise ValueError(
-            "load_model expects a SavedModel directory, a .keras/.h5 path or a tf_keras.Model; a Keras 3 "
-            "model cannot be used (tfmot needs Keras 2). "
+            "load_model expects a SavedModel directory, a .keras/.h5 path or a Keras model (tf_keras or Keras 3). "
             f"Received: source={type(source).__name__}"
         )
     path = os.fspath(source)
@@ -106,14 +127,20 @@ def load_model(source: Any) -> FloatModel:
     if os.path.isdir(path):
         return _from_saved_model(path)
     if path.endswith((".keras", ".h5", ".hdf5")):
+        version = keras3_io.file_keras_version(path)
+        suffix = os.path.splitext(path)[1]
         try:
-            model = _load_keras_file(path)
+            model = keras3_io.load_keras3_file(path) if version == 3 else _load_keras_file(path)
         except Exception as e:
+            writer = "Keras 3" if version == 3 else "tf_keras (Keras 2)" if version == 2 else "Keras"
             raise ModelLoadError(
-                f"Cannot load Keras model {path}: {_first_line(e)}. Check that the file is complete and "
-                "was saved by tf_keras (Keras 2)."
+                f"Cannot load Keras model {path} (written by {writer}): {_first_line(e)}. Check that the file is "
+                "complete and loads in the Keras that saved it."
             ) from None
-        return _from_keras(model, path)
+        if version == 3:
+            keras3_io.check_usable(model)
+            return _from_keras(model, path, f"Keras 3 model ({suffix} file)", keras_version=3)
+        return _from_keras(model, path, f"tf_keras model ({suffix} file)")
     raise ModelLoadError(
         f"Unknown model format: {path}. Pass a SavedModel directory or a .keras/.h5 file."
     )
@@ -126,15 +153,17 @@ def _load_keras_file(path: str):
         return keras.models.load_model(path, compile=False)
 
 
-def _from_keras(model, source: str) -> FloatModel:
+def _from_keras(model, source: str, kind: str, keras_version: int = 2) -> FloatModel:
     if not model.inputs or len(model.inputs) != 1:
         raise ModelLoadError(
             f"Model {source} has {len(model.inputs or [])} inputs; tfcompress converts single-input models. "
             "Build the model with one Input (subclassed models: call it once on data first)."
         )
     shape = tuple(model.inputs[0].shape)
-    qat = any(type(layer).__name__ in _QAT_LAYER_NAMES for layer in model.submodules)
-    return FloatModel(source=str(source), input_shape=shape, is_quantization_aware=qat, keras_model=model)
+    layers = model._flatten_layers() if keras_version == 3 else model.submodules
+    qat = any(type(layer).__name__ in _QAT_LAYER_NAMES for layer in layers)
+    return FloatModel(source=str(source), input_shape=shape, is_quantization_aware=qat, keras_model=model,
+                      keras_version=keras_version, kind=kind)
 
 
 def _from_saved_model(path: str) -> FloatModel:
@@ -163,6 +192,12 @@ def _from_saved_model(path: str) -> FloatModel:
             f"SavedModel {path} has {len(kwargs)} inputs; tfcompress converts single-input models."
         )
     (name, spec), = kwargs.items()
+    if os.path.isfile(os.path.join(path, "keras_metadata.pb")):
+        version, kind = 2, "tf_keras SavedModel"
+    elif keras3_io.exported_by_keras3(loaded):
+        version, kind = 3, "Keras 3 model.export() SavedModel (a graph: no Keras layers to train)"
+    else:
+        version, kind = None, "SavedModel"
     graph_def = signature.graph.as_graph_def()
     ops = {n.op for n in graph_def.node}
     for function in graph_def.library.function:
@@ -174,6 +209,8 @@ def _from_saved_model(path: str) -> FloatModel:
         saved_model_dir=path,
         _signature=signature,
         _input_name=name,
+        keras_version=version,
+        kind=kind,
     )
 
 

@@ -33,6 +33,7 @@ import time
 import numpy as np
 
 from tfcompress.conversion import calibration
+from tfcompress.core import keras3 as keras3_io
 from tfcompress.core import progress
 from tfcompress.analysis import report as run_report
 from tfcompress.core._keras import keras
@@ -43,7 +44,7 @@ from tfcompress.training.cluster import strip as strip_clustering
 from tfcompress.training.distill import Distiller
 from tfcompress.core.errors import CalibrationDataError, ModelLoadError, OutputPathError
 from tfcompress.training.factorize import FactorizeResult, factorize
-from tfcompress.core.model_io import load_model, model_source
+from tfcompress.core.model_io import FloatModel, load_model, model_source
 from tfcompress.runs import candidates
 from tfcompress.runs.pipeline import MICRO_DIRNAME, ConvertPipelineConfig, run_convert
 from tfcompress.training.prune import PruningCallback, prune, strip
@@ -79,6 +80,16 @@ class _Inputs:
     factorized: FactorizeResult | None
     losses: tuple[TrainingLoss, ...]  # one per output, in the model's output order
     heads: tuple[candidates.Head, ...]
+    source: FloatModel | None = None  # the model as loaded (a Keras 3 one is translated into float_model)
+    translation: keras3_io.Translation | None = None
+
+    def input_model(self) -> dict:
+        """What the run started from, for report.json (`"input_model"`)."""
+        return {"source": self.source.source, "kind": self.source.kind, "keras_version": self.source.keras_version,
+                "translation": None if self.translation is None else {
+                    "description": self.translation.describe(), "layers": self.translation.num_layers,
+                    "max_abs_error": self.translation.max_abs_error, "num_samples": self.translation.num_samples,
+                    "inputs": self.translation.inputs_source}}
 
     def targets(self, y: tuple[np.ndarray, ...]):
         """Labels as Keras' fit takes them: the one array, or the list of one per output."""
@@ -128,13 +139,40 @@ def run_optimize(config: OptimizeConfig) -> OptimizeResult:
     shipped = None if choice is None else choice.to_json() | {"seconds": round(time.perf_counter() - start, 3)}
     converted, convert_stage = _convert_stage(inputs, state, stages_dir, output_dir, choice)
     stages = [*state["completed"], convert_stage]
+    keras3_model = _hand_back_keras3(inputs, state, output_dir)
     report_path = os.path.join(output_dir, "report.json")
     write_json(report_path, {"schema_version": REPORT_SCHEMA_VERSION, "config": dataclasses.asdict(config),
+                             "input_model": inputs.input_model(), "keras3_model": keras3_model,
                              "resumed_after": resumed_after, "loss": inputs.describe_loss(), "shipped": shipped,
                              "stages": stages})
     run_report.write_report(run_report.compute_report(output_dir, latency_runs=config.latency_runs,
                                                       parsed={"model.tflite": converted.tflite}))
     return OptimizeResult(convert_stage["artefact"], report_path, tuple(stages), resumed_after, shipped)
+
+
+KERAS3_FILENAME = "model_keras3.keras"
+
+
+def _hand_back_keras3(inputs: _Inputs, state: dict, output_dir: str) -> str | None:
+    """For a Keras 3 input: the last pruned or clustered float model as a Keras 3 `.keras` file (weights copied
+    back into the user's architecture), when the stages kept that architecture (no factorize). QAT models stay
+    tf_keras (tfmot's wrappers); what ships is the `.tflite` either way."""
+    if inputs.translation is None or "factorize" in inputs.config.stages:
+        return None
+    kept = [s for s in state["completed"] if s["stage"] in ("prune", "cluster")]
+    if not kept:
+        return None
+    plain = _to_keras(load_model(kept[-1]["artefact"]))
+    handed = keras3_io.to_keras3(plain, like=inputs.source.keras_model)
+    path = os.path.join(output_dir, KERAS3_FILENAME)
+    partial = os.path.join(output_dir, f".partial.{os.getpid()}.{KERAS3_FILENAME}")
+    try:
+        handed.save(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
 
 
 def _choose_candidate(state: dict, stages_dir: str, inputs: _Inputs) -> candidates.Choice | None:
@@ -338,7 +376,8 @@ def _fine_tune(model, inputs: _Inputs, epochs: int, callbacks=()) -> None:
 
 def _check_inputs(config: OptimizeConfig) -> _Inputs:
     """Loads the model, data and teacher and tries each stage's settings on the model, writing nothing."""
-    float_model = _to_keras(load_model(model_source(config.saved_model_dir, config.keras_model)))
+    source = load_model(model_source(config.saved_model_dir, config.keras_model))
+    float_model, translation = _translated(source)
     names = tuple(float_model.output_names)
     if len(names) > 1 and config.distill_from is not None:
         raise ValueError(f"--distill_from distils one output's logits; {float_model.name} has {len(names)} "
@@ -355,6 +394,8 @@ def _check_inputs(config: OptimizeConfig) -> _Inputs:
             f"--eval_output {config.eval_output!r} is not an output of the model. Expected one of: {', '.join(names)}."
         )
     *data, regression = _load_data(config, float_model)
+    if translation is not None:  # proven on real inputs before any training
+        translation = keras3_io.check_equivalent(source.keras_model, translation, data[0], "training inputs")
     if config.qat_distill and (len(names) > 1 or any(regression) or float_model.outputs[0].shape[-1] < 2):
         raise ValueError(
             "--qat_distill distils one output of class scores (at least two classes); "
@@ -364,7 +405,7 @@ def _check_inputs(config: OptimizeConfig) -> _Inputs:
     if any(regression) and config.distill_from is not None:
         raise ValueError("--distill_from distils class logits; the training targets are regression targets. "
                          f"Leave --distill_from out. Received: distill_from={config.distill_from!r}")
-    teacher = _load_teacher(config, float_model)
+    teacher = _load_teacher(config, float_model, data[0])
     factorized = None
     if config.factorize_energy is not None:
         factorized = factorize(float_model, energy=config.factorize_energy,
@@ -378,13 +419,16 @@ def _check_inputs(config: OptimizeConfig) -> _Inputs:
     losses = tuple(training_loss(float_model, config.loss, regression=r, output=i) for i, r in enumerate(regression))
     heads = tuple(candidates.Head(name, loss.regression, loss.from_logits) for name, loss in zip(names, losses))
     return _Inputs(config, *data, float_model=float_model, teacher=teacher, factorized=factorized, losses=losses,
-                   heads=heads)
+                   heads=heads, source=source, translation=translation)
 
 
-def _load_teacher(config: OptimizeConfig, student):
+def _load_teacher(config: OptimizeConfig, student, x_train: np.ndarray):
     if config.distill_from is None:
         return None
-    teacher = _to_keras(load_model(config.distill_from))
+    loaded = load_model(config.distill_from)
+    teacher, translation = _translated(loaded)
+    if translation is not None:
+        keras3_io.check_equivalent(loaded.keras_model, translation, x_train, "training inputs")
     for role, model in (("teacher (--distill_from)", teacher), ("model to optimize", student)):
         if _ends_in_softmax(model):
             raise ValueError(
@@ -458,9 +502,24 @@ def _resume_model(state: dict):
         raise OutputPathError(f"Cannot resume from {artefact} ({e}). Pass --overwrite to start over.") from None
 
 
+def _translated(model: FloatModel):
+    """(tf_keras model, its `Translation` when it was translated from Keras 3, else None)."""
+    if model.is_keras3 and model.keras_model is not None:
+        translation = keras3_io.to_tf_keras(model.keras_model, stage="optimize's training stages")
+        return translation.model, translation
+    return _to_keras(model), None
+
+
 def _to_keras(model):
     if model.keras_model is not None:
         return model.keras_model
+    if model.is_keras3:
+        raise ModelLoadError(
+            f"{model.source} is a Keras 3 model.export() SavedModel: it holds the traced graph, not the Keras "
+            "layers the training-time stages (prune, cluster, QAT, factorize, distill) fine-tune. Pass the model "
+            "saved as a file (model.save('model.keras'), then --keras_model=model.keras), or convert this one as "
+            "it is with tfcompress convert."
+        )
     loaded = None
     # tf_keras writes keras_metadata.pb beside saved_model.pb; without it there is no Keras model to load.
     if os.path.isfile(os.path.join(model.saved_model_dir, "keras_metadata.pb")):

@@ -230,6 +230,7 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
         timings["micro_export_seconds"] = time.perf_counter() - start
 
     report = _report(config, convert_config, parsed, result, samples, timings)
+    report["input_model"] = {"source": model.source, "kind": model.kind, "keras_version": model.keras_version}
     if result.passed:
         write_atomic(model_path, parsed.data)
         if firmware is not None:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tfcompress.core._keras import keras
+from tfcompress.core.keras3 import as_tf_keras
 from tfcompress.core.tflite_model import TfliteSource, read_tflite, weight_tensors
 
 import tensorflow_model_optimization as tfmot  # after _keras: needs TF_USE_LEGACY_KERAS
@@ -86,6 +87,7 @@ def cluster(
         ValueError: bad arguments, a model that is subclassed or already wrapped, or a selected layer
             tfmot cannot cluster (named, with the fix).
     """
+    model = as_tf_keras(model, "cluster")  # a Keras 3 model is translated (checked equal)
     _check_model(model)
     if not isinstance(number_of_clusters, (int, np.integer)) or not (
         MIN_CLUSTERS <= number_of_clusters <= MAX_CLUSTERS

@@ -14,6 +14,7 @@ import numbers
 import numpy as np
 
 from tfcompress.core._keras import keras, tf
+from tfcompress.core.keras3 import as_tf_keras
 
 
 class Distiller(keras.Model):
@@ -59,6 +60,7 @@ class Distiller(keras.Model):
 
     def __init__(self, student: keras.Model, teacher: keras.Model, temperature: float = 4.0,
                  alpha: float = 0.1, from_logits: bool = True, **kwargs):
+        student, teacher = as_tf_keras(student, "Distiller"), as_tf_keras(teacher, "Distiller")
         for role, model in (("student", student), ("teacher", teacher)):
             if not isinstance(model, keras.Model):
                 raise ValueError(

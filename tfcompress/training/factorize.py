@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tfcompress.core._keras import keras
+from tfcompress.core.keras3 import as_tf_keras
 
 _SUFFIX = "_lowrank"
 # Cumulative energies are fractions of a float sum; this much below `energy` still counts as reaching it.
@@ -97,6 +98,7 @@ def factorize(
         ValueError: both or neither of `rank`/`energy`, a value out of range, unknown or unsuitable
             layer names, or a model that is not a Sequential/functional tf_keras model.
     """
+    model = as_tf_keras(model, "factorize")  # a Keras 3 model is translated (checked equal)
     _check_model(model)
     _check_rank_energy(rank, energy)
     selected = _select_layers(model, layers)

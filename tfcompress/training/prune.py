@@ -1,9 +1,13 @@
-"""Pruning stage: a Keras model in, a copy wrapped for magnitude pruning out.
+"""Pruning stage: a Keras model in, a copy pruned by magnitude out.
 
-`prune` takes a trained Sequential or functional Keras model and returns a copy whose prunable layers are
-wrapped by tfmot's `PruneLowMagnitude` with a schedule that is sure to finish within the planned steps;
-fine-tune it with `PruningCallback` and call `strip` to get a plain model with sparse kernels back.
-The caller's model is never modified (tfmot's own `prune_low_magnitude` shares its layers).
+`prune` takes a trained Sequential or functional Keras model and returns a copy set up for magnitude
+pruning with a schedule that is sure to finish within the planned steps; fine-tune it with
+`PruningCallback` and call `strip` to get a plain model with sparse kernels back. The caller's model is
+never modified (tfmot's own `prune_low_magnitude` shares its layers).
+
+One API serves both Keras versions, and the model's type decides: a tf_keras (Keras 2) model gets tfmot's
+`PruneLowMagnitude` wrappers; a Keras 3 model (TensorFlow backend) gets masks on its kernels, kept by
+`tfcompress.training.prune_keras3` without wrappers, so that Keras 3's own `fit` trains it.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from tfcompress.core._keras import keras
+from tfcompress.core._keras import is_keras3, keras
 from tfcompress.core.errors import TfcompressError
+from tfcompress.training import cluster
 
 import tensorflow_model_optimization as tfmot  # after _keras: needs TF_USE_LEGACY_KERAS
 from tensorflow_model_optimization.python.core.sparsity.keras import (
@@ -58,14 +63,16 @@ def prune(
     structure: str | None = None,
     scope: str = "local",
 ) -> keras.Model:
-    """Returns a copy of `model` whose prunable layers are wrapped for magnitude pruning.
+    """Returns a copy of `model` whose prunable layers are set up for magnitude pruning.
 
     The schedule runs from `begin_step` to `end_step` (or `begin_epoch`/`end_epoch` times
     `steps_per_epoch`). `"polynomial"` raises sparsity from `initial_sparsity` to `final_sparsity` along
     Zhu & Gupta's cubic curve; `"constant"` prunes to `final_sparsity` at once. Masks update every
     `frequency` steps; by default about ten times over the schedule (at most every 100 steps), with
     `end_step` moved back by less than one frequency onto the last update, so a short fine-tune reaches
-    the final sparsity. Fine-tune with `PruningCallback`:
+    the final sparsity. A tf_keras model gets tfmot's wrappers; a Keras 3 model keeps its own layers, with
+    a mask on each pruned kernel applied after every optimizer step (see `prune_keras3`). Fine-tune with
+    `PruningCallback`, in either Keras' `fit`:
 
     ```python
     pruned = tfcompress.prune(model, 0.8, end_epoch=2, steps_per_epoch=len(x) // 32)
@@ -75,7 +82,8 @@ def prune(
     ```
 
     Args:
-        model: a Sequential or functional Keras model; it is copied, never changed.
+        model: a Sequential or functional Keras model, tf_keras or Keras 3 (TensorFlow backend); it is
+            copied, never changed.
         final_sparsity: fraction of zeros to reach in each pruned kernel, in [0, 1). With
             `scope="global"` the fraction over all pruned kernels together.
         schedule: `"polynomial"` or `"constant"`.
@@ -85,19 +93,24 @@ def prune(
             its epochs and steps), so `prune(model, 0.8)` plus the callback is enough.
         begin_epoch, end_epoch, steps_per_epoch: the same in epochs, converted with `steps_per_epoch`.
         frequency: steps between mask updates; must divide `end_step - begin_step`.
-        layers: layer names or classes to prune; default every layer with weights.
+        layers: layer names or classes to prune; default every layer with prunable weights.
         exclude: layer names or classes to leave alone.
         structure: `None` or `"2:4"` (two zeros in every four input channels; `final_sparsity` 0.5).
         scope: `"local"` (every layer to `final_sparsity`) or `"global"` (one magnitude threshold over
             all pruned kernels, turned into a target per layer).
 
     Returns:
-        A new Keras model (uncompiled) with `PruneLowMagnitude` wrappers.
+        A new Keras model (uncompiled): with `PruneLowMagnitude` wrappers (tf_keras), or with masked
+        kernels and the pruning state attached (Keras 3).
 
     Raises:
-        ValueError: for bad arguments, an already pruned model, or a selected layer tfmot cannot prune.
+        ValueError: for bad arguments, an already pruned model, or a selected layer that cannot be pruned.
     """
-    _check_model(model)
+    keras_3 = _keras3_module() if is_keras3(model) else None
+    if keras_3:
+        keras_3.check_model(model)
+    else:
+        _check_model(model)
     _check_sparsity("final_sparsity", final_sparsity)
     _check_sparsity("initial_sparsity", initial_sparsity)
     _check_choice("schedule", schedule, SCHEDULES)
@@ -124,11 +137,16 @@ def prune(
             f'scope="local". Received: final_sparsity={final_sparsity}, scope={scope!r}'
         )
 
-    selected = _select_layers(model, layers, exclude)
+    if keras_3:
+        selected = keras_3.select_layers(model, layers, exclude)
+        weights_of = keras_3.prunable_weights
+    else:
+        selected = _select_layers(model, layers, exclude)
+        weights_of = _prunable_weights
     if structure == "2:4":
-        _check_m_by_n(selected)
+        _check_m_by_n(selected, keras_3.prunable_weights if keras_3 else None)
     if scope == "global":
-        targets = _global_targets(selected, final_sparsity)
+        targets = _global_targets(selected, final_sparsity, weights_of)
     else:
         targets = {layer.name: final_sparsity for layer in selected}
 
@@ -139,6 +157,9 @@ def prune(
             made = PolynomialDecay(min(initial_sparsity, target), target, begin, end, 3, frequency)
         setattr(made, _DEFERRED, deferred)
         return made
+
+    if keras_3:
+        return keras_3.wrap(model, {name: make_schedule(t) for name, t in targets.items()}, structure)
 
     # Copy first: the wrappers below take over the copy's layers, never the caller's.
     copy = keras.models.clone_model(model)
@@ -161,51 +182,62 @@ def prune(
 
 
 def strip(model: keras.Model) -> keras.Model:
-    """Returns `model` without pruning wrappers: plain layers whose kernels hold the zeros.
+    """Returns `model` without what tfcompress added for training: plain layers that keep the result.
+
+    Removes pruning (tfmot's `PruneLowMagnitude` wrappers, or a pruned Keras 3 model's masks and state;
+    the kernels keep their zeros) and clustering (tfmot's `ClusterWeights` wrappers, through
+    `tfcompress.strip_clustering`; the kernels keep their clustered values). A model with neither comes
+    back as a plain copy. Quantization-aware wrappers stay: that model is meant for conversion.
 
     ```python
-    plain = tfcompress.strip(pruned)
+    plain = tfcompress.strip(pruned)      # or a clustered model, tf_keras or Keras 3
     ```
+
+    Raises:
+        ValueError: `model` is not a Sequential or functional Keras model, or a pruned Keras 3 model was
+            trained without `PruningCallback` (its masks never moved).
     """
+    if is_keras3(model):
+        return _keras3_module().strip(model)
     _check_model(model)
+    if any(isinstance(lyr, cluster.ClusterWeights) for lyr in _flat_layers(model)):
+        model = cluster.strip(model)
     return tfmot.sparsity.keras.strip_pruning(model)
 
 
 def sparsity(model: keras.Model) -> dict[str, float]:
     """Fraction of zeros per pruned kernel, keyed by layer name, plus `"overall"` weighted by size.
 
-    For a pruned model the wrapped layers count; for a plain (say, stripped) model every layer with a
-    kernel does.
+    For a pruned model the pruned layers count; for a plain (say, stripped) model every layer with a
+    kernel does. Works for tf_keras and Keras 3 models alike.
 
     ```python
     tfcompress.sparsity(tfcompress.strip(pruned))  # {"fc": 0.8, "logits": 0.8, "overall": 0.8}
     ```
     """
+    if is_keras3(model):
+        return _zero_fractions(_keras3_module().layer_weights(model))
     wrappers = _pruned_layers(model)
     if wrappers:
         weights = {w.layer.name: [v for v, _, _ in w.pruning_vars] for w in wrappers}
     else:
         weights = {lyr.name: [lyr.kernel] for lyr in _flat_layers(model) if getattr(lyr, "kernel", None) is not None}
-    result, zeros, total = {}, 0, 0
-    for name, variables in weights.items():
-        values = [np.asarray(keras.backend.get_value(v)) for v in variables]
-        layer_zeros = sum(int(np.count_nonzero(v == 0)) for v in values)
-        layer_total = sum(v.size for v in values)
-        result[name] = layer_zeros / max(layer_total, 1)
-        zeros, total = zeros + layer_zeros, total + layer_total
-    result["overall"] = zeros / max(total, 1)
-    return result
+    return _zero_fractions(
+        {name: [np.asarray(keras.backend.get_value(v)) for v in variables] for name, variables in weights.items()})
 
 
 class PruningCallback(keras.callbacks.Callback):
     """Drives pruning during `fit` and reports sparsity; required when training a pruned model.
 
-    Does what tfmot's `UpdatePruningStep` does (counts pruning steps, applies masks at every epoch end)
-    and, in place of `PruningSummaries`, writes `sparsity` (overall) and `sparsity/<layer>` into the
-    epoch logs, so History, CSVLogger and TensorBoard record them. With `verify_final_sparsity` (the
-    default) a `fit` that is too short for the schedule fails at its start with a `ValueError`, and a
-    training that ends below a layer's target sparsity raises `SparsityNotReachedError`. Turn it off
-    to spread one schedule over several `fit` calls. State is reset in `on_train_begin`.
+    Works in a tf_keras `fit` and in Keras 3's own `fit` alike (the model's type decides). For tf_keras it
+    does what tfmot's `UpdatePruningStep` does (counts pruning steps, applies masks at every epoch end);
+    for Keras 3 it counts the steps from the optimizer's iterations and updates the masks on the schedule
+    before the scheduled steps run (the masks themselves are applied after every optimizer step). In
+    place of `PruningSummaries` it writes `sparsity` (overall) and `sparsity/<layer>` into the epoch logs,
+    so History, CSVLogger and TensorBoard record them. With `verify_final_sparsity` (the default) a `fit`
+    that is too short for the schedule fails at its start with a `ValueError`, and a training that ends
+    below a layer's target sparsity raises `SparsityNotReachedError`. Turn it off to spread one schedule
+    over several `fit` calls. State is reset in `on_train_begin`.
 
     ```python
     pruned = tfcompress.prune(model, 0.8, end_epoch=2, steps_per_epoch=100)
@@ -228,9 +260,11 @@ class PruningCallback(keras.callbacks.Callback):
         self.verify_final_sparsity = verify_final_sparsity
         self.tolerance = tolerance
         self._step_callback = None
+        self._keras3_steps = None  # a prune_keras3.Stepper while a Keras 3 model is trained
 
     def set_model(self, model):
-        if not _pruned_layers(model):
+        pruned = _keras3_module().state_of(model) is not None if is_keras3(model) else _pruned_layers(model)
+        if not pruned:
             raise ValueError(
                 f"PruningCallback was given model {model.name!r}, which has no pruned layers: call "
                 "tfcompress.prune(model, ...) first and train the model it returns. "
@@ -239,41 +273,69 @@ class PruningCallback(keras.callbacks.Callback):
         super().set_model(model)
 
     def on_train_begin(self, logs=None):
-        self._step_callback = tfmot.sparsity.keras.UpdatePruningStep()
-        self._step_callback.set_model(self.model)
-        self._step_callback.on_train_begin(logs)
+        if is_keras3(self.model):
+            self._keras3_steps = _keras3_module().Stepper(self.model)
+        else:
+            self._keras3_steps = None
+            self._step_callback = tfmot.sparsity.keras.UpdatePruningStep()
+            self._step_callback.set_model(self.model)
+            self._step_callback.on_train_begin(logs)
         self._end_deferred_schedules()
         if self.verify_final_sparsity:
             self._check_plan()
 
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._keras3_steps is not None:
+            self._keras3_steps.on_batch_begin(batch, self.params.get("steps"))
+
     def on_epoch_end(self, epoch, logs=None):
-        self._step_callback.on_epoch_end(epoch, logs)
+        if self._keras3_steps is None:
+            self._step_callback.on_epoch_end(epoch, logs)
         if logs is not None:
             values = sparsity(self.model)
             logs["sparsity"] = values.pop("overall")
             logs.update({f"sparsity/{name}": value for name, value in values.items()})
 
     def on_train_end(self, logs=None):
+        if self._keras3_steps is not None:
+            self._keras3_steps.on_train_end()
         if not self.verify_final_sparsity:
             return
         reached = sparsity(self.model)
         short = [
             f"{name}: {reached[name]:.3f} < {target:.3f}"
-            for name, (target, _) in _targets(self.model).items()
+            for name, (target, _) in self._targets().items()
             if reached[name] < target - self.tolerance
         ]
         if short:
-            step = int(keras.backend.get_value(_pruned_layers(self.model)[0].pruning_step))
             raise SparsityNotReachedError(
-                f"Training stopped at pruning step {step} below the target sparsity ({'; '.join(short)}). "
-                "Train for at least the schedule's end_step, or lower end_step in tfcompress.prune; pass "
-                "PruningCallback(verify_final_sparsity=False) when a later fit finishes the schedule."
+                f"Training stopped at pruning step {self._done()} below the target sparsity "
+                f"({'; '.join(short)}). Train for at least the schedule's end_step, or lower end_step in "
+                "tfcompress.prune; pass PruningCallback(verify_final_sparsity=False) when a later fit finishes "
+                "the schedule."
             )
+
+    # The pruning state, read from tfmot's wrappers (tf_keras) or from prune_keras3's state (Keras 3).
+
+    def _done(self) -> int:
+        """Pruning steps done before this point (tfmot's `pruning_step`)."""
+        if is_keras3(self.model):
+            return _keras3_module().state_of(self.model).step
+        return int(keras.backend.get_value(_pruned_layers(self.model)[0].pruning_step))
+
+    def _schedules(self) -> list:
+        if is_keras3(self.model):
+            return list(_keras3_module().state_of(self.model).schedules.values())
+        return [w.pruning_schedule for w in _pruned_layers(self.model)]
+
+    def _targets(self) -> dict[str, tuple[float, int]]:
+        if is_keras3(self.model):
+            return _keras3_module().targets(self.model)
+        return _targets(self.model)
 
     def _end_deferred_schedules(self):
         """Ends schedules made without an end at the last step of this fit (before it is traced)."""
-        deferred = [w.pruning_schedule for w in _pruned_layers(self.model)
-                    if getattr(w.pruning_schedule, _DEFERRED, False)]
+        deferred = [s for s in self._schedules() if getattr(s, _DEFERRED, False)]
         if not deferred:
             return
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
@@ -283,7 +345,7 @@ class PruningCallback(keras.callbacks.Callback):
                 "fit, but its length is unknown (a dataset without a known size). Pass end_step to "
                 f"tfcompress.prune, or steps_per_epoch to fit. Received: epochs={epochs}, steps={steps}"
             )
-        done = int(keras.backend.get_value(_pruned_layers(self.model)[0].pruning_step))
+        done = self._done()
         for schedule in deferred:
             # tfmot counts pruning steps from 1, so the last step of this fit is done + epochs * steps.
             schedule.end_step = max(done, 0) + epochs * steps
@@ -294,9 +356,9 @@ class PruningCallback(keras.callbacks.Callback):
         epochs, steps = self.params.get("epochs"), self.params.get("steps")
         if not epochs or not steps:
             return  # a dataset of unknown length: only the end-of-training check applies
-        done = int(keras.backend.get_value(_pruned_layers(self.model)[0].pruning_step))
+        done = self._done()
         planned = done + epochs * steps
-        end = max(end for _, end in _targets(self.model).values())
+        end = max(end for _, end in self._targets().values())
         if end > planned:
             raise ValueError(
                 f"The pruning schedule ends at step {end}, but this fit runs only {planned} steps "
@@ -308,6 +370,25 @@ class PruningCallback(keras.callbacks.Callback):
 
 # ---------------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _keras3_module():
+    """`prune_keras3`, imported on first use (it imports this module for the shared helpers)."""
+    from tfcompress.training import prune_keras3
+
+    return prune_keras3
+
+
+def _zero_fractions(weights: dict[str, list[np.ndarray]]) -> dict[str, float]:
+    """Fraction of zeros per entry of `weights` (name -> arrays), plus `"overall"` weighted by size."""
+    result, zeros, total = {}, 0, 0
+    for name, values in weights.items():
+        layer_zeros = sum(int(np.count_nonzero(v == 0)) for v in values)
+        layer_total = sum(v.size for v in values)
+        result[name] = layer_zeros / max(layer_total, 1)
+        zeros, total = zeros + layer_zeros, total + layer_total
+    result["overall"] = zeros / max(total, 1)
+    return result
 
 
 def _flat_layers(model) -> list:
@@ -327,26 +408,32 @@ def _targets(model) -> dict[str, tuple[float, int]]:
     """(final sparsity, end step) of each pruned layer, read back from its wrapper."""
     targets = {}
     for wrapper in _pruned_layers(model):
-        schedule = wrapper.pruning_schedule
-        if wrapper.sparsity_m_by_n:
-            m, n = wrapper.sparsity_m_by_n
-            target = m / n
-        elif isinstance(schedule, PolynomialDecay):
-            target = schedule.final_sparsity
-        elif isinstance(schedule, ConstantSparsity):
-            target = schedule.target_sparsity
-        else:
-            continue
-        targets[wrapper.layer.name] = (target, max(schedule.end_step, schedule.begin_step))
+        target = _schedule_target(wrapper.pruning_schedule, wrapper.sparsity_m_by_n)
+        if target is not None:
+            targets[wrapper.layer.name] = target
     return targets
+
+
+def _schedule_target(schedule, m_by_n=None) -> tuple[float, int] | None:
+    """(final sparsity, end step) of one schedule; None for a schedule tfcompress did not make."""
+    if m_by_n:
+        m, n = m_by_n
+        target = m / n
+    elif isinstance(schedule, PolynomialDecay):
+        target = schedule.final_sparsity
+    elif isinstance(schedule, ConstantSparsity):
+        target = schedule.target_sparsity
+    else:
+        return None
+    return target, max(schedule.end_step, schedule.begin_step)
 
 
 def _check_model(model):
     is_graph = isinstance(model, keras.Sequential) or getattr(model, "_is_graph_network", False)
     if not isinstance(model, keras.Model) or not is_graph:
         raise ValueError(
-            "Expected a Sequential or functional tf_keras model (subclassed models and Keras 3 models "
-            "cannot be pruned). Build or load it with tfcompress's keras. "
+            "Expected a Sequential or functional tf_keras model or Keras 3 model (subclassed models cannot "
+            "be pruned). Build it with keras.Sequential or the functional API. "
             f"Received: model={type(model).__name__}"
         )
 
@@ -434,6 +521,16 @@ def _select_layers(model, layers, exclude) -> list:
             f"first. Received: model={model.name}"
         )
     all_layers = [lyr for lyr in model.layers if not isinstance(lyr, keras.layers.InputLayer)]
+    return _choose_layers(all_layers, layers, exclude, _prunable_weights, "tfmot")
+
+
+def _choose_layers(all_layers, layers, exclude, weights_of, pruner: str) -> list:
+    """The layers of `all_layers` that `layers`/`exclude` select, each with weights `weights_of` can prune.
+
+    `weights_of(layer)` gives the prunable weights: a non-empty list, `[]` for a layer known to have none
+    (skipped unless named in `layers`), or None for a layer `pruner` does not know (refused if it has
+    weights).
+    """
     names = {lyr.name for lyr in all_layers}
     for arg, specs in (("layers", layers), ("exclude", exclude)):
         unknown = [s for s in specs or () if isinstance(s, str) and s not in names]
@@ -446,7 +543,7 @@ def _select_layers(model, layers, exclude) -> list:
     chosen = [lyr for lyr in chosen if not any(_matches(lyr, s) for s in exclude or ())]
     selected, unsupported = [], []
     for layer in chosen:
-        weights = _prunable_weights(layer)
+        weights = weights_of(layer)
         if weights:
             selected.append(layer)
         elif weights is None and (layer.weights or layers is not None):
@@ -455,7 +552,7 @@ def _select_layers(model, layers, exclude) -> list:
             unsupported.append(layer.name)
     if unsupported:
         raise ValueError(
-            f"tfmot cannot prune layer(s) {unsupported}: they have no weights it knows how to prune. "
+            f"{pruner} cannot prune layer(s) {unsupported}: they have no weights it knows how to prune. "
             "Leave them out with exclude=[...] or choose layers=[...]. "
             f"Received: layers={layers}, exclude={exclude}"
         )
@@ -467,11 +564,22 @@ def _select_layers(model, layers, exclude) -> list:
     return selected
 
 
-def _check_m_by_n(selected: Iterable):
+def _check_m_by_n(selected: Iterable, weights_of=None):
+    """Every grouped weight needs 4 input channels: tf_keras's rank-2 and rank-4 kernels (what tfmot groups),
+    or, with `weights_of`, every weight of rank >= 2 it gives (Keras 3: grouped along axis -2)."""
+
+    def input_channels(lyr) -> list[int]:
+        if weights_of is None:
+            kernel = getattr(lyr, "kernel", None)
+            weights = [kernel] if kernel is not None and len(kernel.shape) in (2, 4) else []
+        else:
+            weights = [w for w in weights_of(lyr) if len(w.shape) >= 2]
+        return [int(w.shape[-2]) for w in weights]
+
     narrow = [
-        f"{lyr.name} ({int(lyr.kernel.shape[-2])} input channels)"
+        f"{lyr.name} ({min(channels)} input channels)"
         for lyr in selected
-        if getattr(lyr, "kernel", None) is not None and lyr.kernel.shape.rank in (2, 4) and lyr.kernel.shape[-2] < 4
+        if (channels := input_channels(lyr)) and min(channels) < 4
     ]
     if narrow:
         raise ValueError(
@@ -480,10 +588,10 @@ def _check_m_by_n(selected: Iterable):
         )
 
 
-def _global_targets(selected, final_sparsity) -> dict[str, float]:
+def _global_targets(selected, final_sparsity, weights_of=_prunable_weights) -> dict[str, float]:
     """One magnitude threshold over all selected kernels, as the sparsity it gives each layer."""
     magnitudes = {
-        lyr.name: np.abs(np.concatenate([np.ravel(w) for w in _prunable_weights(lyr)])) for lyr in selected
+        lyr.name: np.abs(np.concatenate([np.ravel(np.asarray(w)) for w in weights_of(lyr)])) for lyr in selected
     }
     everything = np.sort(np.concatenate(list(magnitudes.values())))
     k = int(round(everything.size * final_sparsity))

@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 
 from tfcompress.core._keras import keras
+from tfcompress.core.keras3 import as_tf_keras
 
 import tensorflow_model_optimization as tfmot  # after _keras: needs TF_USE_LEGACY_KERAS
 from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.cluster_preserve import (
@@ -68,6 +69,7 @@ def quantize_aware(model: keras.Model, scheme: Scheme | str = Scheme.DEFAULT,
         ValueError: subclassed or nested model, already quantized or still pruning-wrapped, unknown
             scheme, unknown `leave_float` names, or layers tfmot cannot quantize (named).
     """
+    model = as_tf_keras(model, "quantize_aware")  # a Keras 3 model is translated (checked equal)
     scheme = _scheme(scheme)
     _check_structure(model)
     names = {layer.name for layer in model.layers}

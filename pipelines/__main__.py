@@ -18,6 +18,8 @@ VERBS = {
     "benchmark_compress": "Benchmark clustering, low-rank factorization and distillation on LeNet-5.",
     "benchmark_convert": "Benchmark the convert pipeline against a hand-written converter script.",
     "benchmark_zoo": "Benchmark every path (PTQ, micro, optimize prune+QAT) on the test model zoo.",
+    "benchmark_keras3": "Benchmark a Keras 3 CNN pruned in its own fit and QAT-converted against the same CNN "
+                        "through tf_keras and tfmot.",
     "benchmark_qat": "Benchmark QAT variants (learning rate, frozen BatchNorm, self-distillation) against PTQ "
                      "on the zoo classifiers.",
 }

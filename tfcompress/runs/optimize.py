@@ -262,8 +262,9 @@ def _qat_stage(model, inputs: _Inputs):
     # With a --distill_from teacher the QAT fine-tune still trains on the labels: QAT is a short fine-tune of a
     # model the teacher has already shaped. --qat_distill instead makes the model QAT starts from (its own
     # float self, pruned or clustered as the earlier stages left it) the teacher of its quantized copy.
-    with _expected_cqat_warnings_dropped(config.qat_scheme == "cluster_preserving"):
-        qat = quantize_aware(model, scheme=config.qat_scheme, leave_float=config.leave_float)
+    scheme, why = _qat_scheme(model, config)
+    with _expected_cqat_warnings_dropped(scheme == "cluster_preserving"):
+        qat = quantize_aware(model, scheme=scheme, leave_float=config.leave_float)
         frozen = _freeze_batch_norm(qat) if config.qat_freeze_bn else []
         trainer = qat
         if config.qat_distill:
@@ -278,12 +279,28 @@ def _qat_stage(model, inputs: _Inputs):
     _unfreeze(qat, frozen)
     if config.qat_scheme == "cluster_preserving":
         qat = _reloadable(qat, model, config)
-    details = {"scheme": config.qat_scheme}
+    details = {"scheme": scheme, **({"scheme_because": why} if why else {})}
     if config.qat_distill:
         details["distilled_from"] = "the model before QAT (self-distillation)"
     if config.qat_freeze_bn:
         details["frozen_batch_norm"] = frozen
     return qat, details
+
+
+# A model that comes to QAT this sparse (pruned before, say in the user's own fit with PruningCallback) is
+# fine-tuned with PQAT, which keeps its zeros; plain QAT would train them away.
+SPARSE_INPUT = 0.1
+
+
+def _qat_scheme(model, config: OptimizeConfig) -> tuple[str, str | None]:
+    """The QAT scheme for `model`, and why when it is not the one the settings name."""
+    if config.qat_scheme != "default":
+        return config.qat_scheme, None
+    sparsity = _kernel_sparsity(model)
+    if sparsity >= SPARSE_INPUT:
+        return "prune_preserving", (f"the model QAT starts from is {sparsity:.1%} zeros in its kernels (pruned "
+                                    "before): prune-preserving QAT keeps them")
+    return "default", None
 
 
 def _freeze_batch_norm(model) -> list[str]:

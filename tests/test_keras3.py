@@ -169,8 +169,8 @@ def test_translation_is_equivalent_on_the_zoo_architectures(build, mnist_subset)
     # Real inputs: MNIST digits tiled or cropped to each model's input shape.
     x_train = mnist_subset[0][:64]
     shape = tuple(d or 1 for d in model.inputs[0].shape[1:])
-    count = model.inputs[0].shape[0] or len(x_train)
-    flat = np.resize(x_train[:count].reshape(count, -1), (count, int(np.prod(shape))))
+    count = len(x_train)  # a fixed-batch model (the GRU, batch 1) is compared batch by batch
+    flat = np.resize(x_train.reshape(count, -1), (count, int(np.prod(shape))))
     inputs = flat.reshape((count, *shape)).astype(np.float32)
     translation = keras3_io.to_tf_keras(model, inputs=inputs, inputs_source="MNIST pixels")
     assert isinstance(translation.model, keras.Model)

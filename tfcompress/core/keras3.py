@@ -233,13 +233,26 @@ def check_equivalent(original, translation: Translation, inputs: np.ndarray,
                      inputs_source: str | None = None) -> Translation:
     """Runs both models on `inputs`; returns the translation with the measured error, or raises."""
     dtype = np.int32 if "int" in str(original.inputs[0].dtype) else np.float32
-    x = tf.constant(np.asarray(inputs, dtype=dtype)[:256])
-    ours = _as_list(translation.model(x, training=False))
-    theirs = original(x, training=False)
-    theirs = [theirs[n] for n in output_names(original)] if isinstance(theirs, dict) else _as_list(theirs)
+    x = np.asarray(inputs, dtype=dtype)[:256]
+    batch = original.inputs[0].shape[0]  # a model built for a fixed batch (batch_size=1) runs in those batches
+    step = batch or len(x)
+    count = (len(x) // step) * step
+    if count == 0:
+        raise Keras3Error(f"Comparing the tf_keras translation of {original.name!r} needs at least {step} input "
+                          f"samples (its fixed batch size). Received: {len(x)} samples")
+    x = x[:count]
+    ours_parts, theirs_parts = [], []
+    for start in range(0, count, step):
+        chunk = tf.constant(x[start:start + step])
+        ours_parts.append([np.asarray(v) for v in _as_list(translation.model(chunk, training=False))])
+        out = original(chunk, training=False)
+        out = [out[n] for n in output_names(original)] if isinstance(out, dict) else _as_list(out)
+        theirs_parts.append([np.asarray(v) for v in out])
+    ours = [np.concatenate(parts) for parts in zip(*ours_parts)]
+    theirs = [np.concatenate(parts) for parts in zip(*theirs_parts)]
     worst = 0.0
     for name, a, b in zip(output_names(original), theirs, ours):
-        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        a, b = a.astype(np.float64), b.astype(np.float64)
         error = float(np.max(np.abs(a - b))) if a.size else 0.0
         limit = EQUIVALENCE_TOLERANCE * max(1.0, float(np.max(np.abs(a))) if a.size else 1.0)
         if not error <= limit:

@@ -20,8 +20,8 @@ from tfcompress.conversion import fidelity
 from tfcompress.conversion.convert import IO_DTYPES, Mode
 
 _MODEL = flags.DEFINE_string("saved_model_dir", None, "SavedModel directory of the float model.")
-_KERAS_MODEL = flags.DEFINE_string("keras_model", None, "A .keras or .h5 tf_keras model file (instead of "
-                                   "--saved_model_dir).")
+_KERAS_MODEL = flags.DEFINE_string("keras_model", None, "A .keras or .h5 model file, tf_keras or Keras 3 "
+                                   "(instead of --saved_model_dir).")
 _CALIBRATION = flags.DEFINE_string("calibration_data", None, "Representative samples: .npz, .npy or a folder "
                                    "of PNG/JPEG images, drawn from the training split (see "
                                    "calibration_data/README.md). Needed by int8 and int16x8 unless QAT.")

@@ -25,7 +25,8 @@ from pipelines import _common
 from tfcompress.runs import optimize, optimize_config
 
 _MODEL = flags.DEFINE_string("saved_model_dir", None, "Keras SavedModel of the float model.")
-_KERAS_MODEL = flags.DEFINE_string("keras_model", None, "A .keras or .h5 model (instead of --saved_model_dir).")
+_KERAS_MODEL = flags.DEFINE_string("keras_model", None, "A .keras or .h5 model, tf_keras or Keras 3 (instead of "
+                                   "--saved_model_dir; a Keras 3 one is translated to tf_keras for training).")
 _TRAIN = flags.DEFINE_string("train_data", None, "Training .npz (validation is cut from its end).", required=True)
 _TRAIN_KEY = flags.DEFINE_string("train_key", "x_train", "Samples array inside --train_data.")
 _TRAIN_LABELS_KEY = flags.DEFINE_string("train_labels_key", "y_train", "Labels array inside --train_data; for a "

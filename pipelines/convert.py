@@ -22,6 +22,8 @@ from tfcompress.conversion.convert import IO_DTYPES, Mode
 _MODEL = flags.DEFINE_string("saved_model_dir", None, "SavedModel directory of the float model.")
 _KERAS_MODEL = flags.DEFINE_string("keras_model", None, "A .keras or .h5 model file, tf_keras or Keras 3 "
                                    "(instead of --saved_model_dir).")
+_TRUST_MODEL = flags.DEFINE_bool("trust_model", False, "Load a model file even if it holds code (Lambda layers, "
+                                  "unregistered custom layers): only for files you trust.")
 _CALIBRATION = flags.DEFINE_string("calibration_data", None, "Representative samples: .npz, .npy or a folder "
                                    "of PNG/JPEG images, drawn from the training split (see "
                                    "calibration_data/README.md). Needed by int8 and int16x8 unless QAT.")
@@ -71,6 +73,7 @@ def main(argv: list[str]) -> None:
         output_dir=_OUTPUT.value,
         saved_model_dir=_MODEL.value,
         keras_model=_KERAS_MODEL.value,
+        trust_model=_TRUST_MODEL.value,
         calibration_data=_CALIBRATION.value,
         calibration_key=_CALIBRATION_KEY.value,
         eval_data=_EVAL.value,

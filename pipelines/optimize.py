@@ -27,6 +27,8 @@ from tfcompress.runs import optimize, optimize_config
 _MODEL = flags.DEFINE_string("saved_model_dir", None, "Keras SavedModel of the float model.")
 _KERAS_MODEL = flags.DEFINE_string("keras_model", None, "A .keras or .h5 model, tf_keras or Keras 3 (instead of "
                                    "--saved_model_dir; a Keras 3 one is translated to tf_keras for training).")
+_TRUST_MODEL = flags.DEFINE_bool("trust_model", False, "Load a model file even if it holds code (Lambda layers, "
+                                  "unregistered custom layers): only for files you trust.")
 _TRAIN = flags.DEFINE_string("train_data", None, "Training .npz (validation is cut from its end).", required=True)
 _TRAIN_KEY = flags.DEFINE_string("train_key", "x_train", "Samples array inside --train_data.")
 _TRAIN_LABELS_KEY = flags.DEFINE_string("train_labels_key", "y_train", "Labels array inside --train_data; for a "
@@ -105,7 +107,8 @@ def main(argv: list[str]) -> None:
     del argv
     result = optimize.run_optimize(optimize.OptimizeConfig(
         output_dir=_OUTPUT.value, train_data=_TRAIN.value, saved_model_dir=_MODEL.value,
-        keras_model=_KERAS_MODEL.value, train_key=_TRAIN_KEY.value, train_labels_key=_TRAIN_LABELS_KEY.value,
+        keras_model=_KERAS_MODEL.value, trust_model=_TRUST_MODEL.value, train_key=_TRAIN_KEY.value,
+        train_labels_key=_TRAIN_LABELS_KEY.value,
         validation_fraction=_VALIDATION.value, eval_data=_EVAL.value, eval_key=_EVAL_KEY.value,
         eval_labels_key=_EVAL_LABELS_KEY.value, eval_output=_EVAL_OUTPUT.value, input_scale=_SCALE.value,
         input_offset=_OFFSET.value,

@@ -274,6 +274,7 @@ class DebugConfig:
 
     saved_model_dir: str | None = None
     keras_model: str | None = None
+    trust_model: bool = False  # load model files that hold code (Lambda, unregistered custom layers)
     calibration_data: str | None = None
     calibration_key: str | None = None
     input_scale: float = 1.0
@@ -313,7 +314,7 @@ def run_debug(config: DebugConfig) -> QuantizationDebugResult:
         output_dir, created = prepare_output_dir(config.output_dir, (JSON_FILENAME, CSV_FILENAME),
                                                  config.overwrite)
     try:
-        model = load_model(config.model_source)
+        model = load_model(config.model_source, trust_model=config.trust_model)
         samples = calibration.load_calibration_data(
             config.calibration_data, model.input_shape, key=config.calibration_key,
             num_samples=config.num_calibration_samples, seed=config.seed,

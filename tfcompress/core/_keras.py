@@ -43,6 +43,19 @@ def restore_user_choice() -> None:
         os.environ["TF_USE_LEGACY_KERAS"] = _USER_CHOICE
 
 
+def keras_saved_metadata(path: str) -> list[dict]:
+    """The layer records a tf_keras SavedModel keeps in `keras_metadata.pb` (class name, name, config), as
+    dicts, read without loading the model."""
+    import json
+
+    from tf_keras.protobuf import saved_metadata_pb2
+
+    metadata = saved_metadata_pb2.SavedMetadata()
+    with open(os.path.join(path, "keras_metadata.pb"), "rb") as f:
+        metadata.ParseFromString(f.read())
+    return [json.loads(node.metadata) for node in metadata.nodes if node.metadata]
+
+
 def keras3():
     """Keras 3 (the `keras` package, TensorFlow backend), imported on first use.
 
@@ -61,4 +74,4 @@ def is_keras3(obj) -> bool:
     return layer is not None and isinstance(obj, layer)
 
 
-__all__ = ["tf", "keras", "keras3", "is_keras3"]
+__all__ = ["tf", "keras", "keras3", "is_keras3", "keras_saved_metadata"]

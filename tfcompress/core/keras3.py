@@ -98,9 +98,9 @@ def exported_by_keras3(loaded) -> bool:
     return hasattr(loaded, "_all_variables") and hasattr(loaded, "_misc_assets")
 
 
-def load_keras3_file(path: str):
-    """Loads a Keras 3 `.keras`/`.h5` file with Keras 3 (uncompiled)."""
-    return keras3().saving.load_model(path, compile=False)
+def load_keras3_file(path: str, safe_mode: bool = True):
+    """Loads a Keras 3 `.keras`/`.h5` file with Keras 3 (uncompiled; `safe_mode` refuses Lambda code)."""
+    return keras3().saving.load_model(path, compile=False, safe_mode=safe_mode)
 
 
 def check_usable(model, what: str = "model", backend: str | None = None) -> None:

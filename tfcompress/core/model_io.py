@@ -18,6 +18,7 @@ import numpy as np
 from tfcompress.core import keras3 as keras3_io
 from tfcompress.core._keras import is_keras3, keras, tf
 from tfcompress.core.errors import ModelLoadError
+from tfcompress.core.model_safety import check_model_file
 from tfcompress.core.progress import progress
 
 _QAT_LAYER_NAMES = frozenset({"QuantizeWrapper", "QuantizeWrapperV2", "QuantizeLayer"})
@@ -97,15 +98,19 @@ def model_source(saved_model_dir: str | None, keras_model: str | None) -> str:
     return saved_model_dir if saved_model_dir is not None else keras_model
 
 
-def load_model(source: Any) -> FloatModel:
+def load_model(source: Any, trust_model: bool = False) -> FloatModel:
     """Loads a float model from a SavedModel directory, a `.keras`/`.h5` file or a model object.
 
     Either Keras: a tf_keras (Keras 2) or Keras 3 model object, a `.keras`/`.h5` file either wrote (told apart
     by the version the file records), a tf_keras SavedModel, a Keras 3 `model.export()` SavedModel, or any
     SavedModel with a serving signature. Keras 3 models must be on the TensorFlow backend.
 
+    A model file's saved configuration is read first: `Lambda` layers (whose code Keras would run while
+    loading) and unregistered custom layers are refused, naming each, unless `trust_model` (`--trust_model`).
+
     Args:
         source: a path (str or PathLike) or a Keras model.
+        trust_model: the user vouches for the file: load it even if it holds code (Keras' `safe_mode` off).
 
     Raises:
         ModelLoadError: missing path, unknown format, or a file TensorFlow cannot read.
@@ -129,8 +134,10 @@ def load_model(source: Any) -> FloatModel:
     if path.endswith((".keras", ".h5", ".hdf5")):
         version = keras3_io.file_keras_version(path)
         suffix = os.path.splitext(path)[1]
+        check_model_file(path, trust_model)  # before Keras deserializes anything
         try:
-            model = keras3_io.load_keras3_file(path) if version == 3 else _load_keras_file(path)
+            model = (keras3_io.load_keras3_file(path, safe_mode=not trust_model) if version == 3
+                     else _load_keras_file(path, safe_mode=not trust_model))
         except Exception as e:
             writer = "Keras 3" if version == 3 else "tf_keras (Keras 2)" if version == 2 else "Keras"
             raise ModelLoadError(
@@ -146,11 +153,11 @@ def load_model(source: Any) -> FloatModel:
     )
 
 
-def _load_keras_file(path: str):
+def _load_keras_file(path: str, safe_mode: bool = True):
     import tensorflow_model_optimization as tfmot  # QAT models need tfmot's custom objects
 
     with tfmot.quantization.keras.quantize_scope():
-        return keras.models.load_model(path, compile=False)
+        return keras.models.load_model(path, compile=False, safe_mode=safe_mode)
 
 
 def _from_keras(model, source: str, kind: str, keras_version: int = 2) -> FloatModel:

@@ -229,7 +229,8 @@ def _ptq_calibration(config: OptimizeConfig, stages_dir: str, split: int) -> tup
 
 def _converted(candidate: Candidate, config: OptimizeConfig, directory: str, splits: Splits) -> Candidate:
     converted = run_convert(ConvertPipelineConfig(
-        output_dir=os.path.join(directory, candidate.name), keras_model=candidate.source, mode=config.mode,
+        output_dir=os.path.join(directory, candidate.name), keras_model=candidate.source,
+        trust_model=config.trust_model, mode=config.mode,
         calibration_data=candidate.calibration_data, calibration_key=candidate.calibration_key,
         input_scale=config.input_scale, input_offset=config.input_offset,
         num_calibration_samples=config.num_calibration_samples, seed=config.seed, overwrite=True,

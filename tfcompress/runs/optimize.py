@@ -45,6 +45,7 @@ from tfcompress.training.distill import Distiller
 from tfcompress.core.errors import CalibrationDataError, ModelLoadError, OutputPathError
 from tfcompress.training.factorize import FactorizeResult, factorize
 from tfcompress.core.model_io import FloatModel, load_model, model_source
+from tfcompress.core.model_safety import check_model_file
 from tfcompress.runs import candidates
 from tfcompress.runs.pipeline import MICRO_DIRNAME, ConvertPipelineConfig, run_convert
 from tfcompress.training.prune import PruningCallback, prune, strip
@@ -120,7 +121,7 @@ def run_optimize(config: OptimizeConfig) -> OptimizeResult:
     stages_dir = os.path.join(output_dir, "stages")
     state = _load_state(stages_dir, config)
     resumed_after = state["completed"][-1]["stage"] if state["completed"] else None
-    model = _resume_model(state)
+    model = _resume_model(state, config.trust_model)
     if model is None:
         model = inputs.float_model
         _complete(state, stages_dir, "float", model, inputs, seconds=0.0)
@@ -162,7 +163,7 @@ def _hand_back_keras3(inputs: _Inputs, state: dict, output_dir: str) -> str | No
     kept = [s for s in state["completed"] if s["stage"] in ("prune", "cluster")]
     if not kept:
         return None
-    plain = _to_keras(load_model(kept[-1]["artefact"]))
+    plain = _to_keras(load_model(kept[-1]["artefact"], trust_model=inputs.config.trust_model))
     handed = keras3_io.to_keras3(plain, like=inputs.source.keras_model)
     path = os.path.join(output_dir, KERAS3_FILENAME)
     partial = os.path.join(output_dir, f".partial.{os.getpid()}.{KERAS3_FILENAME}")
@@ -198,7 +199,8 @@ def _convert_stage(inputs: _Inputs, state: dict, stages_dir: str, output_dir: st
         source, calibration_data, calibration_key = shipped.source, shipped.calibration_data, shipped.calibration_key
         tflite = shipped.tflite  # converted from these very settings: verified with the gates, not redone
     converted = run_convert(ConvertPipelineConfig(
-        output_dir=os.path.join(stages_dir, "convert"), keras_model=source, mode=config.mode,
+        output_dir=os.path.join(stages_dir, "convert"), keras_model=source, trust_model=config.trust_model,
+        mode=config.mode,
         calibration_data=calibration_data, calibration_key=calibration_key,
         eval_data=config.eval_data, eval_key=config.eval_key, eval_labels_key=config.eval_labels_key,
         eval_output=config.eval_output, input_scale=config.input_scale, input_offset=config.input_offset,
@@ -393,8 +395,8 @@ def _fine_tune(model, inputs: _Inputs, epochs: int, callbacks=()) -> None:
 
 def _check_inputs(config: OptimizeConfig) -> _Inputs:
     """Loads the model, data and teacher and tries each stage's settings on the model, writing nothing."""
-    source = load_model(model_source(config.saved_model_dir, config.keras_model))
-    float_model, translation = _translated(source)
+    source = load_model(model_source(config.saved_model_dir, config.keras_model), trust_model=config.trust_model)
+    float_model, translation = _translated(source, config.trust_model)
     names = tuple(float_model.output_names)
     if len(names) > 1 and config.distill_from is not None:
         raise ValueError(f"--distill_from distils one output's logits; {float_model.name} has {len(names)} "
@@ -442,8 +444,8 @@ def _check_inputs(config: OptimizeConfig) -> _Inputs:
 def _load_teacher(config: OptimizeConfig, student, x_train: np.ndarray):
     if config.distill_from is None:
         return None
-    loaded = load_model(config.distill_from)
-    teacher, translation = _translated(loaded)
+    loaded = load_model(config.distill_from, trust_model=config.trust_model)
+    teacher, translation = _translated(loaded, config.trust_model)
     if translation is not None:
         keras3_io.check_equivalent(loaded.keras_model, translation, x_train, "training inputs")
     for role, model in (("teacher (--distill_from)", teacher), ("model to optimize", student)):
@@ -509,25 +511,25 @@ def _load_state(stages_dir: str, config: OptimizeConfig) -> dict:
     return {"fingerprint": fingerprint, "completed": []}
 
 
-def _resume_model(state: dict):
+def _resume_model(state: dict, trust_model: bool = False):
     if not state["completed"]:
         return None
     artefact = state["completed"][-1]["artefact"]
     try:
-        return _to_keras(load_model(artefact))
+        return _to_keras(load_model(artefact, trust_model=trust_model), trust_model)
     except ModelLoadError as e:
         raise OutputPathError(f"Cannot resume from {artefact} ({e}). Pass --overwrite to start over.") from None
 
 
-def _translated(model: FloatModel):
+def _translated(model: FloatModel, trust_model: bool = False):
     """(tf_keras model, its `Translation` when it was translated from Keras 3, else None)."""
     if model.is_keras3 and model.keras_model is not None:
         translation = keras3_io.to_tf_keras(model.keras_model, stage="optimize's training stages")
         return translation.model, translation
-    return _to_keras(model), None
+    return _to_keras(model, trust_model), None
 
 
-def _to_keras(model):
+def _to_keras(model, trust_model: bool = False):
     if model.keras_model is not None:
         return model.keras_model
     if model.is_keras3:
@@ -540,6 +542,7 @@ def _to_keras(model):
     loaded = None
     # tf_keras writes keras_metadata.pb beside saved_model.pb; without it there is no Keras model to load.
     if os.path.isfile(os.path.join(model.saved_model_dir, "keras_metadata.pb")):
+        check_model_file(model.saved_model_dir, trust_model)  # rebuilding the Keras layers may run their code
         try:
             loaded = keras.models.load_model(model.saved_model_dir, compile=False)
         except Exception:  # a SavedModel that is not a Keras one: Keras may refuse it ...

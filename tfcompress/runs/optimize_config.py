@@ -31,6 +31,7 @@ class OptimizeConfig:
     train_data: str
     saved_model_dir: str | None = None
     keras_model: str | None = None
+    trust_model: bool = False  # load model files that hold code (Lambda, unregistered custom layers)
     train_key: str = "x_train"
     train_labels_key: str = "y_train"
     validation_fraction: float = 0.1
@@ -181,6 +182,7 @@ class OptimizeConfig:
                                              "factorize_layers": sorted(self.factorize_layers)}
         if self.loss == "auto":  # the default: fingerprints of runs made before --loss existed still match
             values.pop("loss")
+        values.pop("trust_model")  # says whether files may be loaded, not how stages are made
         for name in ("qat_distill", "qat_freeze_bn"):  # likewise for the QAT options, when off
             if not values[name]:
                 values.pop(name)

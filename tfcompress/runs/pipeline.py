@@ -64,6 +64,7 @@ class ConvertPipelineConfig:
     output_dir: str
     saved_model_dir: str | None = None
     keras_model: str | None = None
+    trust_model: bool = False  # load model files that hold code (Lambda, unregistered custom layers)
     calibration_data: str | None = None
     calibration_key: str | None = None
     eval_data: str | None = None
@@ -163,7 +164,7 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
     timings = {}
 
     start = time.perf_counter()
-    model = load_model(config.model_source)
+    model = load_model(config.model_source, trust_model=config.trust_model)
     samples = held_out = None
     if config.calibration_data is not None and (convert_config.needs_calibration or config.eval_data is None):
         # Without evaluation data, calibration-source samples that calibration does not use are held out,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+import warnings
 
 import numpy as np
 
@@ -129,7 +130,9 @@ def _convert(model: FloatModel, config: ConvertConfig, calibration_samples: np.n
             converter.inference_input_type = _TF_DTYPES[config.io_dtype]
             converter.inference_output_type = _TF_DTYPES[config.io_dtype]
     error = None
-    with native_output_captured() as native_log:
+    with native_output_captured() as native_log, warnings.catch_warnings():
+        # Said on every uint8/int8-I/O conversion: the input statistics come from calibration, as intended.
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
         try:
             flatbuffer = converter.convert()
         except Exception as e:  # the converter raises several unrelated types

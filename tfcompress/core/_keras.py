@@ -15,7 +15,10 @@ import sys
 # reads it, and `restore_user_choice` puts the user's value back. tfcompress uses `tf_keras` by name either way.
 _USER_CHOICE = os.environ.get("TF_USE_LEGACY_KERAS")
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ log (`E0000 ... NodeDef mentions attribute use_unbounded_threadpool ...` from tf_keras'
+# tf.data ops, measured in `make demo`) reads as an error to a person and is not one: off unless the user set the
+# level or a pipeline runs with --verbose.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if "--verbose" in sys.argv[1:] else "3")
 
 from tfcompress.core._native import native_output_captured  # noqa: E402  (after the variables above)
 

@@ -167,6 +167,7 @@ def _from_keras(model, source: str, kind: str, keras_version: int = 2) -> FloatM
             "Build the model with one Input (subclassed models: call it once on data first)."
         )
     shape = tuple(model.inputs[0].shape)
+    _check_fixed_shape(shape, source)
     layers = model._flatten_layers() if keras_version == 3 else model.submodules
     qat = any(type(layer).__name__ in _QAT_LAYER_NAMES for layer in layers)
     return FloatModel(source=str(source), input_shape=shape, is_quantization_aware=qat, keras_model=model,
@@ -199,6 +200,7 @@ def _from_saved_model(path: str) -> FloatModel:
             f"SavedModel {path} has {len(kwargs)} inputs; tfcompress converts single-input models."
         )
     (name, spec), = kwargs.items()
+    _check_fixed_shape(tuple(spec.shape), path)
     if os.path.isfile(os.path.join(path, "keras_metadata.pb")):
         version, kind = 2, "tf_keras SavedModel"
     elif keras3_io.exported_by_keras3(loaded):
@@ -219,6 +221,17 @@ def _from_saved_model(path: str) -> FloatModel:
         keras_version=version,
         kind=kind,
     )
+
+
+def _check_fixed_shape(shape: tuple, source: str) -> None:
+    dynamic = [i for i, d in enumerate(shape) if i > 0 and d is None]
+    if dynamic:
+        fixed = tuple(d if d is not None else "N" for d in shape[1:])
+        raise ModelLoadError(
+            f"Model {source} has an input of shape {shape} whose dimension(s) {', '.join(map(str, dynamic))} are not "
+            "fixed: int8 calibration and microcontroller arenas need every size but the batch. Rebuild the model "
+            f"with keras.Input({fixed}) filled in (the weights carry over)."
+        )
 
 
 def _first_line(error: Exception) -> str:

@@ -92,7 +92,10 @@ def _saved_config(path: str):
         with h5py.File(path, "r") as f:
             config = f.attrs.get("model_config")
             if config is None:
-                return None  # no model in it: the loader says so
+                raise ModelLoadError(
+                    f"{path} holds no model (no model_config in the file: it is empty, or holds weights only from "
+                    "save_weights). Save the whole model with model.save(...)."
+                )
             return json.loads(config.decode() if isinstance(config, bytes) else config)
     except (OSError, KeyError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,184 @@
+"""Every bad input of every verb, in one table: exit 2, one line naming the cause and the fix, no traceback, and
+nothing written. Each verb's cases run in one process (`tests/bad_input_driver.py`), as the console script would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import CALIBRATION, MNIST, ROOT
+
+from tfcompress.conversion.convert import ConvertConfig, convert
+from tfcompress.core._keras import keras, keras3
+from tfcompress.core.model_io import load_model
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Small bad (and good) inputs, made once: models, data, flatbuffers."""
+    root = tmp_path_factory.mktemp("bad")
+    keras.utils.set_random_seed(0)
+    tiny = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(4, 3), keras.layers.Flatten(),
+                             keras.layers.Dense(10)], name="tiny")
+    tiny.save(root / "tiny.keras")
+    a, b = keras.Input((28, 28, 1)), keras.Input((4,))
+    flat = keras.layers.Flatten()(a)
+    keras.Model([a, b], keras.layers.Dense(10)(keras.layers.Concatenate()([flat, b]))).save(root / "two_inputs.keras")
+    keras.Sequential([keras.Input((None, None, 1)), keras.layers.Conv2D(4, 3), keras.layers.GlobalAveragePooling2D(),
+                      keras.layers.Dense(10)]).save(root / "dynamic.keras")
+    keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Lambda(lambda x: x * 2.0, name="double"),
+                      keras.layers.Flatten(), keras.layers.Dense(10)]).save(root / "lambda.h5")
+    import h5py
+
+    h5py.File(root / "empty.h5", "w").close()
+    (root / "notes.txt").write_text("not a model")
+    k3 = keras3()
+    k3_inputs = k3.Input((28, 28, 1))
+    k3.Model(k3_inputs, k3.layers.Dense(10)(k3.layers.Flatten()(k3_inputs))).export(str(root / "k3_export"),
+                                                                                     verbose=False)
+    with np.load(MNIST) as d:
+        x, y = d["x_test"][:100], d["y_test"][:100]
+        np.savez(root / "train.npz", x_train=d["x_train"][:256], y_train=d["y_train"][:256])
+    np.savez(root / "eval_bad_labels.npz", x_test=x, y_test=y + 20)
+    with_nan = x.astype(np.float32)
+    with_nan[3, 5, 5] = np.nan
+    np.savez(root / "eval_nan.npz", x_test=with_nan, y_test=y)
+    objects = np.empty(2, dtype=object)
+    objects[0], objects[1] = {"a": 1}, [1]
+    np.savez(root / "object.npz", x=objects)
+    np.save(root / "empty.npy", np.zeros((0, 28, 28, 1), np.float32))
+    np.save(root / "wrong_shape.npy", np.zeros((8, 5, 5), np.float32))
+    from PIL import Image
+
+    (root / "no_images").mkdir()
+    (root / "no_images" / "readme.txt").write_text("x")
+    (root / "mixed").mkdir()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(root / "mixed" / "a.png")
+    Image.fromarray(np.zeros((32, 30), np.uint8)).save(root / "mixed" / "b.png")
+    float_tflite = convert(load_model(str(root / "tiny.keras")), ConvertConfig("float32"))
+    (root / "float.tflite").write_bytes(float_tflite)
+    (root / "garbage.tflite").write_bytes(b"\x00" * 64)
+    (root / "truncated.tflite").write_bytes(float_tflite[: len(float_tflite) // 3])
+    (root / "labels.txt").write_text("a\nb\n")
+    return root
+
+
+CAL = [f"--calibration_data={CALIBRATION}", "--calibration_key=x"]
+
+# verb -> (case, arguments with {root} for the fixture directory, what the one line must say)
+CASES = {
+    "convert": [
+        ("no model", [*CAL], "Give exactly one model: --saved_model_dir or --keras_model"),
+        ("two models", ["--keras_model={root}/tiny.keras", "--saved_model_dir={root}/k3_export", *CAL],
+         "Give exactly one model"),
+        ("missing model", ["--keras_model={root}/absent.keras", *CAL], "Model not found"),
+        ("unknown format", ["--keras_model={root}/notes.txt", *CAL], "Unknown model format"),
+        ("empty .h5", ["--keras_model={root}/empty.h5", *CAL], "holds no model (no model_config"),
+        ("Lambda layer", ["--keras_model={root}/lambda.h5", *CAL], "Lambda layer(s) 'double'"),
+        ("two inputs", ["--keras_model={root}/two_inputs.keras", *CAL], "has 2 inputs"),
+        ("dynamic non-batch dimensions", ["--keras_model={root}/dynamic.keras", *CAL], "are not fixed"),
+        ("missing calibration", ["--keras_model={root}/tiny.keras", "--calibration_data={root}/absent.npz"],
+         "not found"),
+        ("pickled object array", ["--keras_model={root}/tiny.keras", "--calibration_data={root}/object.npz",
+                                  "--calibration_key=x"], "pickled object array"),
+        ("empty calibration array", ["--keras_model={root}/tiny.keras", "--calibration_data={root}/empty.npy"],
+         "is empty (shape (0, 28, 28, 1), 0 samples)"),
+        ("calibration of the wrong shape", ["--keras_model={root}/tiny.keras",
+                                            "--calibration_data={root}/wrong_shape.npy"],
+         "dimension 1 is 5, expected 28"),
+        ("image folder without images", ["--keras_model={root}/tiny.keras", "--calibration_data={root}/no_images"],
+         "holds no PNG/JPEG images"),
+        ("images of mixed sizes", ["--keras_model={root}/tiny.keras", "--calibration_data={root}/mixed"],
+         "is 32x30 (height x width) but a.png is 28x28"),
+        ("calibration key not given", ["--keras_model={root}/tiny.keras", f"--calibration_data={CALIBRATION}"],
+         "no key was given"),
+        ("eval labels outside the classes", ["--keras_model={root}/tiny.keras", *CAL,
+                                             "--eval_data={root}/eval_bad_labels.npz"], "outside the 10 classes"),
+        ("NaN in eval data", ["--keras_model={root}/tiny.keras", *CAL, "--eval_data={root}/eval_nan.npz"],
+         "contain 1 NaN"),
+        ("unknown mode", ["--keras_model={root}/tiny.keras", *CAL, "--mode=int3"], "--mode"),
+        ("accuracy drop in points", ["--keras_model={root}/tiny.keras", *CAL, "--max_accuracy_drop=5"],
+         "max_accuracy_drop"),
+        ("output dir is a file", ["--keras_model={root}/tiny.keras", *CAL, "--output_dir={root}/notes.txt"],
+         "is a file, not a directory"),
+        ("unexpected argument", ["--keras_model={root}/tiny.keras", *CAL, "extra"], "unexpected arguments"),
+    ],
+    "optimize": [
+        ("nothing to optimize", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz"],
+         "Nothing to optimize"),
+        ("missing training data", ["--keras_model={root}/tiny.keras", "--train_data={root}/absent.npz", "--prune"],
+         "not found"),
+        ("Keras 3 export() SavedModel", ["--saved_model_dir={root}/k3_export", "--train_data={root}/train.npz",
+                                         "--prune"], "Keras 3 model.export() SavedModel"),
+        ("sparsity out of range", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz", "--prune",
+                                   "--final_sparsity=1.5"], "final_sparsity"),
+        ("labels key count", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz", "--prune",
+                              "--train_labels_key=y_train,y_train"], "names 2 labels array(s)"),
+        ("Lambda layer", ["--keras_model={root}/lambda.h5", "--train_data={root}/train.npz", "--prune"],
+         "Lambda layer(s) 'double'"),
+    ],
+    "export": [
+        ("missing .tflite", ["--tflite={root}/absent.tflite"], "not found"),
+        ("not a flatbuffer", ["--tflite={root}/garbage.tflite"], "not a TFLite flatbuffer"),
+        ("truncated flatbuffer", ["--tflite={root}/truncated.tflite"], ".tflite"),
+        ("float model", ["--tflite={root}/float.tflite"], "float"),
+        ("missing labels file", ["--tflite={root}/float.tflite", "--labels={root}/absent.txt"], "absent.txt"),
+    ],
+    "inspect": [
+        ("missing .tflite", ["--tflite={root}/absent.tflite"], "not found"),
+        ("not a flatbuffer", ["--tflite={root}/garbage.tflite"], "not a TFLite flatbuffer"),
+        ("truncated flatbuffer", ["--tflite={root}/truncated.tflite"], ".tflite"),
+    ],
+    "debug": [
+        ("no calibration data", ["--keras_model={root}/tiny.keras"], "--calibration_data"),
+        ("Lambda layer", ["--keras_model={root}/lambda.h5", *CAL], "Lambda layer(s) 'double'"),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def answers(files, tmp_path_factory):
+    """Each verb's cases through the driver; every case gets its own fresh --output_dir (where the verb has one)."""
+    work = tmp_path_factory.mktemp("answers")
+    results = {}
+    processes = {}
+    for verb, cases in CASES.items():
+        argument_lists = []
+        for i, (_, arguments, _) in enumerate(cases):
+            argv = [a.replace("{root}", str(files)) for a in arguments]
+            if verb != "inspect" and not any(a.startswith("--output_dir=") for a in argv):
+                argv.append(f"--output_dir={work}/{verb}{i}")
+            argument_lists.append([*argv, "--noprogress"])
+        path = work / f"{verb}.json"
+        path.write_text(json.dumps(argument_lists))
+        processes[verb] = subprocess.Popen([sys.executable, "tests/bad_input_driver.py", verb, str(path)], cwd=ROOT,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for verb, process in processes.items():
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-3000:]
+        results[verb] = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return results, work
+
+
+@pytest.mark.parametrize("verb, index", [(verb, i) for verb, cases in CASES.items() for i in range(len(cases))],
+                         ids=[f"{verb}: {case[0]}" for verb, cases in CASES.items() for case in cases])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(answers, verb, index):
+    results, work = answers
+    name, _, expected = CASES[verb][index]
+    answer = results[verb][index]
+    lines = [line for line in answer["stderr"].splitlines() if line.strip()]
+    assert answer["code"] == 2, answer
+    assert len(lines) == 1, answer["stderr"]
+    assert lines[0].startswith(f"tfcompress {verb}: error: "), lines[0]
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in answer["stderr"]
+    assert not os.path.exists(work / f"{verb}{index}"), f"{name}: wrote {os.listdir(work / f'{verb}{index}')}"
+
+
+def test_the_table_covers_every_verb_that_reads_user_files():
+    assert set(CASES) == {"convert", "optimize", "export", "inspect", "debug"}
+    assert sum(len(cases) for cases in CASES.values()) >= 35

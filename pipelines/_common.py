@@ -1,12 +1,14 @@
 """What every pipeline script shares: exit codes, one-line errors, and the `tfcompress <verb>` entry.
 
-Exit codes: 0 success, 1 verification failed, 2 bad arguments or input. Errors print one line naming
-the cause and the fix; `--verbose` adds the traceback and any converter log.
+Exit codes: 0 success, 1 verification failed, 2 bad arguments or input (also: the output directory is in
+use by another run, or the disk is full). Errors print one line naming the cause and the fix; `--verbose`
+adds the traceback and any converter log.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -76,6 +78,9 @@ def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> Non
     `--help` prints the script's flags and exits 0.
     """
     argv = list(sys.argv if argv is None else argv)
+    # A file-size limit (ulimit -f) kills with SIGXFSZ by default; ignored, the write fails with EFBIG instead and
+    # the run ends with one line naming the file (OutputPathError), its temporary file removed.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     # A script may name one flag that a bare argument fills (`tfcompress inspect model.tflite`).
     positional = getattr(sys.modules[main.__module__], "POSITIONAL_FLAG", None)
     bare = [arg for i, arg in enumerate(argv[1:], 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -216,6 +217,10 @@ def test_keras3_file_through_optimize_prune_qat_and_convert_micro(keras3_files, 
          "--calibration_key=x", "--target=micro", f"--output_dir={tmp_path}/convert", *common])
     assert optimize.returncode == 0, optimize.stderr[-3000:]
     assert micro.returncode == 0, micro.stderr[-3000:]
+    for done in (optimize, micro):  # what a person reads: no warnings, no TensorFlow C++ log lines
+        noise = [line for line in (done.stdout + done.stderr).splitlines()
+                 if re.search(r"^[EWF]\d{4} |Warning|^WARNING", line)]
+        assert not noise, noise[:5]
     report = json.loads(open(tmp_path / "optimize" / "report.json").read())
     assert report["input_model"]["kind"] == "Keras 3 model (.keras file)"
     translation = report["input_model"]["translation"]

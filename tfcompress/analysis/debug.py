@@ -28,7 +28,7 @@ import numpy as np
 from tfcompress.conversion import calibration
 from tfcompress.core._keras import tf
 from tfcompress.core._native import native_output_captured
-from tfcompress.core.artefacts import prepare_output_dir, remove_if_empty, write_atomic, write_json
+from tfcompress.core.artefacts import output_lock, prepare_output_dir, remove_if_empty, write_atomic, write_json
 from tfcompress.core.errors import ConversionError, InputError, NotFullyQuantizedError
 from tfcompress.core.model_io import FloatModel, load_model, model_source
 from tfcompress.core.tflite_model import read_tflite
@@ -326,6 +326,7 @@ def run_debug(config: DebugConfig) -> QuantizationDebugResult:
             remove_if_empty(output_dir)
         raise
     if output_dir is not None:
-        write_json(os.path.join(output_dir, JSON_FILENAME), to_json(result))
-        write_atomic(os.path.join(output_dir, CSV_FILENAME), to_csv(result).encode())
+        with output_lock(output_dir, "tfcompress debug"):
+            write_json(os.path.join(output_dir, JSON_FILENAME), to_json(result))
+            write_atomic(os.path.join(output_dir, CSV_FILENAME), to_csv(result).encode())
     return result

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+import warnings
 
 import numpy as np
 
@@ -37,7 +39,7 @@ from tfcompress.core import keras3 as keras3_io
 from tfcompress.core import progress
 from tfcompress.analysis import report as run_report
 from tfcompress.core._keras import keras
-from tfcompress.core.artefacts import prepare_output_dir, write_atomic, write_json
+from tfcompress.core.artefacts import atomic_path, output_lock, prepare_output_dir, write_atomic, write_json
 from tfcompress.training.cluster import distinct_values
 from tfcompress.training.cluster import cluster as cluster_weights
 from tfcompress.training.cluster import strip as strip_clustering
@@ -114,10 +116,18 @@ def run_optimize(config: OptimizeConfig) -> OptimizeResult:
         ValueError: settings that do not fit the model (layer names, a teacher of another output shape).
         ConversionError, VerificationError: from the final convert stage (no model.tflite is written).
         SparsityNotReachedError: pruning ended below its target.
+        OutputPathError: another run holds `output_dir`, stages made with other settings sit there, or the disk
+            is full (no partial file is left at a final path).
     """
     # Inputs and settings first, so that bad input leaves nothing behind; then the output location.
     inputs = _check_inputs(config)
     output_dir, _ = prepare_output_dir(config.output_dir, (), overwrite=True)
+    # One run per directory; the convert runs inside (stages/convert, stages/candidates) are covered by it.
+    with output_lock(output_dir, "tfcompress optimize"):
+        return _optimize(config, inputs, output_dir)
+
+
+def _optimize(config: OptimizeConfig, inputs: _Inputs, output_dir: str) -> OptimizeResult:
     stages_dir = os.path.join(output_dir, "stages")
     state = _load_state(stages_dir, config)
     resumed_after = state["completed"][-1]["stage"] if state["completed"] else None
@@ -166,13 +176,8 @@ def _hand_back_keras3(inputs: _Inputs, state: dict, output_dir: str) -> str | No
     plain = _to_keras(load_model(kept[-1]["artefact"], trust_model=inputs.config.trust_model))
     handed = keras3_io.to_keras3(plain, like=inputs.source.keras_model)
     path = os.path.join(output_dir, KERAS3_FILENAME)
-    partial = os.path.join(output_dir, f".partial.{os.getpid()}.{KERAS3_FILENAME}")
-    try:
+    with atomic_path(path) as partial:
         handed.save(partial)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
     return path
 
 
@@ -333,8 +338,32 @@ _CQAT_NOISE = ("Gradients do not exist for variables", "does not contain zero we
 
 
 class _DropMessages(logging.Filter):
+    def __init__(self, fragments=_CQAT_NOISE):
+        super().__init__()
+        self.fragments = fragments
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(fragment in record.getMessage() for fragment in _CQAT_NOISE)
+        return not any(fragment in record.getMessage() for fragment in self.fragments)
+
+
+# Stage files are HDF5 on purpose (see `_complete`); tf_keras says so on every save ("legacy format") and, for a
+# model compiled for the fine-tune, that its metrics are not built. Neither is a fault a person should read.
+_SAVE_NOISE = ("Compiled the loaded model, but the compiled metrics have yet to be built",)
+
+
+@contextlib.contextmanager
+def _quiet_save():
+    loggers = [logging.getLogger("tensorflow"), logging.getLogger()]
+    drop = _DropMessages(_SAVE_NOISE)
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="You are saving your model as an HDF5 file")
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
 
 
 @contextlib.contextmanager
@@ -506,9 +535,47 @@ def _load_state(stages_dir: str, config: OptimizeConfig) -> dict:
                 f"{stages_dir} holds stages made with other settings. Pass --overwrite to start over, or "
                 "choose another --output_dir."
             )
-        return state
+        return _checked(state)
     os.makedirs(stages_dir, exist_ok=True)
     return {"fingerprint": fingerprint, "completed": []}
+
+
+def _checksum(path: str) -> tuple[str, int]:
+    """(sha256 hex digest, size in bytes) of a stage file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest(), os.path.getsize(path)
+
+
+def _damage(entry: dict) -> str | None:
+    """Why a completed stage's recorded artefact cannot be resumed from (missing, truncated, changed), or None."""
+    path = entry["artefact"]
+    if not os.path.isfile(path):
+        return "is missing"
+    if "artefact_sha256" not in entry:  # recorded before stage files were checksummed: trusted as it is
+        return None
+    sha256, size = _checksum(path)
+    if size != entry["artefact_bytes"]:
+        return f"is truncated or resized ({size:,} bytes, {entry['artefact_bytes']:,} recorded)"
+    if sha256 != entry["artefact_sha256"]:
+        return "has changed since it was recorded (its sha256 differs)"
+    return None
+
+
+def _checked(state: dict) -> dict:
+    """`state` with the completed stages cut at the first one whose artefact is missing, truncated or corrupt:
+    that stage and every one after it run again (one log line says so)."""
+    for position, entry in enumerate(state["completed"]):
+        damage = _damage(entry)
+        if damage is not None:
+            redone = [e["stage"] for e in state["completed"][position:]]
+            logging.getLogger(__name__).warning(
+                "%s %s: redoing stage %s%s", entry["artefact"], damage, redone[0],
+                f" and those after it ({', '.join(redone[1:])})" if len(redone) > 1 else "")
+            return {**state, "completed": state["completed"][:position]}
+    return state
 
 
 def _resume_model(state: dict, trust_model: bool = False):
@@ -643,10 +710,12 @@ def _complete(state, stages_dir, stage, model, inputs: _Inputs, seconds, details
     # Without the optimizer: every stage compiles afresh, and the slots of layers rebuilt from a config
     # (factorize) can share a name, which HDF5 refuses.
     path = os.path.join(stages_dir, f"{stage}.h5")
-    model.save(path, include_optimizer=False)
+    with atomic_path(path) as partial, _quiet_save():  # whole or not at all: no truncated stage file
+        model.save(partial, include_optimizer=False)
+    sha256, size = _checksum(path)
     distilled = inputs.teacher is not None and stage in ("factorize", "prune", "cluster")
     state["completed"].append({
-        "stage": stage, "artefact": path,
+        "stage": stage, "artefact": path, "artefact_sha256": sha256, "artefact_bytes": size,
         **_stage_scores(model, inputs),
         "parameters": int(model.count_params()),
         "nonzero_parameters": int(sum(np.count_nonzero(w) for w in model.get_weights())),

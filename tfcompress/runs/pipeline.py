@@ -18,7 +18,7 @@ import numpy as np
 
 from tfcompress.core.version import __version__
 from tfcompress.conversion import calibration, fidelity
-from tfcompress.core.artefacts import prepare_output_dir, remove_if_empty, write_atomic, write_json
+from tfcompress.core.artefacts import output_lock, prepare_output_dir, remove_if_empty, write_atomic, write_json
 from tfcompress.analysis import debug
 from tfcompress.targets import export as micro_export
 from tfcompress.analysis import report as run_report
@@ -141,7 +141,8 @@ def run_convert(config: ConvertPipelineConfig, converted: TfliteModel | None = N
             conversion, which it replaces. The conversion is deterministic, so only the time differs.
 
     Raises:
-        InputError: bad model, data or output location (nothing is written).
+        InputError: bad model, data or output location (nothing is written); `OutputPathError` also when
+            another run holds `output_dir`, or the disk is full (no partial file is left at a final path).
         ConversionError: the model cannot be converted in the requested mode (nothing is written).
         VerificationError: a check failed; `report.json` records the failures and no `model.tflite`
             is left in `output_dir`.
@@ -150,7 +151,8 @@ def run_convert(config: ConvertPipelineConfig, converted: TfliteModel | None = N
     artefacts = (MODEL_FILENAME, REPORT_FILENAME, run_report.MARKDOWN) + ((MICRO_DIRNAME,) if config.target else ())
     output_dir, created = prepare_output_dir(config.output_dir, artefacts, config.overwrite)
     try:
-        return _convert_and_write(config, convert_config, output_dir, converted)
+        with output_lock(output_dir, "tfcompress convert"):  # a second run on this directory refuses
+            return _convert_and_write(config, convert_config, output_dir, converted)
     except (InputError, ConversionError, ValueError):
         if created:
             remove_if_empty(output_dir)

@@ -20,7 +20,7 @@ import numpy as np
 from tfcompress.core.version import __version__
 from tfcompress.conversion import calibration
 from tfcompress.targets import micro, tflm_check
-from tfcompress.core.artefacts import prepare_output_dir, remove_if_empty, write_atomic, write_json
+from tfcompress.core.artefacts import output_lock, prepare_output_dir, remove_if_empty, write_atomic, write_json
 from tfcompress.core.errors import InputError, VerificationError
 from tfcompress.core.tflite_model import Tensor, TfliteModel, TfliteSource, read_tflite
 from tfcompress.conversion.verify import quantize
@@ -260,25 +260,31 @@ def run_export(config: ExportConfig) -> ExportResult:
              "manifest.json") + ((f"{name}_vela.tflite",) if config.vela else ())
     output_dir, created = prepare_output_dir(config.output_dir, files, config.overwrite)
     try:
-        samples = sample_labels = None
-        if config.eval_data is not None:
-            shape = (None, *model.tensors[model.inputs[0]].shape[1:])
-            samples, sample_labels = calibration.load_labelled_data(
-                config.eval_data, shape, key=config.eval_key, labels_key=config.eval_labels_key,
-                scale=config.input_scale, offset=config.input_offset, limit=config.num_eval_samples)
-        inputs, described = micro_inputs(model, samples, config.seed)
-        export = build_micro_export(model, inputs, described, name=name, labels=labels,
-                                    compress=config.compress, source=config.tflite, eval_labels=sample_labels)
-        extra = {"notes": export.manifest["notes"] + ([note] if note else [])}
-        if config.vela:
-            from tfcompress.targets import vela
-
-            extra["vela"] = dataclasses.asdict(vela.compile_for_ethos_u(export.files[f"{name}.tflite"],
-                                                                        output_dir, name))
+        with output_lock(output_dir, "tfcompress export"):  # a second run on this directory refuses
+            return _export(config, model, name, note, labels, output_dir)
     except BaseException:
         if created:
             remove_if_empty(output_dir)
         raise
+
+
+def _export(config: ExportConfig, model: TfliteModel, name: str, note: str | None, labels: list[str] | None,
+            output_dir: str) -> ExportResult:
+    samples = sample_labels = None
+    if config.eval_data is not None:
+        shape = (None, *model.tensors[model.inputs[0]].shape[1:])
+        samples, sample_labels = calibration.load_labelled_data(
+            config.eval_data, shape, key=config.eval_key, labels_key=config.eval_labels_key,
+            scale=config.input_scale, offset=config.input_offset, limit=config.num_eval_samples)
+    inputs, described = micro_inputs(model, samples, config.seed)
+    export = build_micro_export(model, inputs, described, name=name, labels=labels,
+                                compress=config.compress, source=config.tflite, eval_labels=sample_labels)
+    extra = {"notes": export.manifest["notes"] + ([note] if note else [])}
+    if config.vela:
+        from tfcompress.targets import vela
+
+        extra["vela"] = dataclasses.asdict(vela.compile_for_ethos_u(export.files[f"{name}.tflite"],
+                                                                    output_dir, name))
     paths = write_micro_export(export, output_dir, overwrite=True, extra=extra)
     return ExportResult(output_dir, paths, {**export.manifest, **extra})
 

@@ -267,7 +267,7 @@ def check_tflite_case(data: bytes, path: str, counts: Counts, server: litert_pro
         counts.accepted += 1
     elif outcome.status == "refused":
         counts.litert_refused += 1
-        counts.refused["ModelLoadError (LiteRT refused)"] += 1
+        counts.refused["LiteRT refused (raised in the child)"] += 1
     elif outcome.status == "timeout":
         counts.timeouts += 1
     else:

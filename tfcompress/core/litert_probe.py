@@ -75,8 +75,7 @@ def check_user_file(model, path: str | os.PathLike, timeout_s: float = DEFAULT_T
     """Raises `ModelLoadError` unless `path` (already read and validated as `model`) runs once in a child.
 
     Raises:
-        ModelLoadError: the child crashed, timed out, or LiteRT refused the file with both its default
-            kernels and its builtin kernels without the XNNPACK delegate.
+        ModelLoadError: the child crashed (killed by a signal) or timed out.
     """
     from tfcompress.core.errors import ModelLoadError
 
@@ -93,8 +92,8 @@ def check_user_file(model, path: str | os.PathLike, timeout_s: float = DEFAULT_T
         raise ModelLoadError(
             f"{source}'s first LiteRT allocate_tensors() and invoke() gave {outcome.detail}: {_FIX}."
         )
-    if outcome.status == "refused":
-        raise ModelLoadError(f"LiteRT cannot run {source} ({outcome.detail}): {_FIX}.")
+    # A refusal ("refused": LiteRT raised) is safe in this process too: the caller's own run then reports it
+    # in its words (a failed verification check, TFLM's missing kernel), so only crashes and hangs stop here.
     _passed.add(model.sha256)
 
 

@@ -231,21 +231,25 @@ def run_litert(model: TfliteSource, inputs: np.ndarray, batch_size: int = 500, n
     """
     if isinstance(model, (str, os.PathLike)):
         model = litert_probe.read_user_tflite(model)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1. Received: batch_size={batch_size}")
+    # LiteRT raises RuntimeError for what its kernels refuse and ValueError for a model it cannot load
+    # ("The model is not a valid Flatbuffer buffer"): both are a model LiteRT cannot run.
     if reference_kernels:
         try:
             return LiteRTRun(_run_batches(_interpreter(model, num_threads, OpResolverType.BUILTIN_REF), inputs,
                                           batch_size), "reference")
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:
             raise InterpreterRunError([f"litert_runtime: LiteRT's reference kernels cannot run the model "
                                        f"({_one_line(e)}). {_RUNTIME_FIX}"]) from None
     try:
         return LiteRTRun(_run_batches(_interpreter(model, num_threads), inputs, batch_size), "optimized")
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         delegate = _one_line(e)
     try:
         outputs = _run_batches(_interpreter(model, num_threads, OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES),
                                inputs, batch_size)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         raise InterpreterRunError([f"litert_runtime: LiteRT cannot run the model with its builtin kernels "
                                    f"({_one_line(e)}), nor with its XNNPACK delegate ({delegate}). "
                                    f"{_RUNTIME_FIX}"]) from None

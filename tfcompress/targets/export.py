@@ -22,7 +22,7 @@ from tfcompress.conversion import calibration
 from tfcompress.targets import arena_probe, micro, tflm_check
 from tfcompress.core.artefacts import prepare_output_dir, remove_if_empty, write_atomic, write_json
 from tfcompress.core import litert_probe
-from tfcompress.core.errors import InputError, ModelLoadError, VerificationError
+from tfcompress.core.errors import InputError, MicroTargetError, ModelLoadError, VerificationError
 from tfcompress.core.tflite_model import Tensor, TfliteModel, TfliteSource, read_tflite
 from tfcompress.conversion.verify import quantize
 
@@ -257,6 +257,7 @@ def run_export(config: ExportConfig) -> ExportResult:
     # A clear ModelLoadError for a missing, non-flatbuffer or corrupt file, and for one that crashes LiteRT
     # or TFLM: both run it once in a child process before this process does.
     model = litert_probe.read_user_tflite(config.tflite)
+    _check_input_shape(model, config.tflite)
     check_user_file_in_tflm(model, config.tflite)
     name, note = c_name(config.name, config.tflite)
     labels = _read_labels(config.labels) if config.labels else None
@@ -285,6 +286,26 @@ def run_export(config: ExportConfig) -> ExportResult:
         raise
     paths = write_micro_export(export, output_dir, overwrite=True, extra=extra)
     return ExportResult(output_dir, paths, {**export.manifest, **extra})
+
+
+# The most elements one input sample may hold: far past any microcontroller's RAM (the check inputs are
+# built on the host, 200 samples at a time, so a corrupt shape must not reach numpy).
+MAX_INPUT_ELEMENTS = 1 << 24
+
+
+def _check_input_shape(model: TfliteModel, source: str) -> None:
+    if len(model.inputs) != 1:
+        return  # `_check_single_input` says so in build_micro_export
+    tensor = model.tensors[model.inputs[0]]
+    if not tensor.shape or 0 in tensor.shape:
+        raise ModelLoadError(f"{source}'s input tensor {tensor.index} has shape {tensor.shape}: a model input needs a "
+                             "batch axis and no zero-size dimension. The file is corrupt or truncated: convert the "
+                             "model again.")
+    elements = int(np.prod(tensor.shape[1:], dtype=np.float64))
+    if elements > MAX_INPUT_ELEMENTS:
+        raise MicroTargetError(f"{source}'s input holds {elements:,} elements per sample (shape {tensor.shape}), more "
+                               f"than the {MAX_INPUT_ELEMENTS:,} a microcontroller export takes. Export a model with "
+                               "a smaller input, or check that the file is not corrupt.")
 
 
 def check_user_file_in_tflm(model: TfliteModel, source: str, timeout_s: float = 60.0) -> None:

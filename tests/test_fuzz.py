@@ -161,7 +161,8 @@ def _crashing_mutant(int8_data, fields, workdir) -> str | None:
             except ModelLoadError:
                 continue
             path = _write(workdir, data)
-            if server.check(path).status == "crashed":
+            # A crash in the shared child may come from an earlier file's damage: confirm it in a fresh one.
+            if server.check(path).status == "crashed" and litert_probe.probe_file(path).status == "crashed":
                 return path
     return None
 

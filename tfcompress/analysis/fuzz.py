@@ -220,6 +220,8 @@ class Counts:
     multi_line_errors: int = 0
     crashes: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     crash_kinds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    crashes_not_reproduced: int = 0
+    """Crashes of the shared child that a fresh child did not repeat (state left by earlier files)."""
     timeouts: int = 0
     litert_runs: int = 0
     litert_refused: int = 0
@@ -237,6 +239,7 @@ class Counts:
                 "litert_runs": self.litert_runs, "litert_refused": self.litert_refused,
                 "crashes": dict(self.crashes), "crash_mutations": dict(sorted(self.crash_kinds.items())),
                 "crashes_total": sum(self.crashes.values()),
+                "crashes_not_reproduced_in_a_fresh_child": self.crashes_not_reproduced,
                 "timeouts": self.timeouts, "unexpected_exceptions": dict(self.unexpected),
                 "unexpected_total": sum(self.unexpected.values()),
                 "unexpected_examples": self.unexpected_examples[:10]}
@@ -271,8 +274,18 @@ def check_tflite_case(data: bytes, path: str, counts: Counts, server: litert_pro
     elif outcome.status == "timeout":
         counts.timeouts += 1
     else:
-        counts.crashes[outcome.detail] += 1
-        counts.crash_kinds[kind] += 1
+        # The shared child ran earlier files too: a crash counts only if a fresh child crashes on this file.
+        fresh = litert_probe.probe_file(path)
+        if fresh.status == "crashed":
+            counts.crashes[fresh.detail] += 1
+            counts.crash_kinds[kind] += 1
+        else:
+            counts.crashes_not_reproduced += 1
+            if fresh.status == "ok":
+                counts.accepted += 1
+            else:
+                counts.litert_refused += 1
+                counts.refused["LiteRT refused (raised in the child)"] += 1
 
 
 def check_calibration_case(array: np.ndarray, valid: bool, folder: str, suffix: str, counts: Counts) -> None:

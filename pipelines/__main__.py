@@ -20,6 +20,7 @@ VERBS = {
     "benchmark_zoo": "Benchmark every path (PTQ, micro, optimize prune+QAT) on the test model zoo.",
     "benchmark_keras3": "Benchmark a Keras 3 CNN pruned in its own fit and QAT-converted against the same CNN "
                         "through tf_keras and tfmot.",
+    "fuzz": "Fuzz the readers with mutated .tflite files and calibration arrays; count refusals and crashes.",
     "benchmark_qat": "Benchmark QAT variants (learning rate, frozen BatchNorm, self-distillation) against PTQ "
                      "on the zoo classifiers.",
 }

@@ -145,7 +145,8 @@ def test_bytes_give_the_same_inspection_and_json_round_trips(lenet_path):
 @pytest.mark.parametrize("content, message", [
     (None, r"TFLite model not found: .*missing\.tflite\. Pass the path of an existing \.tflite file\."),
     (b"plain text, not a model", r"is not a TFLite flatbuffer \(no 'TFL3' identifier\)\. Pass a \.tflite"),
-    (b"\x10\x00\x00\x00TFL3\x00\x00", r"is a corrupt TFLite flatbuffer .*Re-run the conversion\."),
+    (b"\x10\x00\x00\x00TFL3\x00\x00",
+     r"is a corrupt TFLite flatbuffer .*The file is corrupt or truncated: convert the model again\."),
 ])
 def test_bad_files_are_one_line_model_load_errors(tmp_path, content, message):
     path = tmp_path / "missing.tflite"

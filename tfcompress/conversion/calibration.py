@@ -23,6 +23,9 @@ from tfcompress.core.errors import CalibrationDataError
 from tfcompress.core.progress import progress
 
 MIN_CALIBRATION_SAMPLES = 10
+# The largest magnitude a preprocessed sample may hold. Models train on normalized inputs; a value past this
+# is a missed scale (or a corrupt sample), and int8 calibration would spend the input's 256 steps on it.
+MAX_ABS_VALUE = 1e6
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "F"})
@@ -200,7 +203,8 @@ def preprocess(raw: np.ndarray, scale: float = 1.0, offset: float = 0.0,
 
     Raises:
         ValueError: `fn` together with a non-default `scale`/`offset`, or a non-finite `scale`/`offset`.
-        CalibrationDataError: the samples are non-numeric, or the result holds NaN or Inf.
+        CalibrationDataError: the samples are non-numeric, or the result holds NaN, Inf or a value beyond
+            `MAX_ABS_VALUE`.
     """
     _check_preprocessing(scale, offset, fn)
     raw = np.asarray(raw)
@@ -224,6 +228,14 @@ def preprocess(raw: np.ndarray, scale: float = 1.0, offset: float = 0.0,
             f"{_samples(source)} contain {num_nan} NaN and {int(bad.sum()) - num_nan} Inf value(s) after "
             f"preprocessing (first at index {first}). Expected finite values only; repair or drop those "
             "samples, or check the preprocessing (--input_scale, --input_offset)."
+        )
+    huge = np.abs(out) > MAX_ABS_VALUE
+    if huge.any():
+        first = tuple(int(i) for i in np.unravel_index(int(np.argmax(huge)), out.shape))
+        raise CalibrationDataError(
+            f"{_samples(source)} contain {int(huge.sum())} value(s) beyond +-{MAX_ABS_VALUE:.0e} after "
+            f"preprocessing (first {float(out[first]):.6g} at index {first}). Expected normalized model inputs; "
+            "check the preprocessing (--input_scale, --input_offset), or repair those samples."
         )
     return out
 

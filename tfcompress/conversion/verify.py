@@ -17,6 +17,7 @@ import os
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+from tfcompress.core import litert_probe
 from tfcompress.core._native import native_output_captured
 from tfcompress.conversion import fidelity
 from tfcompress.conversion.convert import INTEGER_MODES, Mode
@@ -24,7 +25,7 @@ from tfcompress.conversion.fidelity import dequantize, quantize
 from tfcompress.core.progress import progress
 from tfcompress.core.errors import InterpreterRunError, VerificationError
 from tfcompress.core.model_io import FloatModel
-from tfcompress.core.tflite_model import TfliteModel, TfliteSource, output_names, read_tflite, weight_tensors
+from tfcompress.core.tflite_model import TfliteModel, TfliteSource, output_names, weight_tensors
 
 # Tensor dtypes an integer mode may contain besides its I/O: activations, weights, biases, shapes.
 _ALLOWED_DTYPES = {
@@ -128,7 +129,7 @@ def verify(
             f"eval_samples and eval_labels differ in length. Received: {len(eval_samples)} samples, "
             f"{len(eval_labels)} labels"
         )
-    parsed = read_tflite(tflite_model)
+    parsed = litert_probe.read_user_tflite(tflite_model)  # a user's file runs in a child process first
     checks = [*_dtype_checks(parsed, mode, io_dtype), _builtin_only_check(parsed)]
     accuracy = measured = target_error = None
     notes: list[str] = []
@@ -225,22 +226,30 @@ def run_litert(model: TfliteSource, inputs: np.ndarray, batch_size: int = 500, n
     Raises:
         InterpreterRunError: LiteRT cannot allocate or invoke the model with the kernels asked for (and,
             for the default kernels, not without the delegate either).
+        ModelLoadError: `model` is a path to a file that crashes LiteRT, or that LiteRT refuses
+            (`litert_probe`: a user's file runs once in a child process first).
     """
+    if isinstance(model, (str, os.PathLike)):
+        model = litert_probe.read_user_tflite(model)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1. Received: batch_size={batch_size}")
+    # LiteRT raises RuntimeError for what its kernels refuse and ValueError for a model it cannot load
+    # ("The model is not a valid Flatbuffer buffer"): both are a model LiteRT cannot run.
     if reference_kernels:
         try:
             return LiteRTRun(_run_batches(_interpreter(model, num_threads, OpResolverType.BUILTIN_REF), inputs,
                                           batch_size), "reference")
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:
             raise InterpreterRunError([f"litert_runtime: LiteRT's reference kernels cannot run the model "
                                        f"({_one_line(e)}). {_RUNTIME_FIX}"]) from None
     try:
         return LiteRTRun(_run_batches(_interpreter(model, num_threads), inputs, batch_size), "optimized")
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         delegate = _one_line(e)
     try:
         outputs = _run_batches(_interpreter(model, num_threads, OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES),
                                inputs, batch_size)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         raise InterpreterRunError([f"litert_runtime: LiteRT cannot run the model with its builtin kernels "
                                    f"({_one_line(e)}), nor with its XNNPACK delegate ({delegate}). "
                                    f"{_RUNTIME_FIX}"]) from None
@@ -264,7 +273,7 @@ def run_tflite(model: TfliteSource, samples: np.ndarray, batch_size: int = 500,
     Inputs are quantized with the input tensor's scale and zero point; outputs are dequantized, so the
     result is comparable with the float model's.
     """
-    parsed = read_tflite(model)
+    parsed = litert_probe.read_user_tflite(model)
     run = run_litert(parsed, quantize(samples, _input_detail(parsed)), batch_size, num_threads)
     return dequantize(run.outputs[0], _output_detail(parsed, 0))
 
@@ -272,7 +281,7 @@ def run_tflite(model: TfliteSource, samples: np.ndarray, batch_size: int = 500,
 def run_tflite_all(model: TfliteSource, samples: np.ndarray, batch_size: int = 500,
                    num_threads: int | None = None) -> dict[str, np.ndarray]:
     """Like `run_tflite`, every output: dequantized, by its name in the serving signature (`output_names`)."""
-    parsed = read_tflite(model)
+    parsed = litert_probe.read_user_tflite(model)
     return _named_outputs(parsed, run_litert(parsed, quantize(samples, _input_detail(parsed)), batch_size,
                                              num_threads))
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
+from tfcompress.core import tflite_validate
 from tfcompress.core.errors import ModelLoadError
 
 _OP_NAMES = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
@@ -129,8 +130,11 @@ TfliteSource = TfliteModel | bytes | bytearray | str | os.PathLike
 def read_tflite(model: TfliteSource) -> TfliteModel:
     """Parses a `.tflite` flatbuffer given as bytes or as a path; a `TfliteModel` is returned as it is.
 
+    Every file and byte string is checked structurally (`tflite_validate`) before anything uses it.
+
     Raises:
-        ModelLoadError: the file is missing or is not a TFLite flatbuffer.
+        ModelLoadError: the file is missing, is not a TFLite flatbuffer, or is corrupt (an offset, index,
+            buffer size or quantization parameter that does not fit).
     """
     if isinstance(model, TfliteModel):
         return model
@@ -166,9 +170,10 @@ def _parse(data: bytes, source: str) -> TfliteModel:
     try:
         root = schema.ModelT.InitFromPackedBuf(data, 0)
     except Exception as e:  # the generated parser raises assorted errors on truncated data
-        raise ModelLoadError(
-            f"{source} is a corrupt TFLite flatbuffer ({type(e).__name__}: {e}). Re-run the conversion."
-        ) from None
+        detail = " ".join(str(e).split()) or "no detail"
+        raise ModelLoadError(f"{source} is a corrupt TFLite flatbuffer ({type(e).__name__}: {detail}). "
+                             f"{tflite_validate.FIX}") from None
+    tflite_validate.validate(root, data, source)  # indices, buffer sizes, quantization: before any reader
     graph = root.subgraphs[0]
     tensors = []
     for i, t in enumerate(graph.tensors or []):

@@ -24,6 +24,7 @@ class ProbeResult:
     arena_bytes: int
     ran: bool
     detail: str  # "ok", the allocator's first error line, or how the process died
+    signal: int | None = None  # the signal that killed the child, if one did
 
 
 def probe_arena(flatbuffer: bytes, sample: np.ndarray, arena_bytes: int, timeout_s: float = 120.0) -> ProbeResult:
@@ -42,7 +43,8 @@ def probe_arena(flatbuffer: bytes, sample: np.ndarray, arena_bytes: int, timeout
     if done.returncode == 0:
         return ProbeResult(int(arena_bytes), True, "ok")
     if done.returncode < 0:
-        return ProbeResult(int(arena_bytes), False, f"the interpreter's process died (signal {-done.returncode})")
+        return ProbeResult(int(arena_bytes), False, f"the interpreter's process died (signal {-done.returncode})",
+                           -done.returncode)
     lines = [line.strip() for line in (done.stderr or "").splitlines() if line.strip()]
     return ProbeResult(int(arena_bytes), False, lines[0] if lines else f"exit status {done.returncode}")
 

@@ -19,9 +19,10 @@ import numpy as np
 
 from tfcompress.core.version import __version__
 from tfcompress.conversion import calibration
-from tfcompress.targets import micro, tflm_check
+from tfcompress.targets import arena_probe, micro, tflm_check
 from tfcompress.core.artefacts import output_lock, prepare_output_dir, remove_if_empty, write_atomic, write_json
-from tfcompress.core.errors import InputError, VerificationError
+from tfcompress.core import litert_probe
+from tfcompress.core.errors import InputError, MicroTargetError, ModelLoadError, VerificationError
 from tfcompress.core.tflite_model import Tensor, TfliteModel, TfliteSource, read_tflite
 from tfcompress.conversion.verify import quantize
 
@@ -253,7 +254,11 @@ def write_micro_export(export: MicroExport, output_dir: str, overwrite: bool = F
 
 def run_export(config: ExportConfig) -> ExportResult:
     """`tfcompress export`: reads `config.tflite`, checks it in TFLM, writes the firmware files."""
-    model = read_tflite(config.tflite)  # a clear ModelLoadError for a missing or non-flatbuffer file
+    # A clear ModelLoadError for a missing, non-flatbuffer or corrupt file, and for one that crashes LiteRT
+    # or TFLM: both run it once in a child process before this process does.
+    model = litert_probe.read_user_tflite(config.tflite)
+    _check_input_shape(model, config.tflite)
+    check_user_file_in_tflm(model, config.tflite)
     name, note = c_name(config.name, config.tflite)
     labels = _read_labels(config.labels) if config.labels else None
     files = (f"{name}_model_data.h", f"{name}_model_data.cc", f"{name}_op_resolver.h", f"{name}.tflite",
@@ -287,6 +292,58 @@ def _export(config: ExportConfig, model: TfliteModel, name: str, note: str | Non
                                                                     output_dir, name))
     paths = write_micro_export(export, output_dir, overwrite=True, extra=extra)
     return ExportResult(output_dir, paths, {**export.manifest, **extra})
+
+
+# The most elements one input sample may hold: far past any microcontroller's RAM (the check inputs are
+# built on the host, 200 samples at a time, so a corrupt shape must not reach numpy).
+MAX_INPUT_ELEMENTS = 1 << 24
+
+
+def _check_input_shape(model: TfliteModel, source: str) -> None:
+    if len(model.inputs) != 1:
+        return  # `_check_single_input` says so in build_micro_export
+    tensor = model.tensors[model.inputs[0]]
+    if not tensor.shape or 0 in tensor.shape:
+        raise ModelLoadError(f"{source}'s input tensor {tensor.index} has shape {tensor.shape}: a model input needs a "
+                             "batch axis and no zero-size dimension. The file is corrupt or truncated: convert the "
+                             "model again.")
+    elements = int(np.prod(tensor.shape[1:], dtype=np.float64))
+    if elements > MAX_INPUT_ELEMENTS:
+        raise MicroTargetError(f"{source}'s input holds {elements:,} elements per sample (shape {tensor.shape}), more "
+                               f"than the {MAX_INPUT_ELEMENTS:,} a microcontroller export takes. Export a model with "
+                               "a smaller input, or check that the file is not corrupt.")
+
+
+def check_user_file_in_tflm(model: TfliteModel, source: str, timeout_s: float = 60.0) -> None:
+    """Allocates and invokes a user's model once on zeros in TFLM in a child process (`arena_probe`).
+
+    TFLM's interpreter checks less than LiteRT's, and a crash would take this process with it; a model TFLM
+    merely refuses is left to the in-process run, whose error names the kernel. Models that are not for
+    TFLM at all (float, hybrid, several inputs) are left to `build_micro_export`'s own one-line refusals.
+
+    Raises:
+        ModelLoadError: the child died by a signal or took longer than `timeout_s`.
+    """
+    try:
+        micro.check_micro_compatible(model, source)
+        _check_single_input(model, source)
+    except InputError:
+        return
+    tensor = model.tensors[model.inputs[0]]
+    try:
+        sample = np.zeros((1, *tensor.shape[1:]), dtype=np.dtype(tensor.dtype))
+    except TypeError:  # a dtype numpy has no name for: the in-process checks refuse it in one line
+        return
+    probe = arena_probe.probe_arena(model.data, sample, max(10 * len(model.data), 1 << 20), timeout_s)
+    if probe.signal is not None:
+        raise ModelLoadError(
+            f"{source} made the TFLite Micro interpreter crash ({litert_probe.describe_crash(probe.signal)}) on "
+            "its first allocation and invoke, run in a child process: the file is corrupt or uses an op this "
+            "runtime cannot run: convert the model again."
+        )
+    if probe.detail.startswith("no answer"):
+        raise ModelLoadError(f"{source}'s first TFLite Micro allocation and invoke gave {probe.detail}: the file is "
+                             "corrupt or uses an op this runtime cannot run: convert the model again.")
 
 
 def _read_labels(path: str) -> list[str]:

@@ -21,6 +21,8 @@ VERBS = {
     "benchmark_keras3": "Benchmark a Keras 3 CNN pruned in its own fit and QAT-converted against the same CNN "
                         "through tf_keras and tfmot.",
     "fuzz": "Fuzz the readers with mutated .tflite files and calibration arrays; count refusals and crashes.",
+    "benchmark_robustness": "Benchmark robustness: fuzz counts in process, and mutated files through inspect and "
+                            "export as processes.",
     "benchmark_qat": "Benchmark QAT variants (learning rate, frozen BatchNorm, self-distillation) against PTQ "
                      "on the zoo classifiers.",
 }

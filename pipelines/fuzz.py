@@ -31,34 +31,12 @@ _TFLITE = flags.DEFINE_string("tflite", None, "A valid .tflite to mutate (defaul
                               "and converted here).")
 
 
-def small_int8_model(seed: int = 0) -> bytes:
-    """An untrained 28x28x1 CNN (conv, pool, dense) converted to int8 with the shipped calibration images."""
-    import numpy as np
-
-    from tfcompress.conversion.convert import ConvertConfig, convert
-    from tfcompress.core._keras import keras
-    from tfcompress.core.model_io import load_model
-
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential([
-        keras.layers.Input((28, 28, 1)),
-        keras.layers.Conv2D(8, 3, activation="relu"),
-        keras.layers.MaxPooling2D(2),
-        keras.layers.Flatten(),
-        keras.layers.Dense(10),
-    ])
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with np.load(os.path.join(root, "calibration_data", "mnist_calibration.npz")) as d:
-        samples = d["x"][:100].astype(np.float32) / 255.0
-    return convert(load_model(model), ConvertConfig(), samples)
-
-
 def main(argv: list[str]) -> None:
     del argv
     from tfcompress.analysis import fuzz
     from tfcompress.core.tflite_model import read_tflite
 
-    data = read_tflite(_TFLITE.value).data if _TFLITE.value else small_int8_model(_SEED.value)
+    data = read_tflite(_TFLITE.value).data if _TFLITE.value else fuzz.small_int8_model(_SEED.value)
     counts = fuzz.run_fuzz(data, _CASES.value, _SEED.value)
     os.makedirs(_OUTPUT.value, exist_ok=True)
     write_json(os.path.join(_OUTPUT.value, "fuzz.json"), counts)

@@ -329,3 +329,25 @@ def run_fuzz(flatbuffer: bytes, cases: int, seed: int = 0, calibration_fraction:
             "crashes": sum(tflite.crashes.values()),
             "unexpected_exceptions": sum(tflite.unexpected.values()) + sum(arrays.unexpected.values()),
             "litert_child_restarts": restarts, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def small_int8_model(seed: int = 0) -> bytes:
+    """An untrained 28x28x1 CNN (conv, pool, dense) converted to int8 with the shipped calibration images."""
+    import numpy as np
+
+    from tfcompress.conversion.convert import ConvertConfig, convert
+    from tfcompress.core._keras import keras
+    from tfcompress.core.model_io import load_model
+
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.layers.Input((28, 28, 1)),
+        keras.layers.Conv2D(8, 3, activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Flatten(),
+        keras.layers.Dense(10),
+    ])
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with np.load(os.path.join(root, "calibration_data", "mnist_calibration.npz")) as d:
+        samples = d["x"][:100].astype(np.float32) / 255.0
+    return convert(load_model(model), ConvertConfig(), samples)

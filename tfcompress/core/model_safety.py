@@ -35,6 +35,10 @@ def check_model_file(path: str, trust_model: bool = False) -> None:
     if trust_model:
         return
     records = list(_layer_records(path))
+    if os.path.isdir(path):
+        # tf_keras revives a SavedModel's custom layers from their traced graphs, without their classes' code;
+        # only a Lambda's stored bytecode would run (its metadata also lists metrics, which are not layers).
+        records = [(class_name, name) for class_name, name in records if class_name == "Lambda"]
     lambdas = [name for class_name, name in records if class_name == "Lambda"]
     unknown = [f"{name} ({class_name})" for class_name, name in records
                if class_name != "Lambda" and not _known(class_name)]

@@ -121,8 +121,8 @@ def render(summary: dict, total_seconds: float) -> str:
              "| part | cases | accepted | refused (one line) | contained interpreter crashes | unexpected | s |",
              "|---|---|---|---|---|---|---|",
              f"| .tflite mutants, in process | {t['cases']:,} | {t['accepted']:,} | {t['refused_total']:,} "
-             f"(+{t['litert_refused']:,} by LiteRT in the child) | {t['crashes_total']} | {t['unexpected_total']} | "
-             f"{p['seconds']} |",
+             f"(of them {t['litert_refused']:,} by LiteRT in the child) | {t['crashes_total']} | "
+             f"{t['unexpected_total']} | {p['seconds']} |",
              f"| calibration arrays, in process | {k['cases']:,} | {k['accepted']:,} | {k['refused_total']:,} | – | "
              f"{k['unexpected_total']} | |",
              f"| command line (`inspect` + `export`) | {c['cases']} x 2 | exits: "

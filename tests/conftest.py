@@ -86,6 +86,15 @@ def h5_file(trained_model, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def train_npz(tmp_path_factory) -> str:
+    """The first 2,200 MNIST training images and labels, raw uint8: the optimize runs' training data."""
+    path = tmp_path_factory.mktemp("data") / "train.npz"
+    with np.load(MNIST) as d:
+        np.savez(path, x_train=d["x_train"][:2200], y_train=d["y_train"][:2200])
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def eval_npz(tmp_path_factory) -> str:
     """The first 1,000 MNIST test images and labels, raw uint8 like the shipped file."""
     path = tmp_path_factory.mktemp("data") / "eval.npz"

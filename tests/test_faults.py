@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CALIBRATION, MNIST, ROOT, SCALE
+from conftest import CALIBRATION, ROOT, SCALE
 from tfcompress.conversion.convert import ConvertConfig, convert
 from tfcompress.core import artefacts
 from tfcompress.core.model_io import load_model
@@ -114,14 +114,6 @@ def _sweep(arguments: list[str], directory, kill_points: tuple[int, ...], after_
         if after_kill is not None:
             after_kill(number, k)
     return len(kill_points)
-
-
-@pytest.fixture(scope="module")
-def train_npz(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "train.npz"
-    with np.load(MNIST) as d:
-        np.savez(path, x_train=d["x_train"][:2200], y_train=d["y_train"][:2200])
-    return str(path)
 
 
 @pytest.fixture(scope="module")

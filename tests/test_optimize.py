@@ -23,14 +23,6 @@ from tfcompress.core.tflite_model import read_tflite
 from tfcompress.models import zoo, zoo_data
 
 
-@pytest.fixture(scope="module")
-def train_npz(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("data") / "train.npz"
-    with np.load(MNIST) as d:
-        np.savez(path, x_train=d["x_train"][:2200], y_train=d["y_train"][:2200])
-    return str(path)
-
-
 def _config(keras_file, train_npz, eval_npz, output_dir, **overrides):
     values = dict(output_dir=str(output_dir), train_data=train_npz, keras_model=keras_file,
                   eval_data=eval_npz, input_scale=SCALE, prune=True, final_sparsity=0.5, qat=True,

@@ -144,13 +144,14 @@ def output_names(model) -> list[str]:
     return names
 
 
-def converter(model) -> tf.lite.TFLiteConverter:
-    """A TFLiteConverter for a live Keras 3 model, its outputs named as in Keras.
+def export(model) -> tempfile.TemporaryDirectory:
+    """A live Keras 3 model as a SavedModel in a temporary directory (removed with the returned object), its
+    outputs named as in Keras; `TFLiteConverter.from_saved_model(directory.name)` converts it.
 
     `TFLiteConverter.from_keras_model` takes a Keras 3 model too, but exports it with outputs `output_0`,
     `output_1`, ... and prints the export to stdout; this exports it with Keras 3's own `ExportArchive` (the
     model's variables tracked, so the converter freezes them) and a dict of outputs keyed by the Keras output
-    names, as tf_keras models have. The SavedModel lives in a temporary directory as long as the converter.
+    names, as tf_keras models have. `FloatModel` exports once and makes every converter from that directory.
     """
     check_usable(model)
     k = keras3()
@@ -168,9 +169,7 @@ def converter(model) -> tf.lite.TFLiteConverter:
     archive.add_endpoint("serve", serve, input_signature=spec)
     directory = tempfile.TemporaryDirectory(prefix="tfcompress_keras3_")
     archive.write_out(directory.name, verbose=False)
-    made = tf.lite.TFLiteConverter.from_saved_model(directory.name)
-    made._tfcompress_export_dir = directory  # removed with the converter
-    return made
+    return directory
 
 
 def _tensor_name(tensor, index: int) -> str:

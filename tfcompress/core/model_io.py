@@ -49,6 +49,9 @@ class FloatModel:
     _input_name: str | None = None
     keras_version: int | None = 2
     kind: str = "tf_keras model"
+    # A Keras 3 model's SavedModel export, made on the first `converter()` (conversion and the debugger share it;
+    # load the model again after changing its weights).
+    _keras3_export: list = dataclasses.field(default_factory=list, compare=False, repr=False)
 
     @property
     def is_keras3(self) -> bool:
@@ -56,7 +59,9 @@ class FloatModel:
 
     def converter(self) -> tf.lite.TFLiteConverter:
         if self.keras_model is not None and self.keras_version == 3:
-            return keras3_io.converter(self.keras_model)
+            if not self._keras3_export:
+                self._keras3_export.append(keras3_io.export(self.keras_model))
+            return tf.lite.TFLiteConverter.from_saved_model(self._keras3_export[0].name)
         if self.keras_model is not None:
             return tf.lite.TFLiteConverter.from_keras_model(self.keras_model)
         return tf.lite.TFLiteConverter.from_saved_model(self.saved_model_dir)

@@ -510,18 +510,24 @@ def _prunable_weights(layer) -> list:
 
 
 def _select_layers(model, layers, exclude) -> list:
-    if _pruned_layers(model):
+    all_layers = _top_level_layers(model, keras, "it has PruneLowMagnitude layers" if _pruned_layers(model) else None,
+                                   "tfmot wraps")
+    return _choose_layers(all_layers, layers, exclude, _prunable_weights, "tfmot")
+
+
+def _top_level_layers(model, module, pruned_because: str | None, pruner: str) -> list:
+    """The layers of `model` but its inputs, for either Keras (`module`); refuses a pruned or nested model."""
+    if pruned_because is not None:
         raise ValueError(
-            f"Model {model.name!r} is already pruned (it has PruneLowMagnitude layers): call "
+            f"Model {model.name!r} is already pruned ({pruned_because}): call "
             f"tfcompress.strip(model) first, or keep training it. Received: model={model.name}"
         )
-    if any(isinstance(lyr, keras.Model) for lyr in model.layers):
+    if any(isinstance(lyr, module.Model) for lyr in model.layers):
         raise ValueError(
-            "Nested models cannot be pruned: tfmot wraps only the top-level layers. Flatten the model "
+            f"Nested models cannot be pruned: {pruner} only the top-level layers. Flatten the model "
             f"first. Received: model={model.name}"
         )
-    all_layers = [lyr for lyr in model.layers if not isinstance(lyr, keras.layers.InputLayer)]
-    return _choose_layers(all_layers, layers, exclude, _prunable_weights, "tfmot")
+    return [lyr for lyr in model.layers if not isinstance(lyr, module.layers.InputLayer)]
 
 
 def _choose_layers(all_layers, layers, exclude, weights_of, pruner: str) -> list:

@@ -22,7 +22,7 @@ import numpy as np
 
 from tfcompress.core._keras import keras3, tf
 from tfcompress.core.keras3 import check_graph_model
-from tfcompress.training.prune import _MISSING_CALLBACK, _choose_layers, _schedule_target
+from tfcompress.training.prune import _MISSING_CALLBACK, _choose_layers, _schedule_target, _top_level_layers
 
 # Where `prune` keeps the pruning state on the Keras 3 model it returns.
 _STATE = "_tfcompress_pruning"
@@ -133,18 +133,8 @@ def select_layers(model, layers, exclude) -> list:
     prune_keras3.select_layers(model, None, ["conv"])  # [<Dense name=fc>, <Dense name=logits>]
     ```
     """
-    keras_3 = keras3()
-    if state_of(model) is not None:
-        raise ValueError(
-            f"Model {model.name!r} is already pruned (prune returned it with masks): call "
-            f"tfcompress.strip(model) first, or keep training it. Received: model={model.name}"
-        )
-    if any(isinstance(lyr, keras_3.Model) for lyr in model.layers):
-        raise ValueError(
-            "Nested models cannot be pruned: tfcompress masks only the top-level layers. Flatten the model "
-            f"first. Received: model={model.name}"
-        )
-    all_layers = [lyr for lyr in model.layers if not isinstance(lyr, keras_3.layers.InputLayer)]
+    pruned = "prune returned it with masks" if state_of(model) is not None else None
+    all_layers = _top_level_layers(model, keras3(), pruned, "tfcompress masks")
     return _choose_layers(all_layers, layers, exclude, prunable_weights, "tfcompress")
 
 

@@ -25,6 +25,8 @@ VERBS = {
                             "export as processes.",
     "benchmark_qat": "Benchmark QAT variants (learning rate, frozen BatchNorm, self-distillation) against PTQ "
                      "on the zoo classifiers.",
+    "quantization_error": "Measure each layer's kernel error under int8, int4, int2, powers of two, ternary and "
+                          "binary quantizers (SQNR, MSE, max error).",
 }
 
 _MODULES = {"inspect": "inspect_model"}

@@ -227,7 +227,7 @@ def test_reproduces_every_parameter_of_the_int8_cnn(trained_model):
         samples = d["x"][:200].astype(np.float32) * SCALE  # as the demo: the repo's samples, scaled to [0, 1]
     q, checked, mismatches = _reproduce(load_model(trained_model), samples)
     assert not mismatches, "\n".join(mismatches)
-    # 8 activations (uint8 input and output, both QUANTIZEs' int8 sides, conv, pool, reshape, fc), 3 weights, 3 biases.
+    # 8 activations (uint8 input and output, the input QUANTIZE, conv, pool, reshape, fc, logits), 3 weights, 3 biases.
     assert checked == len([t for t in q.tensors if t.dtype in ("int8", "uint8")]) + 3 == 14
 
 

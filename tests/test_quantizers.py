@@ -74,7 +74,8 @@ def test_constant_channels_dequantize_exactly():
     x = np.zeros((3, 3, 1, 4))
     x[..., 1] = 0.25
     x[..., 2] = -3.0
-    for q in (qz.linear(x, 8, axis=-1), qz.linear(x, 4, symmetric=True, axis=-1), qz.linear(x, 8, axis=-1, signed=True)):
+    for q in (qz.linear(x, 8, axis=-1), qz.linear(x, 4, symmetric=True, axis=-1),
+              qz.linear(x, 8, axis=-1, signed=True)):
         assert np.all(np.isfinite(q.scale)) and np.all(q.scale > 0)
         np.testing.assert_array_equal(q.dequantize(), x)
     assert qz.linear(np.full(5, 7.0), 8).scale.tolist() == [1.0]

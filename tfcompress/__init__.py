@@ -47,11 +47,14 @@ from tfcompress.conversion.verify import VerificationResult, run_tflite, verify
 from tfcompress.conversion import calibration
 from tfcompress.core import tflite_model
 from tfcompress.analysis import latency
+from tfcompress.core import quantizers
+from tfcompress.analysis.quantization_error import QuantizationErrorResult, quantization_error
 
 _keras.restore_user_choice()  # tfmot's import set TF_USE_LEGACY_KERAS=1; a user's own value is put back
 
 __all__ = [
     "__version__", "calibration", "latency", "tflite_model",
+    "quantizers", "quantization_error", "QuantizationErrorResult",
     "CalibrationDataError", "ConversionError", "ConvertConfig", "ConvertPipelineConfig",
     "ConvertPipelineResult", "Distiller", "ExportConfig", "FactorizeResult", "FloatModel", "InputError",
     "Inspection", "Keras3Error", "LayerFactorization", "MacCount", "Mode", "ModelLoadError", "NotFullyQuantizedError",

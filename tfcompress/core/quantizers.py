@@ -254,7 +254,8 @@ def tflite_activation_params(x_min: float, x_max: float, bits: int = 8) -> tuple
 
     Args:
         x_min, x_max: the calibrated range (the min and max the calibration saw).
-        bits: bit width of the signed integers (qmin = -2^(b-1)); 8 is what int8 models use.
+        bits: bit width of the signed integers (qmin = -2^(b-1)); 8 is what int8 models use (16x8 models
+            make their 16-bit activations symmetric instead, which this function does not model).
 
     Returns:
         (scale as a float32-representable float, zero point).

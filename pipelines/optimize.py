@@ -74,6 +74,13 @@ _QAT_FREEZE_BN = flags.DEFINE_bool("qat_freeze_bn", False, "Keep BatchNormalizat
 _LEAVE_FLOAT = flags.DEFINE_list("leave_float", [], "Layers tfmot cannot quantize to keep float during QAT; "
                                   "the model is then not full-integer and int8 conversion refuses it: pick "
                                   "another --mode (dynamic, float16) to convert it anyway.")
+_QAT_WEIGHTS = flags.DEFINE_enum("qat_weights", "int8", ["int8", "int4", "int2", "ternary", "binary", "pow2"],
+                                 "Kernel values in QAT and in the shipped int8 model (activations stay int8): int4/"
+                                 "int2 linear, ternary (TWN), binary, pow2 (powers of two); needs --qat.")
+_KEEP_INT8 = flags.DEFINE_list("keep_int8", None, "Layers that keep int8 weights under low-bit --qat_weights "
+                               "(default: the first and the last weight layers; pass an empty value for none).")
+_POW2_EXPONENTS = flags.DEFINE_integer("pow2_exponents", 4, "Powers of two per channel for --qat_weights=pow2 "
+                                       "(1-7: at most 2k+1 values).")
 _DISTILL_FROM = flags.DEFINE_string("distill_from", None, "Teacher (SavedModel dir or .keras/.h5, outputs "
                                     "logits) to distill from in the factorize, prune and cluster fine-tunes.")
 _TEMPERATURE = flags.DEFINE_float("distill_temperature", 4.0, "Softmax temperature of the distillation loss.")
@@ -117,6 +124,8 @@ def main(argv: list[str]) -> None:
         prune_scope=_SCOPE.value, prune_structure=_STRUCTURE.value, prune_exclude=tuple(_PRUNE_EXCLUDE.value),
         prune_epochs=_PRUNE_EPOCHS.value, cluster=_CLUSTER.value, cluster_epochs=_CLUSTER_EPOCHS.value,
         qat=_QAT.value, qat_epochs=_QAT_EPOCHS.value, force_qat=_FORCE_QAT.value,
+        qat_weights=_QAT_WEIGHTS.value, pow2_exponents=_POW2_EXPONENTS.value,
+        keep_int8=None if _KEEP_INT8.value is None else tuple(_KEEP_INT8.value),
         qat_distill=_QAT_DISTILL.value, qat_freeze_bn=_QAT_FREEZE_BN.value,
         leave_float=tuple(_LEAVE_FLOAT.value),
         distill_from=_DISTILL_FROM.value, distill_temperature=_TEMPERATURE.value, distill_alpha=_ALPHA.value,

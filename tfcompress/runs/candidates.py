@@ -163,7 +163,7 @@ def choose(config: OptimizeConfig, stages_dir: str, before_qat: str, qat: str, s
     except TfcompressError as e:
         # A QAT model the converter cannot make integer (measured: the zoo autoencoder's Dense + BatchNorm
         # blocks keep a float QUANTIZE/DEQUANTIZE pair) need not sink the run when PTQ converts.
-        if config.force_qat:
+        if config.force_qat or config.qat_weights != "int8":  # low-bit weights: PTQ is not what was asked
             raise
         qat_error = e
     else:
@@ -181,10 +181,13 @@ def choose(config: OptimizeConfig, stages_dir: str, before_qat: str, qat: str, s
         qat_candidate = dataclasses.replace(qat_candidate, error=str(qat_error))
         return Choice(ptq, (qat_candidate, ptq), "post-training quantization: the QAT model does not convert "
                       f"({' '.join(str(qat_error).split())})")
-    return decide(qat_candidate, ptq, force_qat=config.force_qat)
+    low_bit = config.qat_weights != "int8"
+    return decide(qat_candidate, ptq, force_qat=config.force_qat or low_bit,
+                  forced_because=f"QAT with {config.qat_weights} weights, as --qat_weights asks (post-training "
+                                 "quantization keeps int8 weights)" if low_bit else None)
 
 
-def decide(qat: Candidate, ptq: Candidate, force_qat: bool = False) -> Choice:
+def decide(qat: Candidate, ptq: Candidate, force_qat: bool = False, forced_because: str | None = None) -> Choice:
     """The rule: QAT ships if forced, if PTQ could not be made, or if it scores strictly higher on validation."""
     candidates = (qat, ptq)
     if ptq.model_path is None:
@@ -200,7 +203,7 @@ def decide(qat: Candidate, ptq: Candidate, force_qat: bool = False) -> Choice:
         scores += "; per output QAT/PTQ: " + ", ".join(f"{name} {value:.4f}/{ptq.validation_by_output[name]:.4f}"
                                                       for name, value in qat.validation_by_output.items())
     if force_qat:
-        return Choice(qat, candidates, f"QAT as --force_qat asks ({scores})")
+        return Choice(qat, candidates, f"{forced_because or 'QAT as --force_qat asks'} ({scores})")
     if a > b:
         return Choice(qat, candidates, f"QAT scored higher ({scores})")
     if a == b:

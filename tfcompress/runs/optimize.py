@@ -44,7 +44,7 @@ from tfcompress.training.cluster import distinct_values
 from tfcompress.training.cluster import cluster as cluster_weights
 from tfcompress.training.cluster import strip as strip_clustering
 from tfcompress.training.distill import Distiller
-from tfcompress.core.errors import CalibrationDataError, ModelLoadError, OutputPathError
+from tfcompress.core.errors import CalibrationDataError, ModelLoadError, OutputPathError, VerificationError
 from tfcompress.training.factorize import FactorizeResult, factorize
 from tfcompress.core.model_io import FloatModel, load_model, model_source
 from tfcompress.core.model_safety import check_model_file
@@ -53,7 +53,8 @@ from tfcompress.runs.pipeline import MICRO_DIRNAME, ConvertPipelineConfig, run_c
 from tfcompress.training.prune import PruningCallback, prune, strip
 from tfcompress.runs.optimize_config import OptimizeConfig
 from tfcompress.training.losses import TrainingLoss, training_loss, training_targets
-from tfcompress.training.quantize import quantize_aware
+from tfcompress.training.lowbit import max_distinct
+from tfcompress.training.quantize import low_bit_layers, quantize_aware
 
 STATE_FILENAME = "state.json"
 REPORT_SCHEMA_VERSION = 1
@@ -213,6 +214,7 @@ def _convert_stage(inputs: _Inputs, state: dict, stages_dir: str, output_dir: st
         max_accuracy_drop=config.max_accuracy_drop, seed=config.seed, target=config.target, overwrite=True,
         latency_runs=0,  # the run's own report times the final model once
     ), converted=tflite)
+    low_bit = _low_bit_shipped(converted.tflite, state, choice)  # before model.tflite: a broken promise fails
     model_path = os.path.join(output_dir, "model.tflite")
     write_atomic(model_path, converted.tflite.data)
     if config.target:
@@ -227,11 +229,41 @@ def _convert_stage(inputs: _Inputs, state: dict, stages_dir: str, output_dir: st
         "weight_sparsity": converted.report["model"]["weight_sparsity"],
         # What ships: at most `cluster` values per output channel of each weight tensor.
         "distinct_values": distinct_values(converted.tflite) if config.cluster is not None else None,
+        **({"low_bit_weights": low_bit} if low_bit else {}),
         "micro": converted.report.get("micro"),
         "fidelity": converted.report.get("fidelity"),
         "target_error": converted.report.get("target_error"),
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def _low_bit_shipped(tflite, state: dict, choice: candidates.Choice | None) -> dict | None:
+    """What the shipped flatbuffer holds for each low-bit layer: its most distinct int8 values per output
+    channel, against what the scheme allows.
+
+    Raises:
+        VerificationError: a low-bit layer holds more values than its scheme allows, or cannot be found.
+    """
+    qat = state["completed"][-1]
+    if "low_bit_layers" not in qat or choice is None or choice.shipped.name != "qat":
+        return None
+    counts = distinct_values(tflite)
+    allowed = qat["max_distinct_per_channel"]
+    layers, problems = {}, []
+    for layer in qat["low_bit_layers"]:
+        found = [value for name, value in counts.items() if f"quant_{layer}" in name.split("/")]
+        if not found:
+            problems.append(f"{layer}: no weight tensor of the .tflite is named after it")
+            continue
+        layers[layer] = max(value["max_per_channel"] for value in found)
+        if layers[layer] > allowed:
+            problems.append(f"{layer}: {layers[layer]} distinct values in one output channel, {qat['weights']} "
+                            f"allows {allowed}")
+    if problems:
+        raise VerificationError(f"the int8 model does not hold the {qat['weights']} weights QAT trained: "
+                                + "; ".join(problems))
+    return {"weights": qat["weights"], "allowed_per_channel": allowed,
+            "max_distinct_per_channel": layers, "keep_int8": qat["keep_int8"]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -271,7 +303,8 @@ def _qat_stage(model, inputs: _Inputs):
     # float self, pruned or clustered as the earlier stages left it) the teacher of its quantized copy.
     scheme, why = _qat_scheme(model, config)
     with _expected_cqat_warnings_dropped(scheme == "cluster_preserving"):
-        qat = quantize_aware(model, scheme=scheme, leave_float=config.leave_float)
+        qat = quantize_aware(model, scheme=scheme, leave_float=config.leave_float, weights=config.qat_weights,
+                             keep_int8=config.keep_int8, pow2_exponents=config.pow2_exponents)
         frozen = _freeze_batch_norm(qat) if config.qat_freeze_bn else []
         trainer = qat
         if config.qat_distill:
@@ -286,12 +319,23 @@ def _qat_stage(model, inputs: _Inputs):
     _unfreeze(qat, frozen)
     if config.qat_scheme == "cluster_preserving":
         qat = _reloadable(qat, model, config)
-    details = {"scheme": scheme, **({"scheme_because": why} if why else {})}
+    details = {"scheme": scheme, **({"scheme_because": why} if why else {}), **_low_bit_details(model, config)}
     if config.qat_distill:
         details["distilled_from"] = "the model before QAT (self-distillation)"
     if config.qat_freeze_bn:
         details["frozen_batch_norm"] = frozen
     return qat, details
+
+
+def _low_bit_details(model, config: OptimizeConfig) -> dict:
+    if config.qat_weights == "int8":
+        return {}
+    low_bit, kept = low_bit_layers(model, config.keep_int8, config.leave_float)
+    return {"weights": config.qat_weights, "low_bit_layers": low_bit, "keep_int8": kept,
+            "keep_int8_because": ("the first and the last weight layers stay int8, as the low-bit literature keeps "
+                                  "them (TWN, XNOR-Net, DoReFa-Net)") if config.keep_int8 is None else "--keep_int8",
+            "max_distinct_per_channel": max_distinct(config.qat_weights, config.pow2_exponents),
+            **({"pow2_exponents": config.pow2_exponents} if config.qat_weights == "pow2" else {})}
 
 
 # A model that comes to QAT this sparse (pruned before, say in the user's own fit with PruningCallback) is
@@ -303,6 +347,8 @@ def _qat_scheme(model, config: OptimizeConfig) -> tuple[str, str | None]:
     """The QAT scheme for `model`, and why when it is not the one the settings name."""
     if config.qat_scheme != "default":
         return config.qat_scheme, None
+    if config.qat_weights != "int8":  # low-bit weights make their own zeros (ternary, pow2) or none (binary)
+        return "default", None
     sparsity = _kernel_sparsity(model)
     if sparsity >= SPARSE_INPUT:
         return "prune_preserving", (f"the model QAT starts from is {sparsity:.1%} zeros in its kernels (pruned "

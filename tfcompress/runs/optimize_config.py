@@ -21,6 +21,7 @@ from tfcompress.training.losses import LOSSES
 
 # The training stages in the order they run (each only when its setting asks for it).
 TRAINING_STAGES = ("factorize", "prune", "cluster", "qat")
+QAT_WEIGHTS = ("int8", "int4", "int2", "ternary", "binary", "pow2")  # tfcompress.training.lowbit.Weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,13 @@ class OptimizeConfig:
     """BatchNormalization layers normalize with the moving statistics the earlier stages left (inference mode)
     during QAT, and keep them; their scale and offset still train."""
     leave_float: tuple[str, ...] = ()
+    qat_weights: str = "int8"
+    """The kernels' values in QAT and in the shipped model: int8, int4, int2, ternary, binary or pow2
+    (`tfcompress.quantize_aware`'s `weights`); activations stay int8."""
+    keep_int8: tuple[str, ...] | None = None
+    """Layers that keep int8 weights under low-bit `qat_weights`; None: the first and the last."""
+    pow2_exponents: int = 4
+    """Exponents per channel for `qat_weights="pow2"` (1-7)."""
     distill_from: str | None = None
     distill_temperature: float = 4.0
     distill_alpha: float = 0.1
@@ -112,9 +120,32 @@ class OptimizeConfig:
             if getattr(self, name) and not self.qat:
                 raise ValueError(f"{name} changes the QAT fine-tune, so it needs --qat: pass --qat as well, or "
                                  f"leave --{name} out. Received: {name}=True, qat=False")
+        self._check_low_bit()
         self._check_factorize()
         self._check_cluster()
         self._check_distill()
+
+    def _check_low_bit(self) -> None:
+        if self.qat_weights not in QAT_WEIGHTS:
+            raise ValueError(f"qat_weights is one of {', '.join(QAT_WEIGHTS)}. Received: qat_weights={self.qat_weights!r}")
+        if isinstance(self.pow2_exponents, bool) or not isinstance(self.pow2_exponents, int) \
+                or not 1 <= self.pow2_exponents <= 7:
+            raise ValueError("pow2_exponents is the number of powers of two per channel, an integer in [1, 7] (an "
+                             f"int8 weight holds 127, 64, ..., 1). Received: pow2_exponents={self.pow2_exponents!r}")
+        low_bit = self.qat_weights != "int8"
+        if low_bit and not self.qat:
+            raise ValueError(f"qat_weights={self.qat_weights} trains low-bit weights in the QAT fine-tune, so it "
+                             f"needs --qat: pass --qat as well. Received: qat_weights={self.qat_weights!r}, qat=False")
+        if low_bit and (self.prune or self.cluster is not None):
+            raise ValueError(
+                f"qat_weights={self.qat_weights} replaces every kernel value by the scheme's few values, which "
+                "keeps neither a pruned kernel's zeros nor its clusters: drop --prune/--cluster (ternary and pow2 "
+                "weights are partly zero by themselves), or keep --qat_weights=int8. Received: "
+                f"qat_weights={self.qat_weights!r}, prune={self.prune}, cluster={self.cluster}")
+        if self.keep_int8 is not None and not low_bit:
+            raise ValueError("keep_int8 names the layers that stay int8 among low-bit ones, so it needs "
+                             "--qat_weights=int4|int2|ternary|binary|pow2. Received: "
+                             f"keep_int8={list(self.keep_int8)}, qat_weights='int8'")
 
     def _check_factorize(self) -> None:
         energy = self.factorize_energy
@@ -186,6 +217,13 @@ class OptimizeConfig:
         for name in ("qat_distill", "qat_freeze_bn"):  # likewise for the QAT options, when off
             if not values[name]:
                 values.pop(name)
+        if self.qat_weights == "int8":  # the default: runs made before low-bit weights existed still match
+            for name in ("qat_weights", "keep_int8", "pow2_exponents"):
+                values.pop(name)
+        elif self.qat_weights != "pow2":
+            values.pop("pow2_exponents")
+        if values.get("keep_int8") is not None:
+            values["keep_int8"] = sorted(values["keep_int8"])
         for name in ("output_dir", "overwrite", "mode", "target", "latency_runs", "max_accuracy_drop",
                      "calibration_data", "calibration_key", "num_calibration_samples", "eval_data", "eval_key",
                      "eval_labels_key", "eval_output", "force_qat"):

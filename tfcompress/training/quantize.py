@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from tfcompress.core._keras import keras
 from tfcompress.core.keras3 import as_tf_keras
+from tfcompress.training import lowbit
 
 import tensorflow_model_optimization as tfmot  # after _keras: needs TF_USE_LEGACY_KERAS
 from tensorflow_model_optimization.python.core.quantization.keras.collab_opts.cluster_preserve import (
@@ -47,8 +48,41 @@ def unsupported_layers(model: keras.Model) -> list[str]:
     ]
 
 
+def low_bit_layers(model: keras.Model, keep_int8: Sequence[str] | None = None,
+                   leave_float: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """(layers that get low-bit weights, layers kept at int8) of `model`.
+
+    The candidates are the Conv2D, DepthwiseConv2D and Dense layers not left float. `keep_int8=None` keeps the
+    first and the last of them at int8, as the low-bit literature does (TWN, XNOR-Net, DoReFa-Net: the first
+    layer sees the raw input, the last one makes the scores); `keep_int8=[]` makes every one low-bit.
+    """
+    candidates = [layer.name for layer in model.layers
+                  if type(layer).__name__ in lowbit.KERNELS and layer.name not in leave_float]
+    if keep_int8 is None:
+        kept = [candidates[0], candidates[-1]] if len(candidates) > 1 else []
+    else:
+        names = {layer.name for layer in model.layers}
+        unknown = sorted(set(keep_int8) - names)
+        if unknown:
+            raise ValueError(
+                f"keep_int8 names layers that are not in model {model.name}: {unknown}. Use names from "
+                f"model.summary(). Received: keep_int8={list(keep_int8)}"
+            )
+        not_kernels = sorted(set(keep_int8) - set(candidates))
+        if not_kernels:
+            raise ValueError(
+                f"keep_int8 names layers of model {model.name} without low-bit weights to keep at int8 (not "
+                f"Conv2D, DepthwiseConv2D or Dense, or left float): {not_kernels}. Name only those layers. "
+                f"Received: keep_int8={list(keep_int8)}"
+            )
+        kept = [name for name in candidates if name in keep_int8]
+    return [name for name in candidates if name not in kept], list(dict.fromkeys(kept))
+
+
 def quantize_aware(model: keras.Model, scheme: Scheme | str = Scheme.DEFAULT,
-                   leave_float: Sequence[str] = ()) -> keras.Model:
+                   leave_float: Sequence[str] = (), weights: str = "int8",
+                   keep_int8: Sequence[str] | None = None,
+                   pow2_exponents: int = lowbit.DEFAULT_POW2_EXPONENTS) -> keras.Model:
     """Returns a quantization-aware copy of `model` for fine-tuning; the caller's model is untouched.
 
     Example:
@@ -64,6 +98,14 @@ def quantize_aware(model: keras.Model, scheme: Scheme | str = Scheme.DEFAULT,
         scheme: "default" (QAT), "prune_preserving" (PQAT) or "cluster_preserving" (CQAT).
         leave_float: names of layers tfmot cannot quantize that should stay float. The model is then not
             full-integer and int8 conversion will refuse it.
+        weights: the kernels' values in training and in the shipped int8 model: "int8" (tfmot's scheme),
+            "int4" / "int2" (symmetric linear, 15 / 3 levels), "ternary" (TWN: 0.7 x mean|w| threshold, one
+            scale), "binary" (sign(w) x mean|w|) or "pow2" (signed powers of two, `pow2_exponents` of them).
+            The scale is per output channel for Conv2D/DepthwiseConv2D and per tensor for Dense (the
+            converter's only form for a QAT FULLY_CONNECTED). Activations stay int8 either way.
+        keep_int8: Conv2D/DepthwiseConv2D/Dense layers that keep int8 weights when `weights` is low-bit;
+            None (default) keeps the first and the last; [] makes every one low-bit.
+        pow2_exponents: exponents per channel for "pow2" (1-7): at most 2k+1 distinct values.
 
     Raises:
         ValueError: subclassed or nested model, already quantized or still pruning-wrapped, unknown
@@ -71,7 +113,19 @@ def quantize_aware(model: keras.Model, scheme: Scheme | str = Scheme.DEFAULT,
     """
     model = as_tf_keras(model, "quantize_aware")  # a Keras 3 model is translated (checked equal)
     scheme = _scheme(scheme)
+    weights = _weights(weights)
     _check_structure(model)
+    if weights is not lowbit.Weights.INT8 and scheme is not Scheme.DEFAULT:
+        raise ValueError(
+            f"weights={weights.value!r} replaces every kernel value by the scheme's few values, which neither "
+            "keeps a pruned kernel's zeros nor its clusters: use scheme='default' with low-bit weights, or "
+            f"weights='int8' with {scheme.value}. Received: scheme={scheme.value!r}, weights={weights.value!r}"
+        )
+    if not (isinstance(pow2_exponents, int) and 1 <= pow2_exponents <= lowbit.MAX_POW2_EXPONENTS):
+        raise ValueError(
+            f"pow2_exponents must be an integer in [1, {lowbit.MAX_POW2_EXPONENTS}] (an int8 weight holds "
+            f"127, 64, ..., 1 apart: {lowbit.MAX_POW2_EXPONENTS} halvings). Received: pow2_exponents={pow2_exponents!r}"
+        )
     names = {layer.name for layer in model.layers}
     unknown = sorted(set(leave_float) - names)
     if unknown:
@@ -94,11 +148,27 @@ def quantize_aware(model: keras.Model, scheme: Scheme | str = Scheme.DEFAULT,
             return copy
         return tfmot.quantization.keras.quantize_annotate_layer(copy)
 
+    scheme_object = _scheme_object(scheme)
+    if weights is not lowbit.Weights.INT8:
+        low_bit, _ = low_bit_layers(model, keep_int8, leave_float)
+        if not low_bit:
+            raise ValueError(
+                f"weights={weights.value!r} would change no layer of model {model.name}: it has no Conv2D, "
+                "DepthwiseConv2D or Dense layer outside keep_int8 and leave_float (the first and the last are "
+                "kept at int8 by default: pass keep_int8=[] to make them low-bit too). Received: "
+                f"keep_int8={None if keep_int8 is None else list(keep_int8)}"
+            )
+        scheme_object = lowbit.low_bit_scheme(weights.value, frozenset(low_bit), pow2_exponents)
+    elif keep_int8:
+        raise ValueError("keep_int8 names the layers that stay int8 among low-bit ones, so it needs low-bit "
+                         f"weights (weights='int4', 'ternary', ...). Received: keep_int8={list(keep_int8)}, "
+                         "weights='int8'")
+
     annotated = keras.models.clone_model(model, clone_function=annotate)
     annotated.set_weights(model.get_weights())
     try:
         with tfmot.quantization.keras.quantize_scope():
-            return tfmot.quantization.keras.quantize_apply(annotated, _scheme_object(scheme))
+            return tfmot.quantization.keras.quantize_apply(annotated, scheme_object)
     except RuntimeError as e:
         found = re.search(r"Layer (\S+):<class '[\w.]*\.(\w+)'> is not supported", str(e))
         where = f"layer {found.group(1)} ({found.group(2)})" if found else "a layer"
@@ -114,6 +184,15 @@ def _scheme(scheme) -> Scheme:
     except ValueError:
         raise ValueError(
             f"Unknown QAT scheme. Expected one of {[s.value for s in Scheme]}. Received: scheme={scheme!r}"
+        ) from None
+
+
+def _weights(weights) -> lowbit.Weights:
+    try:
+        return lowbit.Weights(weights)
+    except ValueError:
+        raise ValueError(
+            f"Unknown QAT weights. Expected one of {[w.value for w in lowbit.Weights]}. Received: weights={weights!r}"
         ) from None
 
 

@@ -127,7 +127,8 @@ class OptimizeConfig:
 
     def _check_low_bit(self) -> None:
         if self.qat_weights not in QAT_WEIGHTS:
-            raise ValueError(f"qat_weights is one of {', '.join(QAT_WEIGHTS)}. Received: qat_weights={self.qat_weights!r}")
+            raise ValueError(f"qat_weights is one of {', '.join(QAT_WEIGHTS)}. "
+                             f"Received: qat_weights={self.qat_weights!r}")
         if isinstance(self.pow2_exponents, bool) or not isinstance(self.pow2_exponents, int) \
                 or not 1 <= self.pow2_exponents <= 7:
             raise ValueError("pow2_exponents is the number of powers of two per channel, an integer in [1, 7] (an "

@@ -105,8 +105,12 @@ class LowBitWeightQuantizer(quantizers.Quantizer):
         self.per_channel = bool(per_channel)
 
     def build(self, tensor_shape, name, layer):
-        channels = tensor_shape[-1] * (tensor_shape[-2] if self.depthwise else 1)
-        shape = (channels,) if self.per_channel else ()
+        # One range per last kernel axis, as tfmot's own conv quantizer: for a depthwise kernel [h, w, in,
+        # multiplier] that is one per multiplier (the converter refuses other forms, measured: a range per
+        # channel on the kernel reshaped to [h * w, in * multiplier] fails in 'tfl.quantize', and a per-tensor
+        # range leaves DEPTHWISE_CONV_2D float). The projection stays per channel: one value per channel maps to
+        # one int8 value, and the BatchNorm the converter folds in scales each channel on its own.
+        shape = (tensor_shape[-1],) if self.per_channel else ()
         built = {bound: layer.add_weight(f"{name}_{bound.split('_')[0]}", shape=shape, trainable=False,
                                          initializer=keras.initializers.Constant(-6.0 if bound == "min_var" else 6.0))
                  for bound in ("min_var", "max_var")}
@@ -127,13 +131,12 @@ class LowBitWeightQuantizer(quantizers.Quantizer):
             # variable: the converter then sees a constant kernel under tfmot's usual fake-quant op (a
             # projection computed in the graph is not folded before the converter quantizes the kernel,
             # measured: it then fails on the kernel's transpose).
-            kernel = _channels_last(weights["projected"], self.depthwise)
-            return tf.reshape(self._fake_quant(kernel, weights, False), inputs.shape)
+            return self._fake_quant(weights["projected"], weights, False)
         kernel = _channels_last(inputs, self.depthwise)
-        projected = project(kernel, self.weights, self.pow2_exponents, self.per_channel)
-        weights["projected"].assign(tf.reshape(projected, inputs.shape))
-        straight = kernel + tf.stop_gradient(projected - kernel)  # the straight-through estimator
-        return tf.reshape(self._fake_quant(straight, weights, True), inputs.shape)
+        projected = tf.reshape(project(kernel, self.weights, self.pow2_exponents, self.per_channel), inputs.shape)
+        weights["projected"].assign(projected)
+        straight = inputs + tf.stop_gradient(projected - inputs)  # the straight-through estimator
+        return self._fake_quant(straight, weights, True)
 
     def get_config(self):
         return {"weights": self.weights, "pow2_exponents": self.pow2_exponents, "depthwise": self.depthwise,

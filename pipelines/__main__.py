@@ -20,6 +20,8 @@ VERBS = {
     "benchmark_zoo": "Benchmark every path (PTQ, micro, optimize prune+QAT) on the test model zoo.",
     "benchmark_keras3": "Benchmark a Keras 3 CNN pruned in its own fit and QAT-converted against the same CNN "
                         "through tf_keras and tfmot.",
+    "benchmark_lowbit": "Benchmark low-bit QAT weights (int8, int4, int2, ternary, binary, pow2) on LeNet-5: accuracy, "
+                        "values per channel, flash with --compress, TFLM agreement.",
     "fuzz": "Fuzz the readers with mutated .tflite files and calibration arrays; count refusals and crashes.",
     "benchmark_robustness": "Benchmark robustness: fuzz counts in process, and mutated files through inspect and "
                             "export as processes.",

@@ -120,6 +120,13 @@ CASES = {
                               "--train_labels_key=y_train,y_train"], "names 2 labels array(s)"),
         ("Lambda layer", ["--keras_model={root}/lambda.h5", "--train_data={root}/train.npz", "--prune"],
          "Lambda layer(s) 'double'"),
+        ("low-bit weights without QAT", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz",
+                                         "--prune", "--qat_weights=ternary"], "needs --qat"),
+        ("unknown QAT weights", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz", "--qat",
+                                 "--qat_weights=int3"], "--qat_weights"),
+        ("keep_int8 names an unknown layer", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz",
+                                              "--qat", "--qat_weights=ternary", "--keep_int8=nope"],
+         "keep_int8 names layers that are not in model"),
     ],
     "export": [
         ("missing .tflite", ["--tflite={root}/absent.tflite"], "not found"),

@@ -123,6 +123,9 @@ def test_low_bit_optimize_run_reports_and_checks_the_shipped_values(keras_file, 
     assert "as --qat_weights asks" in report["shipped"]["reason"]
     assert convert_stage["low_bit_weights"]["max_distinct_per_channel"] == {"conv": 3, "fc": 3, "logits": 3}
     assert convert_stage["micro"]["tflm_check"]["top1_agreement"] >= 0.99
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "## Low-bit weights: ternary (checked in the flatbuffer)" in markdown
+    assert "| fc | 3 | 3 |" in markdown and "Kept at int8: none" in markdown
 
 
 def test_bad_low_bit_settings_are_refused(trained_model, keras_file, train_npz, tmp_path):

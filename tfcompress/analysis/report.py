@@ -79,6 +79,7 @@ class Report:
     latency_threads: int
     fidelity: dict | None = None  # the final model against the float model, every output (report.json's)
     input_model: dict | None = None  # what the run started from: source, kind ("Keras 3 model (.keras file)"), ...
+    low_bit: dict | None = None  # low-bit QAT weights: what the shipped flatbuffer holds per layer, what stayed int8
 
 
 def compute_report(run_dir: str, latency_runs: int = 200,
@@ -105,7 +106,15 @@ def compute_report(run_dir: str, latency_runs: int = 200,
     if fidelity is None and "stages" in record:
         fidelity = record["stages"][-1].get("fidelity")
     return Report(SCHEMA_VERSION, run_dir, kind, rows, layers, _worst_tensors(run_dir), latency_threads=1,
-                  fidelity=fidelity, input_model=record.get("input_model"))
+                  fidelity=fidelity, input_model=record.get("input_model"), low_bit=_low_bit(record))
+
+
+def _low_bit(record: dict) -> dict | None:
+    stages = {stage["stage"]: stage for stage in record.get("stages", ())}
+    shipped = stages.get("convert", {}).get("low_bit_weights")
+    if not shipped:
+        return None
+    return {**shipped, "keep_int8_because": stages.get("qat", {}).get("keep_int8_because")}
 
 
 class _ParsedModels:
@@ -285,6 +294,14 @@ def render_markdown(report: Report) -> str:
         for o in f["outputs"]:
             lines.append(f"| {o['name']} | {tuple(o['shape'])} | {o['sqnr_db']:.1f} | {o['max_abs_error']:.4g} | "
                          f"{o['mean_abs_error']:.4g} | {_fmt(o['top1_agreement'], '.4f')} |")
+    if report.low_bit:
+        low = report.low_bit
+        kept = ", ".join(low["keep_int8"]) or "none"
+        lines += ["", f"## Low-bit weights: {low['weights']} (checked in the flatbuffer)", "",
+                  f"Kept at int8: {kept}" + (f" ({low['keep_int8_because']})" if low.get("keep_int8_because") else "")
+                  + ".", "", "| layer | most distinct int8 values in one output channel | allowed |", "|---|---|---|"]
+        for layer, count in low["max_distinct_per_channel"].items():
+            lines.append(f"| {layer} | {count} | {low['allowed_per_channel']} |")
     if report.layers:
         lines += ["", "## Layers of the final model", "",
                   "| layer | op | weight bytes | zeros | MACs |", "|---|---|---|---|---|"]

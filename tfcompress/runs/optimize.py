@@ -331,6 +331,12 @@ def _low_bit_details(model, config: OptimizeConfig) -> dict:
     if config.qat_weights == "int8":
         return {}
     low_bit, kept = low_bit_layers(model, config.keep_int8, config.leave_float)
+    if not low_bit:
+        raise ValueError(
+            f"--qat_weights={config.qat_weights} would change no layer of {model.name}: every Conv2D, "
+            "DepthwiseConv2D and Dense layer is kept at int8 or left float (the first and the last are kept by "
+            "default: pass --keep_int8= (empty) to make them low-bit too). Received: keep_int8="
+            f"{None if config.keep_int8 is None else list(config.keep_int8)}")
     return {"weights": config.qat_weights, "low_bit_layers": low_bit, "keep_int8": kept,
             "keep_int8_because": ("the first and the last weight layers stay int8, as the low-bit literature keeps "
                                   "them (TWN, XNOR-Net, DoReFa-Net)") if config.keep_int8 is None else "--keep_int8",
@@ -510,6 +516,8 @@ def _check_inputs(config: OptimizeConfig) -> _Inputs:
         _pruned(model, config)  # checks the layers against the pruning settings; the copy is dropped
     if config.cluster is not None:
         _clustered(model, config)
+    if config.qat_weights != "int8":
+        _low_bit_details(model, config)  # checks keep_int8 against the layers, and that some layer is left low-bit
     losses = tuple(training_loss(float_model, config.loss, regression=r, output=i) for i, r in enumerate(regression))
     heads = tuple(candidates.Head(name, loss.regression, loss.from_logits) for name, loss in zip(names, losses))
     return _Inputs(config, *data, float_model=float_model, teacher=teacher, factorized=factorized, losses=losses,

@@ -19,7 +19,7 @@ from conftest import CALIBRATION, SCALE
 from tfcompress.conversion import calibration
 from tfcompress.conversion.convert import ConvertConfig, convert_and_read
 from tfcompress.core import quantizers as qz
-from tfcompress.core._keras import tf
+from tfcompress.core._keras import keras, tf
 from tfcompress.core.model_io import load_model
 from tfcompress.core.tflite_model import TfliteModel, read_tflite
 
@@ -242,3 +242,19 @@ def test_reproduces_every_parameter_of_zoo_models(trained, name, ops):
     q, checked, mismatches = _reproduce(load_model(entry.files.keras_model), samples)
     assert not mismatches, "\n".join(mismatches)
     assert ops <= set(q.op_names) and checked > 20
+
+
+def test_reproduces_every_parameter_of_the_demo_lenet5(mnist_subset):
+    """The demo's own architecture (LeNet-5 of `tfcompress.models.baseline`), trained briefly on real MNIST."""
+    from tfcompress.models import baseline
+
+    x_train, y_train, _, _ = mnist_subset
+    keras.utils.set_random_seed(0)
+    model = baseline.compile_classifier(baseline.lenet5())
+    model.fit(x_train, y_train, epochs=1, batch_size=128, verbose=0)
+    with np.load(CALIBRATION) as d:
+        samples = d["x"][:200].astype(np.float32) * SCALE
+    q, checked, mismatches = _reproduce(load_model(model), samples)
+    assert not mismatches, "\n".join(mismatches)
+    # 4 weights and 4 biases, and every int8/uint8 activation
+    assert checked == len([t for t in q.tensors if t.dtype in ("int8", "uint8")]) + 4

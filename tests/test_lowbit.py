@@ -16,7 +16,7 @@ from tfcompress.core._keras import keras, tf
 from tfcompress.core.model_io import load_model
 from tfcompress.core.tflite_model import read_tflite
 from tfcompress.runs.optimize import OptimizeConfig, run_optimize
-from tfcompress.targets.export import build_micro_export
+from tfcompress.targets.export import ExportConfig, build_micro_export, run_export
 from tfcompress.training import lowbit
 from tfcompress.training.cluster import distinct_values
 from tfcompress.training.quantize import low_bit_layers, quantize_aware
@@ -76,11 +76,32 @@ def test_low_bit_qat_ships_its_values_and_packs_them_for_tflm(trained_model, mni
     uint8 = np.clip(np.round(x_test[:100] / SCALE), 0, 255).astype(np.uint8)
     export = build_micro_export(flatbuffer, uint8, "100 MNIST test images", name="lowbit", compress=True)
     compression = export.manifest["compression"]
-    assert {t["index_bitwidth"] for t in compression["tensors"]} == {bits}
+    assert max(t["index_bitwidth"] for t in compression["tensors"]) == bits
     # fc and logits always; the 72-weight conv only where its tables cost less than the weights they replace
     assert {"quant_fc", "quant_logits"} <= {part for t in compression["tensors"] for part in t["name"].split("/")}
     assert compression["tflm_exact_check"]["max_step_difference"] == 0  # identical outputs in TFLM
     assert compression["flash_bytes_after"] < compression["flash_bytes_before"]
+
+
+@pytest.mark.parametrize("scheme,allowed,bits", SCHEMES)
+def test_each_scheme_runs_from_the_pipeline_and_exports_compressed_for_tflm(keras_file, train_npz, eval_npz, tmp_path,
+                                                                           scheme, allowed, bits):
+    result = run_optimize(OptimizeConfig(
+        output_dir=str(tmp_path / "out"), train_data=train_npz, keras_model=keras_file, eval_data=eval_npz,
+        input_scale=SCALE, qat=True, qat_weights=scheme, keep_int8=(), qat_epochs=1, batch_size=64,
+        max_accuracy_drop=0.1, target="micro", latency_runs=1))
+    convert_stage = result.stages[-1]
+    assert convert_stage["shipped"] == "qat"
+    assert max(convert_stage["low_bit_weights"]["max_distinct_per_channel"].values()) <= allowed
+    run_export(ExportConfig(tflite=result.model_path, output_dir=str(tmp_path / "micro"), compress=True,
+                            eval_data=eval_npz, input_scale=SCALE, num_eval_samples=200))
+    manifest = json.loads((tmp_path / "micro" / "manifest.json").read_text())
+    compression = manifest["compression"]
+    # at most the scheme's bits (a pow2 Dense kernel with one scale may hold 8 of its 9 values: 3 bits)
+    assert max(t["index_bitwidth"] for t in compression["tensors"]) == bits
+    assert all(t["index_bitwidth"] <= bits for t in compression["tensors"])
+    assert compression["tflm_exact_check"]["max_step_difference"] == 0  # identical outputs in TFLM
+    assert manifest["tflm_check"]["top1_agreement"] >= 0.99  # and TFLM agrees with LiteRT
 
 
 def test_keep_int8_defaults_to_the_first_and_last_weight_layers(trained_model):

@@ -1,7 +1,7 @@
 r"""Measure how much each reference quantizer loses on a model's kernels, layer by layer.
 
 Example:
-  python pipelines/quantization_error.py --keras_model=artefacts/demo/float_model.keras \
+  python pipelines/quantization_error.py --saved_model_dir=artefacts/demo/float_savedmodel \
       --output_dir=artefacts/quantization_error
 
 Prints the SQNR (dB) per layer under linear int8 (symmetric per channel, what TFLite ships), int4, int2,

@@ -78,3 +78,10 @@ def test_cli(keras_file, tmp_path):
     assert not (tmp_path / "bad").exists()
     both = _cli(f"--keras_model={keras_file}", f"--saved_model_dir={tmp_path}")
     assert both.returncode == 2 and "Give exactly one model" in both.stderr
+
+
+def test_a_tf_keras_saved_model_is_measured_like_its_keras_file(result, saved_model_dir):
+    """A SavedModel tf_keras wrote (the demo's float_savedmodel is one) has its layers in keras_metadata.pb."""
+    from_saved = qe.quantization_error(saved_model_dir)
+    assert [r.layer for r in from_saved.layers] == ["conv", "fc", "logits"]
+    assert from_saved.total.errors["int8"] == result.total.errors["int8"]

@@ -22,7 +22,9 @@ import numpy as np
 
 from tfcompress.core import quantizers
 from tfcompress.core.artefacts import output_lock, prepare_output_dir, remove_if_empty, write_atomic, write_json
+from tfcompress.core._keras import keras
 from tfcompress.core.model_io import FloatModel, load_model, model_source
+from tfcompress.core.model_safety import check_model_file
 
 JSON_FILENAME = "quantization_error.json"
 MARKDOWN_FILENAME = "quantization_error.md"
@@ -104,11 +106,12 @@ def _measure(name: str, kind: str, kernel: np.ndarray, channels: int,
     return LayerQuantizationError(name, kind, tuple(kernel.shape), int(kernel.size), channels, errors)
 
 
-def quantization_error(model: Any) -> QuantizationErrorResult:
+def quantization_error(model: Any, trust_model: bool = False) -> QuantizationErrorResult:
     """Measures every kernel of `model` under every scheme of `SCHEMES`, per output channel.
 
     Args:
         model: a `FloatModel`, a tf_keras or Keras 3 model, or anything `model_io.load_model` takes.
+        trust_model: load a file even if it holds code (Lambda layers, unregistered custom layers).
 
     Returns:
         The per-layer errors and the whole-model row.
@@ -117,12 +120,17 @@ def quantization_error(model: Any) -> QuantizationErrorResult:
         ValueError: the model has no layer with a kernel.
         ModelLoadError: `model` is a path that cannot be loaded.
     """
-    loaded = model if isinstance(model, FloatModel) else load_model(model)
-    if loaded.keras_model is None:
+    loaded = model if isinstance(model, FloatModel) else load_model(model, trust_model=trust_model)
+    keras_model = loaded.keras_model
+    if keras_model is None and loaded.keras_version == 2 and loaded.saved_model_dir:
+        # A SavedModel tf_keras wrote (keras_metadata.pb): its layers are rebuilt, which may run their code.
+        check_model_file(loaded.saved_model_dir, trust_model)
+        keras_model = keras.models.load_model(loaded.saved_model_dir, compile=False)
+    if keras_model is None:
         raise ValueError(
             f"{loaded.source} is a SavedModel no Keras wrote, so it has no layers to measure. Pass a Keras "
             f"model (--keras_model, or a SavedModel saved by Keras). Received: model={loaded.source!r}")
-    kernels = _kernels(loaded.keras_model)
+    kernels = _kernels(keras_model)
     if not kernels:
         raise ValueError(
             f"{loaded.source} has no layer with a kernel (Conv2D, DepthwiseConv2D, Dense ...), so there are no "
@@ -205,7 +213,7 @@ def run_quantization_error(saved_model_dir: str | None = None, keras_model: str 
     if output_dir is not None:
         directory, created = prepare_output_dir(output_dir, names, overwrite)
     try:
-        result = quantization_error(load_model(source, trust_model=trust_model))
+        result = quantization_error(load_model(source, trust_model=trust_model), trust_model=trust_model)
     except Exception:
         if created:
             remove_if_empty(directory)

@@ -6,7 +6,8 @@ Example (the demo's LeNet-5, prune to 80% then PQAT):
       --eval_data=data/mnist.npz --input_scale=0.00392156862745098 --prune --final_sparsity=0.8 --qat \
       --output_dir=artefacts/optimize
 Add --cluster=16 for weight sharing (kept through PCQAT), --factorize_energy=0.9 --factorize_layers=fc1 for a
-low-rank fc1, --distill_from=TEACHER to fine-tune against a teacher's logits.
+low-rank fc1, --distill_from=TEACHER to fine-tune against a teacher's logits; --qat --qat_weights=ternary (or
+int4, int2, binary, pow2) for low-bit kernels with int8 activations (that QAT model ships).
 
 Stages run in this order, each when asked for: float → factorize → prune → cluster → qat → convert. With
 --distill_from the factorize, prune and cluster fine-tunes train through the teacher; QAT uses the labels.

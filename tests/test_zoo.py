@@ -397,3 +397,26 @@ def test_optimize_refuses_what_it_cannot_fine_tune_in_one_line(trained, tmp_path
     with pytest.raises(ValueError, match=message):
         run_optimize(OptimizeConfig(output_dir=str(tmp_path / "out"), keras_model=run.files.keras_model,
                                     train_data=str(tmp_path / "train.npz"), prune=True, qat=True, prune_epochs=1))
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("resnet8", {}),
+    ("two_output", {"train_labels_key": "y_digit,y_parity", "eval_labels_key": "y_test_digit", "eval_output": "digit"}),
+])
+def test_ternary_qat_through_optimize_on_residual_and_two_output_models(trained, tmp_path, name, overrides):
+    """Low-bit weights hold beyond LeNet-5: residual adds with BatchNorm folded per channel, and two heads."""
+    run = trained(name)
+    if name == "two_output":
+        train = tmp_path / "train_by_head.npz"
+        np.savez(train, x_train=run.data.x_train, y_digit=run.data.y_train["digit"],
+                 y_parity=run.data.y_train["parity"])
+        overrides = {**overrides, "train_data": str(train)}
+    result = _optimize(run, tmp_path, prune=False, qat_weights="ternary", max_accuracy_drop=0.1, **overrides)
+    qat_stage, convert_stage = result.stages[-2:]
+    assert convert_stage["shipped"] == "qat" and qat_stage["weights"] == "ternary"
+    assert len(qat_stage["low_bit_layers"]) >= 2
+    heads = {"resnet8": ["probabilities"], "two_output": ["digit", "parity"]}[name]
+    assert qat_stage["keep_int8"][1:] == heads  # the first weight layer and every head stay int8
+    assert set(convert_stage["low_bit_weights"]["max_distinct_per_channel"]) == set(qat_stage["low_bit_layers"])
+    assert max(convert_stage["low_bit_weights"]["max_distinct_per_channel"].values()) <= 3
+    _assert_uint8_integer_only(result.model_path)

@@ -53,13 +53,18 @@ def low_bit_layers(model: keras.Model, keep_int8: Sequence[str] | None = None,
     """(layers that get low-bit weights, layers kept at int8) of `model`.
 
     The candidates are the Conv2D, DepthwiseConv2D and Dense layers not left float. `keep_int8=None` keeps the
-    first and the last of them at int8, as the low-bit literature does (TWN, XNOR-Net, DoReFa-Net: the first
-    layer sees the raw input, the last one makes the scores); `keep_int8=[]` makes every one low-bit.
+    first and the last of them at int8 (the last of each output, for several outputs), as the low-bit
+    literature does (TWN, XNOR-Net, DoReFa-Net: the first layer sees the raw input, the last one makes the
+    scores); `keep_int8=[]` makes every one low-bit.
     """
-    candidates = [layer.name for layer in model.layers
-                  if type(layer).__name__ in lowbit.KERNELS and layer.name not in leave_float]
+    layers = [layer for layer in model.layers
+              if type(layer).__name__ in lowbit.KERNELS and layer.name not in leave_float]
+    candidates = [layer.name for layer in layers]
     if keep_int8 is None:
-        kept = [candidates[0], candidates[-1]] if len(candidates) > 1 else []
+        # "The last" is every head of a multi-output model: the weight layers whose output is a model output,
+        # or else the last weight layer (a head that ends in a separate activation layer).
+        heads = [layer.name for layer in layers if any(layer.output is output for output in model.outputs)]
+        kept = [candidates[0], *(heads or candidates[-1:])] if len(candidates) > 1 else []
     else:
         names = {layer.name for layer in model.layers}
         unknown = sorted(set(keep_int8) - names)

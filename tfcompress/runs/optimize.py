@@ -338,8 +338,8 @@ def _low_bit_details(model, config: OptimizeConfig) -> dict:
             "default: pass --keep_int8= (empty) to make them low-bit too). Received: keep_int8="
             f"{None if config.keep_int8 is None else list(config.keep_int8)}")
     return {"weights": config.qat_weights, "low_bit_layers": low_bit, "keep_int8": kept,
-            "keep_int8_because": ("the first and the last weight layers stay int8, as the low-bit literature keeps "
-                                  "them (TWN, XNOR-Net, DoReFa-Net)") if config.keep_int8 is None else "--keep_int8",
+            "keep_int8_because": ("the first weight layer and the last of each output stay int8, as the low-bit "
+                                  "literature keeps them (TWN, XNOR-Net, DoReFa-Net)") if config.keep_int8 is None else "--keep_int8",
             "max_distinct_per_channel": max_distinct(config.qat_weights, config.pow2_exponents),
             **({"pow2_exponents": config.pow2_exponents} if config.qat_weights == "pow2" else {})}
 

@@ -337,9 +337,9 @@ def _low_bit_details(model, config: OptimizeConfig) -> dict:
             "DepthwiseConv2D and Dense layer is kept at int8 or left float (the first and the last are kept by "
             "default: pass --keep_int8= (empty) to make them low-bit too). Received: keep_int8="
             f"{None if config.keep_int8 is None else list(config.keep_int8)}")
-    return {"weights": config.qat_weights, "low_bit_layers": low_bit, "keep_int8": kept,
-            "keep_int8_because": ("the first weight layer and the last of each output stay int8, as the low-bit "
-                                  "literature keeps them (TWN, XNOR-Net, DoReFa-Net)") if config.keep_int8 is None else "--keep_int8",
+    because = ("the first weight layer and the last of each output stay int8, as the low-bit literature keeps them "
+               "(TWN, XNOR-Net, DoReFa-Net)") if config.keep_int8 is None else "--keep_int8"
+    return {"weights": config.qat_weights, "low_bit_layers": low_bit, "keep_int8": kept, "keep_int8_because": because,
             "max_distinct_per_channel": max_distinct(config.qat_weights, config.pow2_exponents),
             **({"pow2_exponents": config.pow2_exponents} if config.qat_weights == "pow2" else {})}
 

@@ -9,7 +9,9 @@ Add --cluster=16 for weight sharing (kept through PCQAT), --factorize_energy=0.9
 low-rank fc1, --distill_from=TEACHER to fine-tune against a teacher's logits; --qat --qat_weights=ternary (or
 int4, int2, binary, pow2) for low-bit kernels with int8 activations (that QAT model ships).
 
-Stages run in this order, each when asked for: float → factorize → prune → cluster → qat → convert. With
+--prune_channels=0.5 (or =auto --target_macs=0.5) removes whole filters first, so MACs, arena and latency drop.
+
+Stages run in this order, each when asked for: float → channels → factorize → prune → cluster → qat → convert. With
 --distill_from the factorize, prune and cluster fine-tunes train through the teacher; QAT uses the labels.
 Each stage leaves its model in <output_dir>/stages/ and its numbers in <output_dir>/report.json; a rerun
 with the same flags resumes after the last completed stage (--overwrite starts over). The validation split
@@ -44,6 +46,20 @@ _EVAL_OUTPUT = flags.DEFINE_string("eval_output", None, "The output --eval_label
                                    "over outputs on validation).")
 _SCALE = flags.DEFINE_float("input_scale", 1.0, "Model input = raw * input_scale + input_offset.")
 _OFFSET = flags.DEFINE_float("input_offset", 0.0, "See --input_scale.")
+_PRUNE_CHANNELS = flags.DEFINE_string("prune_channels", None, "Remove whole filters first (the model really shrinks: "
+                                      "MACs, arena, latency): a ratio in [0, 1) for every prunable layer, or 'auto' "
+                                      "for per-layer ratios from a sensitivity analysis on the validation split that "
+                                      "meet --target_macs, --target_params or --target_latency; then "
+                                      "--prune_epochs of fine-tuning.")
+_TARGET_MACS = flags.DEFINE_float("target_macs", None, "With --prune_channels=auto: fraction of the "
+                                  "multiply-accumulates to keep, in (0, 1].")
+_TARGET_PARAMS = flags.DEFINE_float("target_params", None, "With --prune_channels=auto: fraction of the Conv/Dense "
+                                    "parameters to keep, in (0, 1].")
+_TARGET_LATENCY = flags.DEFINE_float("target_latency", None, "With --prune_channels=auto: fraction of the int8 "
+                                     "model's single-thread LiteRT latency to keep, in (0, 1] (measured).")
+_CHANNEL_CRITERION = flags.DEFINE_enum("channel_criterion", "l1", ["l1", "l2", "bn_gamma"], "How channels are "
+                                       "ranked: L1/L2 norm of each filter (BatchNorm scale folded in) or the "
+                                       "BatchNorm |gamma|.")
 _FACTORIZE_ENERGY = flags.DEFINE_float("factorize_energy", None, "Replace Dense and 1x1 Conv2D kernels by "
                                        "two low-rank factors keeping this fraction of the squared singular "
                                        "values, in (0, 1] (first stage).")
@@ -120,6 +136,8 @@ def main(argv: list[str]) -> None:
         validation_fraction=_VALIDATION.value, eval_data=_EVAL.value, eval_key=_EVAL_KEY.value,
         eval_labels_key=_EVAL_LABELS_KEY.value, eval_output=_EVAL_OUTPUT.value, input_scale=_SCALE.value,
         input_offset=_OFFSET.value,
+        prune_channels=_PRUNE_CHANNELS.value, target_macs=_TARGET_MACS.value, target_params=_TARGET_PARAMS.value,
+        target_latency=_TARGET_LATENCY.value, channel_criterion=_CHANNEL_CRITERION.value,
         factorize_energy=_FACTORIZE_ENERGY.value, factorize_layers=tuple(_FACTORIZE_LAYERS.value),
         factorize_epochs=_FACTORIZE_EPOCHS.value, prune=_PRUNE.value, final_sparsity=_SPARSITY.value,
         prune_scope=_SCOPE.value, prune_structure=_STRUCTURE.value, prune_exclude=tuple(_PRUNE_EXCLUDE.value),
@@ -140,7 +158,9 @@ def main(argv: list[str]) -> None:
         print(f"resumed after stage {result.resumed_after}")
     for stage in result.stages:
         acc, zeros = stage.get("eval_accuracy"), stage.get("sparsity")
-        print(f"  {stage['stage']:<9} eval accuracy {'-' if acc is None else f'{acc:.4f}'}  "
+        macs = stage.get("macs")
+        print(f"  {stage['stage']:<9} MACs {'-' if macs is None else f'{macs:,}'}  "
+              f"eval accuracy {'-' if acc is None else f'{acc:.4f}'}  "
               f"sparsity {'-' if zeros is None else f'{zeros:.3f}'}  {stage['seconds']:.1f} s")
     if result.shipped:
         print(f"shipped {result.shipped['candidate']}: {result.shipped['reason']}")

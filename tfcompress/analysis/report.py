@@ -79,6 +79,7 @@ class Report:
     latency_threads: int
     fidelity: dict | None = None  # the final model against the float model, every output (report.json's)
     input_model: dict | None = None  # what the run started from: source, kind ("Keras 3 model (.keras file)"), ...
+    channels: dict | None = None  # channel pruning: how ratios were chosen, the per-layer table, the int8 probes
     low_bit: dict | None = None  # low-bit QAT weights: what the shipped flatbuffer holds per layer, what stayed int8
 
 
@@ -106,7 +107,16 @@ def compute_report(run_dir: str, latency_runs: int = 200,
     if fidelity is None and "stages" in record:
         fidelity = record["stages"][-1].get("fidelity")
     return Report(SCHEMA_VERSION, run_dir, kind, rows, layers, _worst_tensors(run_dir), latency_threads=1,
-                  fidelity=fidelity, input_model=record.get("input_model"), low_bit=_low_bit(record))
+                  fidelity=fidelity, input_model=record.get("input_model"), low_bit=_low_bit(record),
+                  channels=_channels(record))
+
+
+def _channels(record: dict) -> dict | None:
+    stage = next((s for s in record.get("stages", ()) if s["stage"] == "channels"), None)
+    if stage is None:
+        return None
+    return {"mode": stage.get("mode"), "criterion": stage.get("criterion"), "table": stage.get("channel_table"),
+            "ratios": (stage.get("channel_pruning") or {}).get("ratios"), "probe": stage.get("int8_probe")}
 
 
 def _low_bit(record: dict) -> dict | None:
@@ -156,15 +166,28 @@ def _optimize_rows(record: dict, run_dir: str, latency_runs: int, models: _Parse
                                     stage.get("eval_accuracy"), float_accuracy, latency_runs,
                                     (micro.get("arena") or {}).get("arena_bytes")))
         else:
-            rows.append(_keras_row(stage["stage"], stage["artefact"], stage.get("eval_accuracy"), float_accuracy))
+            rows.append(_keras_row(stage["stage"], stage["artefact"], stage.get("eval_accuracy"), float_accuracy,
+                                   stage.get("macs"), _probe(record, stage["stage"])))
     return tuple(rows)
+
+
+def _probe(record: dict, stage: str) -> dict:
+    """The int8 probe the channel pruning stage measured (bytes, latency, arena): before it for the float row,
+    after it for its own; {} elsewhere."""
+    channels = next((s for s in record["stages"] if s["stage"] == "channels"), None)
+    if channels is None or "int8_probe" not in channels:
+        return {}
+    return channels["int8_probe"].get({"float": "before", "channels": "after"}.get(stage, ""), {})
 
 
 def _change(accuracy: float | None, reference: float | None) -> float | None:
     return None if accuracy is None or reference is None else accuracy - reference
 
 
-def _keras_row(stage: str, path: str | None, accuracy: float | None, reference: float | None) -> StageRow:
+def _keras_row(stage: str, path: str | None, accuracy: float | None, reference: float | None,
+               keras_macs: int | None = None, probe: dict | None = None) -> StageRow:
+    """A Keras stage's row; `probe` (latency, arena) is of an int8 conversion of it, where one was measured."""
+    probe = probe or {}
     arrays = _keras_arrays(path) if path and os.path.exists(path) else None
     size = _size(path) if path and os.path.exists(path) else None
     gz = None
@@ -176,7 +199,8 @@ def _keras_row(stage: str, path: str | None, accuracy: float | None, reference: 
         accuracy=accuracy, accuracy_change=_change(accuracy, reference), bytes=size, gzip_bytes=gz,
         parameters=None if arrays is None else int(sum(a.size for a in arrays)),
         nonzero_parameters=None if arrays is None else int(sum(np.count_nonzero(a) for a in arrays)),
-        macs=None, latency_median_ms=None, latency_p90_ms=None, arena_bytes=None)
+        macs=keras_macs, latency_median_ms=probe.get("latency_median_ms"), latency_p90_ms=None,
+        arena_bytes=probe.get("arena_bytes"))
 
 
 def _tflite_row(stage: str, model: TfliteModel, path: str, accuracy, reference, latency_runs: int,
@@ -294,6 +318,18 @@ def render_markdown(report: Report) -> str:
         for o in f["outputs"]:
             lines.append(f"| {o['name']} | {tuple(o['shape'])} | {o['sqnr_db']:.1f} | {o['max_abs_error']:.4g} | "
                          f"{o['mean_abs_error']:.4g} | {_fmt(o['top1_agreement'], '.4f')} |")
+    if report.channels:
+        ch = report.channels
+        ratios = ", ".join(f"{name} {ratio:.2f}" for name, ratio in (ch["ratios"] or {}).items())
+        lines += ["", f"## Channel pruning: {ch['mode']} (channels ranked by {ch['criterion']})", "",
+                  f"Ratio per channel group (a group is named by its first layer): {ratios}.", ""]
+        probe = ch.get("probe") or {}
+        if probe:
+            lines += ["int8 probe of the model before and after channel pruning, before fine-tuning (100 calibration "
+                      "samples): " + "; ".join(
+                          f"{when} {_fmt(p.get('bytes'))} bytes, latency {_fmt(p.get('latency_median_ms'), '.3f')} ms, "
+                          f"arena {_fmt(p.get('arena_bytes'))}" for when, p in probe.items()) + ".", ""]
+        lines += [ch["table"] or ""]
     if report.low_bit:
         low = report.low_bit
         kept = ", ".join(low["keep_int8"]) or "none"

@@ -4,10 +4,11 @@ int8 `.tflite` out.
 Takes an `OptimizeConfig` (its fields are the flags of `pipelines/optimize.py`); returns an
 `OptimizeResult`. Stages run in a fixed order, each only when asked for:
 
-    float → factorize → prune → cluster → qat → (candidates) → convert
+    float → channels → factorize → prune → cluster → qat → (candidates) → convert
 
-Factorization comes first because it changes the layers (a Dense becomes two) and the later stages should
-compress the layers that ship; pruning comes before clustering so that clustering can keep the zeros
+Channel pruning (`tfcompress.runs.channel_stage`) comes first: it removes whole filters, so every later stage
+works on the smaller model. Factorization comes first among the rest because it changes the layers (a Dense
+becomes two) and the later stages should compress the layers that ship; pruning comes before clustering so that clustering can keep the zeros
 (`preserve_sparsity`); QAT comes last among the training stages, preserving what came before (PQAT after
 pruning, CQAT/PCQAT after clustering). With a teacher (`distill_from`) the factorize, prune and cluster
 fine-tunes train through `tfcompress.training.distill.Distiller`; QAT trains on the labels, or with
@@ -55,6 +56,8 @@ from tfcompress.runs.optimize_config import OptimizeConfig
 from tfcompress.training.losses import TrainingLoss, training_loss, training_targets
 from tfcompress.training.lowbit import max_distinct
 from tfcompress.training.quantize import low_bit_layers, quantize_aware
+from tfcompress.training.channel_graph import model_macs
+from tfcompress.runs import channel_stage
 
 STATE_FILENAME = "state.json"
 REPORT_SCHEMA_VERSION = 1
@@ -169,7 +172,7 @@ def _hand_back_keras3(inputs: _Inputs, state: dict, output_dir: str) -> str | No
     """For a Keras 3 input: the last pruned or clustered float model as a Keras 3 `.keras` file (weights copied
     back into the user's architecture), when the stages kept that architecture (no factorize). QAT models stay
     tf_keras (tfmot's wrappers); what ships is the `.tflite` either way."""
-    if inputs.translation is None or "factorize" in inputs.config.stages:
+    if inputs.translation is None or {"factorize", "channels"} & set(inputs.config.stages):
         return None
     kept = [s for s in state["completed"] if s["stage"] in ("prune", "cluster")]
     if not kept:
@@ -269,6 +272,19 @@ def _low_bit_shipped(tflite, state: dict, choice: candidates.Choice | None) -> d
 # ---------------------------------------------------------------------------------------------------
 # The training stages: each takes the previous stage's Keras model and returns the next one, plus the
 # stage's own numbers for the report.
+
+
+def _channels_stage(model, inputs: _Inputs):
+    config = inputs.config
+    pruned, details = channel_stage.prune_channels_stage(model, config, inputs.x_train, inputs.x_val,
+                                                         inputs.y_val[_head_position(inputs)])
+    _fine_tune(pruned, inputs, config.prune_epochs)
+    return pruned, details
+
+
+def _head_position(inputs: _Inputs) -> int:
+    names = [head.name for head in inputs.heads]
+    return names.index(inputs.config.eval_output) if inputs.config.eval_output in names else 0
 
 
 def _factorize_stage(model, inputs: _Inputs):
@@ -451,7 +467,7 @@ def _reloadable(cqat, stripped, config: OptimizeConfig):
     return plain
 
 
-_STAGES = {"factorize": _factorize_stage, "prune": _prune_stage, "cluster": _cluster_stage,
+_STAGES = {"channels": _channels_stage, "factorize": _factorize_stage, "prune": _prune_stage, "cluster": _cluster_stage,
            "qat": _qat_stage}
 
 
@@ -512,6 +528,8 @@ def _check_inputs(config: OptimizeConfig) -> _Inputs:
                                layers=list(config.factorize_layers) or None)
     # The later stages see the factorized layers, so their layer settings are checked against those.
     model = float_model if factorized is None else factorized.model
+    if config.prune_channels is not None:
+        channel_stage.check(model, config)  # something prunable, a reachable budget
     if config.prune:
         _pruned(model, config)  # checks the layers against the pruning settings; the copy is dropped
     if config.cluster is not None:
@@ -772,6 +790,7 @@ def _complete(state, stages_dir, stage, model, inputs: _Inputs, seconds, details
         "stage": stage, "artefact": path, "artefact_sha256": sha256, "artefact_bytes": size,
         **_stage_scores(model, inputs),
         "parameters": int(model.count_params()),
+        "macs": model_macs(model),
         "nonzero_parameters": int(sum(np.count_nonzero(w) for w in model.get_weights())),
         "sparsity": _kernel_sparsity(model),
         **({"distilled_from": inputs.config.distill_from} if distilled else {}),

@@ -20,7 +20,8 @@ from tfcompress.training.losses import LOSSES
 
 
 # The training stages in the order they run (each only when its setting asks for it).
-TRAINING_STAGES = ("factorize", "prune", "cluster", "qat")
+TRAINING_STAGES = ("channels", "factorize", "prune", "cluster", "qat")
+CHANNEL_CRITERIA = ("l1", "l2", "bn_gamma")  # tfcompress.training.channel_prune.CRITERIA
 QAT_WEIGHTS = ("int8", "int4", "int2", "ternary", "binary", "pow2")  # tfcompress.training.lowbit.Weights
 
 
@@ -44,6 +45,16 @@ class OptimizeConfig:
     ships. Without it a multi-output model's candidates are scored on the mean over its outputs."""
     input_scale: float = 1.0
     input_offset: float = 0.0
+    prune_channels: float | str | None = None
+    """Channel pruning first: a ratio in [0, 1) for every prunable layer, or "auto" (per-layer ratios from a
+    sensitivity analysis on the validation split that meet `target_macs`, `target_params` or `target_latency`)."""
+    target_macs: float | None = None
+    """With prune_channels="auto": the fraction of the multiply-accumulates to keep, in (0, 1]."""
+    target_params: float | None = None
+    """With prune_channels="auto": the fraction of the Conv/Dense parameters to keep, in (0, 1]."""
+    target_latency: float | None = None
+    """With prune_channels="auto": the fraction of the int8 model's single-thread LiteRT latency to keep, measured."""
+    channel_criterion: str = "l1"
     factorize_energy: float | None = None
     factorize_layers: tuple[str, ...] = ()
     factorize_epochs: int = 1
@@ -104,11 +115,13 @@ class OptimizeConfig:
         for name in ("factorize_epochs", "prune_epochs", "cluster_epochs", "qat_epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1. Received: {name}={getattr(self, name)}")
-        if not (self.factorize_energy is not None or self.prune or self.cluster is not None or self.qat):
+        self._check_channels()
+        if not (self.prune_channels is not None or self.factorize_energy is not None or self.prune
+                or self.cluster is not None or self.qat):
             raise ValueError(
-                "Nothing to optimize: pass --factorize_energy, --prune, --cluster and/or --qat (for "
-                "post-training quantization alone use tfcompress convert). Received: factorize_energy=None, "
-                "prune=False, cluster=None, qat=False"
+                "Nothing to optimize: pass --prune_channels, --factorize_energy, --prune, --cluster and/or --qat "
+                "(for post-training quantization alone use tfcompress convert). Received: prune_channels=None, "
+                "factorize_energy=None, prune=False, cluster=None, qat=False"
             )
         if self.force_qat and not self.qat:
             raise ValueError(
@@ -124,6 +137,51 @@ class OptimizeConfig:
         self._check_factorize()
         self._check_cluster()
         self._check_distill()
+
+    def _check_channels(self) -> None:
+        targets = {name: getattr(self, name) for name in ("target_macs", "target_params", "target_latency")}
+        for name, value in targets.items():
+            if value is not None and (_not_real(value) or not 0.0 < value <= 1.0):
+                raise ValueError(f"{name} is the fraction to keep, in (0, 1]; 0.5 halves it. Received: {name}={value}")
+        if self.channel_criterion not in CHANNEL_CRITERIA:
+            raise ValueError(f"channel_criterion is one of {', '.join(CHANNEL_CRITERIA)}. "
+                             f"Received: channel_criterion={self.channel_criterion!r}")
+        value = self.prune_channels
+        given = {k: v for k, v in targets.items() if v is not None}
+        if value is None or value == "":
+            object.__setattr__(self, "prune_channels", None)
+            if given:
+                raise ValueError(f"{', '.join(given)} sets the budget of --prune_channels=auto; pass "
+                                 f"--prune_channels=auto as well. Received: prune_channels=None, "
+                                 + ", ".join(f"{k}={v}" for k, v in given.items()))
+            return
+        if value != "auto":
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                value = None
+            if value is None or not 0.0 <= value < 1.0:
+                raise ValueError("prune_channels is the fraction of each layer's channels to remove, in [0, 1) "
+                                 "(0.5 removes half), or 'auto' with a budget (--target_macs, --target_params or "
+                                 f"--target_latency). Received: prune_channels={self.prune_channels!r}")
+            object.__setattr__(self, "prune_channels", value)
+            if given:
+                raise ValueError(f"A fixed --prune_channels={value} takes no budget; {', '.join(given)} is for "
+                                 "--prune_channels=auto. Drop one of them. Received: prune_channels="
+                                 f"{value}, " + ", ".join(f"{k}={v}" for k, v in given.items()))
+        elif not given:
+            raise ValueError("prune_channels='auto' chooses per-layer ratios to meet a budget: pass --target_macs, "
+                             "--target_params or --target_latency (fractions to keep, e.g. 0.5). Received: "
+                             "prune_channels='auto'")
+        elif self.target_latency is not None and len(given) > 1:
+            raise ValueError("--target_latency is measured and searched on its own; combine it with neither "
+                             "--target_macs nor --target_params. Received: "
+                             + ", ".join(f"{k}={v}" for k, v in given.items()))
+        if self.factorize_energy is not None:
+            raise ValueError("--prune_channels and --factorize_energy both reshape the layers, and the factorize "
+                             "stage starts from the float model: run them in two optimize runs, or drop one. "
+                             f"Received: prune_channels={self.prune_channels!r}, "
+                             f"factorize_energy={self.factorize_energy}")
 
     def _check_low_bit(self) -> None:
         if self.qat_weights not in QAT_WEIGHTS:
@@ -229,7 +287,9 @@ class OptimizeConfig:
                      "calibration_data", "calibration_key", "num_calibration_samples", "eval_data", "eval_key",
                      "eval_labels_key", "eval_output", "force_qat"):
             values.pop(name)
-        unused = {"factorize_energy": ("factorize_energy", "factorize_layers", "factorize_epochs"),
+        unused = {"prune_channels": ("prune_channels", "target_macs", "target_params", "target_latency",
+                                     "channel_criterion"),
+                  "factorize_energy": ("factorize_energy", "factorize_layers", "factorize_epochs"),
                   "cluster": ("cluster", "cluster_epochs"),
                   "distill_from": ("distill_from", "distill_temperature", "distill_alpha")}
         for setting, names in unused.items():
@@ -246,7 +306,8 @@ class OptimizeConfig:
     @property
     def stages(self) -> tuple[str, ...]:
         """The training stages this config runs, in order (a subset of `TRAINING_STAGES`)."""
-        wanted = {"factorize": self.factorize_energy is not None, "prune": self.prune,
+        wanted = {"channels": self.prune_channels is not None,
+                  "factorize": self.factorize_energy is not None, "prune": self.prune,
                   "cluster": self.cluster is not None, "qat": self.qat}
         return tuple(stage for stage in TRAINING_STAGES if wanted[stage])
 

@@ -29,6 +29,10 @@ VERBS = {
                      "on the zoo classifiers.",
     "quantization_error": "Measure each layer's kernel error under int8, int4, int2, powers of two, ternary and "
                           "binary quantizers (SQNR, MSE, max error).",
+    "sensitivity": "Prune each layer alone at each ratio (whole channels and unstructured) and measure validation "
+                   "accuracy without fine-tuning; optionally solve per-layer channel ratios for a MAC budget.",
+    "benchmark_channels": "Benchmark channel pruning (uniform and sensitivity-guided) on LeNet-5 and a residual CNN: "
+                          "accuracy, MACs, flash, arena, LiteRT and TFLM latency.",
 }
 
 _MODULES = {"inspect": "inspect_model"}

@@ -10,7 +10,7 @@ declared in `.importlinter` and checked by the tests):
 
     runs                                 the convert and optimize runs, their configs, the demo
     targets | analysis                   deployment (micro, export, vela) | report, inspection, macs, latency, debug
-    training | conversion | models       prune, cluster, QAT, distill, factorize | convert, verify, calibration |
+    training | conversion | models       prune, channel pruning, cluster, QAT, distill, factorize | convert, verify, calibration |
                                          the reference models (LeNet-5)
     core                                 errors, artefacts, the flatbuffer and model readers, the Keras import,
                                          progress, native-output capture
@@ -40,6 +40,8 @@ from tfcompress.analysis.macs import MacCount, count_macs
 from tfcompress.core.model_io import FloatModel, load_model
 from tfcompress.core.keras3 import Keras3Error, Translation, to_keras3, to_tf_keras
 from tfcompress.runs.pipeline import ConvertPipelineConfig, ConvertPipelineResult, run_convert
+from tfcompress.training.channel_prune import ChannelPruneResult, LayerChannels, prune_channels
+from tfcompress.analysis.sensitivity import SensitivityResult, sensitivity, solve_ratios
 from tfcompress.training.prune import PruningCallback, SparsityNotReachedError, prune, sparsity, strip
 from tfcompress.training.quantize import quantize_aware
 from tfcompress.conversion.verify import VerificationResult, run_tflite, verify
@@ -63,4 +65,5 @@ __all__ = [
     "debug_quantization", "distinct_values", "factorize", "inspect_tflite", "load_model", "prune",
     "quantize_aware", "run_convert", "run_export", "run_tflite", "sparsity", "strip", "strip_clustering",
     "to_keras3", "to_tf_keras", "verify",
+    "ChannelPruneResult", "LayerChannels", "prune_channels", "SensitivityResult", "sensitivity", "solve_ratios",
 ]

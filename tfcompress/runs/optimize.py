@@ -8,16 +8,16 @@ Takes an `OptimizeConfig` (its fields are the flags of `pipelines/optimize.py`);
 
 Channel pruning (`tfcompress.runs.channel_stage`) comes first: it removes whole filters, so every later stage
 works on the smaller model. Factorization comes first among the rest because it changes the layers (a Dense
-becomes two) and the later stages should compress the layers that ship; pruning comes before clustering so that clustering can keep the zeros
-(`preserve_sparsity`); QAT comes last among the training stages, preserving what came before (PQAT after
-pruning, CQAT/PCQAT after clustering). With a teacher (`distill_from`) the factorize, prune and cluster
-fine-tunes train through `tfcompress.training.distill.Distiller`; QAT trains on the labels, or with
-`qat_distill` distils from the model it starts from. A model with several outputs trains every head on its own
-labels (one `train_labels_key` per output). Each stage leaves its artefact under `<output_dir>/stages/` and
+becomes two) and the later stages should compress the layers that ship; pruning comes before clustering so that
+clustering can keep the zeros (`preserve_sparsity`); QAT comes last among the training stages, preserving what
+came before (PQAT after pruning, CQAT/PCQAT after clustering). With a teacher (`distill_from`) the factorize,
+prune and cluster fine-tunes train through `tfcompress.training.distill.Distiller`; QAT trains on the labels, or
+with `qat_distill` distils from the model it starts from. A model with several outputs trains every head on its
+own labels (one `train_labels_key` per output). Each stage leaves its artefact under `<output_dir>/stages/` and
 its numbers in `<output_dir>/report.json`. A rerun with the same settings resumes after the last completed
-stage. The validation split is cut from the end of the training data; the evaluation data (a test split) is
-only ever measured on, never used to choose anything. After QAT, `tfcompress.runs.candidates` also quantizes
-the model QAT started from post-training and ships the one that scores better on validation (`force_qat`: QAT
+stage. The validation split is cut from the end of the training data; the evaluation data (a test split) is only
+ever measured on, never used to choose anything. After QAT, `tfcompress.runs.candidates` also quantizes the
+model QAT started from post-training and ships the one that scores better on validation (`force_qat`: QAT
 regardless); either goes through the same gated convert stage.
 """
 

@@ -51,7 +51,8 @@ def _floats(values: list[str]) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in values)
     except ValueError:
-        raise ValueError(f"ratios are numbers in (0, 1), comma-separated. Received: ratios={','.join(values)}") from None
+        raise ValueError("ratios are numbers in (0, 1), comma-separated. "
+                         f"Received: ratios={','.join(values)}") from None
 
 
 def main(argv: list[str]) -> None:

@@ -10,8 +10,8 @@ declared in `.importlinter` and checked by the tests):
 
     runs                                 the convert and optimize runs, their configs, the demo
     targets | analysis                   deployment (micro, export, vela) | report, inspection, macs, latency, debug
-    training | conversion | models       prune, channel pruning, cluster, QAT, distill, factorize | convert, verify, calibration |
-                                         the reference models (LeNet-5)
+    training | conversion | models       prune, channel pruning, cluster, QAT, distill, factorize |
+                                         convert, verify, calibration | the reference models (LeNet-5)
     core                                 errors, artefacts, the flatbuffer and model readers, the Keras import,
                                          progress, native-output capture
 """

@@ -25,7 +25,6 @@ from tfcompress.training.channel_graph import ChannelPlan, channel_plan, check_g
 from tfcompress.training.channel_prune import (
     CRITERIA,
     _clone,
-    channel_means,
     channel_scores,
     recalibrate_batch_norm,
     select_channels,
@@ -148,9 +147,8 @@ def sensitivity(
         ratios: fractions pruned, each in (0, 1).
         kinds: `"channel"` (whole channels of each prunable group, `prune_channels`' way) and/or
             `"unstructured"` (smallest |w| of each Conv/Dense/DepthwiseConv2D kernel).
-        criterion: how channels are ranked (as `prune_channels`). Removed channels are held at their mean
-            over (the first 512 of) `x` and the BatchNormalization statistics measured afresh on them, as
-            `prune_channels(data=...)` does.
+        criterion: how channels are ranked (as `prune_channels`). After each removal the BatchNormalization
+            statistics are measured afresh on (the first 512 of) `x`, as `prune_channels(data=...)` does.
         output: the output measured, by name, for a model with several (default the first).
 
     Raises:
@@ -172,13 +170,12 @@ def sensitivity(
     curves = []
     if "channel" in kinds:
         scores = channel_scores(model, plan, criterion)
-        means = channel_means(model, plan, x[:512])
         for group in plan.prunable:
             values = []
             for ratio in ratios:
                 kept = select_channels(plan, scores, {group.name: ratio})
-                zero_channels(model, kept, plan, target=work, means=means)  # every channel layer set afresh
-                recalibrate_batch_norm(work, x)
+                zero_channels(model, kept, plan, target=work)  # every channel layer set afresh
+                recalibrate_batch_norm(work, x)  # as prune_channels(data=...) does
                 values.append(measure(_predict(work, x, position, batch_size)))
             curves.append(Curve(group.name, "channel", group.channels, ratios, tuple(values)))
         zero_channels(model, {}, plan, target=work)  # back to the model's own weights

@@ -25,7 +25,7 @@ from tfcompress.training.channel_graph import channel_plan
 from tfcompress.training.channel_prune import prune_channels
 
 SENSITIVITY_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-NUM_MEAN_SAMPLES = 512  # inputs that measure removed channels' means and the new BatchNorm statistics
+NUM_BN_SAMPLES = 512  # inputs on which the pruned model's BatchNorm statistics are measured afresh
 NUM_PROBE_CALIBRATION = 100  # calibration samples of the int8 probes (bytes, latency, arena): not what ships
 LATENCY_ATTEMPTS = 5
 
@@ -53,7 +53,7 @@ def check(model, config) -> None:
 
 def prune_channels_stage(model, config, x_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray):
     """(channel-pruned model, details for report.json); the fine-tune is the caller's."""
-    data = x_train[:NUM_MEAN_SAMPLES]
+    data = x_train[:NUM_BN_SAMPLES]
     details: dict = {"criterion": config.channel_criterion}
     if config.prune_channels != "auto":
         result = prune_channels(model, float(config.prune_channels), criterion=config.channel_criterion, data=data)

@@ -1,0 +1,382 @@
+"""Benchmark of channel pruning (issue 15): whole filters removed, so the int8 model really is smaller and faster.
+
+Run with `tfcompress benchmark_channels` (about 7 minutes on 2 cores). Two models, each trained here, seeded, on
+the first --num_train MNIST training images (the last 10% of them are the validation split): LeNet-5 (Caffe
+variant, 28x28x1) and ResNet-8 at MLPerf Tiny's width (16/32/64 filters) on MNIST padded to 32x32x3. Per model
+and MAC budget (--target_macs, the fraction of the weighted layers' multiply-accumulates kept), three int8
+models (post-training quantization, uint8 I/O, calibrated on training images):
+
+1. the unpruned model;
+2. uniform channel pruning: every prunable channel group loses the same fraction, the smallest that meets the
+   budget (`uniform_ratio`), then --prune_epochs of fine-tuning;
+3. sensitivity-guided: each group pruned alone at 0.1 ... 0.9 on the validation split (`sensitivity`), per-group
+   ratios from one tolerated loss that meets the budget (`solve_ratios`), the same fine-tune.
+
+Removed channels' means are folded into the next layer and BatchNorm statistics re-measured on 512 training
+images (`prune_channels(data=...)`). Measured per int8 model: test accuracy in LiteRT on the first --num_test
+MNIST test images (only reported, never used to choose anything), parameters, MACs, flash (.tflite bytes), the
+TFLM arena, single-thread LiteRT latency (XNNPACK, fresh process) and host-side TFLM latency (the tflite-micro
+Python interpreter's reference kernels). Targets: on the residual CNN, >= 1.6x faster int8 LiteRT latency at
+<= 1 point accuracy drop; sensitivity-guided at or above uniform test accuracy at the same MAC budget. Writes
+`benchmark_channels.{json,md}` (and each row's `.tflite`) to --output_dir; a failed row or a missed target is
+reported, neither fails the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+from absl import flags
+
+from pipelines import _benchmark, _common
+from tfcompress.analysis.latency import measure_latency
+from tfcompress.analysis.macs import count_macs
+from tfcompress.analysis.sensitivity import sensitivity, solve_ratios, uniform_ratio
+from tfcompress.conversion.convert import ConvertConfig, convert_and_read
+from tfcompress.conversion.fidelity import quantize
+from tfcompress.conversion.verify import run_tflite
+from tfcompress.core._keras import keras, tf
+from tfcompress.core.artefacts import write_atomic, write_json
+from tfcompress.core.errors import TfcompressError
+from tfcompress.core.model_io import load_model
+from tfcompress.models import baseline, zoo, zoo_data
+from tfcompress.targets import micro
+from tfcompress.training.channel_graph import channel_plan
+from tfcompress.training.channel_prune import prune_channels
+
+_OUTPUT = flags.DEFINE_string("output_dir", "artefacts/benchmark_channels", "Where the results go.")
+_MODELS = flags.DEFINE_list("models", ["lenet5", "resnet8"], "Models to run: lenet5, resnet8.")
+_TARGET_MACS = flags.DEFINE_list("target_macs", ["0.5"], "MAC budgets, each the fraction of the weighted layers' "
+                                 "multiply-accumulates kept, in (0, 1); two uniform/sensitivity rows per budget.")
+_PRUNE_EPOCHS = flags.DEFINE_integer("prune_epochs", 4, "Fine-tune epochs after channel pruning.", lower_bound=1)
+_TRAIN_EPOCHS = flags.DEFINE_integer("train_epochs", 5, "Epochs of the float model's training.", lower_bound=1)
+_NUM_TRAIN = flags.DEFINE_integer("num_train", 12000, "First MNIST training images used; the last 10% of them are "
+                                  "the validation split.", lower_bound=100, upper_bound=60000)
+_NUM_TEST = flags.DEFINE_integer("num_test", 10000, "First MNIST test images the int8 accuracy is measured on.",
+                                 lower_bound=1, upper_bound=10000)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of training and fine-tuning.")
+_LATENCY_RUNS = flags.DEFINE_integer("latency_runs", 200, "Single-thread LiteRT invokes timed per model (fresh "
+                                     "process); TFLM times min(50, this).", lower_bound=1)
+
+RESIDUAL = "resnet8"  # the model the latency target is set on
+MIN_SPEEDUP, MAX_DROP_POINTS = 1.6, 1.0
+SENSITIVITY_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+NUM_MEAN_SAMPLES = 512  # training inputs that measure removed channels' means and the new BatchNorm statistics
+NUM_CALIBRATION = 300
+TFLM_RUNS, TFLM_WARMUP = 50, 5
+ANCHORS = ("Distiller (PyTorch), ResNet-56 on CIFAR-10, filter pruning guided by sensitivity: -37% MACs at "
+           "-0.14 pt top-1; NNCF (TensorFlow backend), ResNet-50 on ImageNet: 40% of filters pruned at -0.09 pt top-1. "
+           "Both fine-tune for tens of epochs on the full training set.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """How the benchmark builds, feeds and trains one model."""
+
+    name: str
+    description: str
+    build: Callable[[], keras.Model]
+    data: Callable[[int, int], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+    from_logits: bool
+    learning_rate: float  # Adam, cosine-decayed to zero over the float training
+    fine_tune_learning_rate: float  # the same, over the fine-tune
+    batch_size: int
+
+
+def _lenet_data(num_train: int, num_test: int):
+    x_train, y_train, x_test, y_test = zoo_data.mnist_slices(num_train, num_test)
+    return x_train[..., None], y_train, x_test[..., None], y_test
+
+
+def _resnet_data(num_train: int, num_test: int):
+    data = zoo_data.mnist_32x32_rgb(num_train=num_train, num_test=num_test)
+    return data.x_train, data.y_train, data.x_test, data.y_test
+
+
+MODELS = {
+    "lenet5": ModelSpec("lenet5", "LeNet-5 (Caffe variant) on MNIST 28x28x1", baseline.lenet5, _lenet_data,
+                        from_logits=True, learning_rate=2e-3, fine_tune_learning_rate=5e-4, batch_size=128),
+    "resnet8": ModelSpec("resnet8", "ResNet-8 at MLPerf Tiny width (16/32/64 filters) on MNIST padded to 32x32x3",
+                         lambda: zoo.resnet8(filters=(16, 32, 64)), _resnet_data, from_logits=False,
+                         learning_rate=zoo.get("resnet8").learning_rate, fine_tune_learning_rate=1e-3,
+                         batch_size=64),
+}
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    budgets = parse_budgets(_TARGET_MACS.value)
+    summary = run_benchmark(_OUTPUT.value, _MODELS.value, budgets, prune_epochs=_PRUNE_EPOCHS.value,
+                            train_epochs=_TRAIN_EPOCHS.value, num_train=_NUM_TRAIN.value, num_test=_NUM_TEST.value,
+                            seed=_SEED.value, latency_runs=_LATENCY_RUNS.value)
+    print(summary["tables"])
+
+
+def parse_budgets(values: list[str]) -> tuple[float, ...]:
+    """--target_macs as floats in (0, 1); ValueError naming what was given otherwise."""
+    try:
+        budgets = tuple(float(v) for v in values)
+    except ValueError:
+        budgets = ()
+    if not budgets or any(not 0 < b < 1 for b in budgets):
+        raise ValueError("target_macs are the fractions of MACs to keep, each in (0, 1), e.g. 0.5 or 0.5,0.35. "
+                         f"Received: target_macs={','.join(values)!r}")
+    return budgets
+
+
+def run_benchmark(output_dir: str, names: list[str], budgets: tuple[float, ...] = (0.5,), *, prune_epochs: int = 4,
+                  train_epochs: int = 5, num_train: int = 12000, num_test: int = 10000, seed: int = 0,
+                  latency_runs: int = 200) -> dict:
+    """Trains, prunes, fine-tunes, converts and measures each model; writes and returns the summary."""
+    unknown = [name for name in names if name not in MODELS]
+    if unknown or not names:
+        raise ValueError(f"models must be among {list(MODELS)}. Received: models={','.join(names)!r}")
+    budgets = parse_budgets([str(b) for b in budgets])
+    start = time.perf_counter()
+    os.makedirs(output_dir, exist_ok=True)
+    settings = {"budgets": list(budgets), "prune_epochs": prune_epochs, "train_epochs": train_epochs,
+                "num_train": num_train, "num_test": num_test, "seed": seed, "latency_runs": latency_runs,
+                "tflm_runs": min(TFLM_RUNS, latency_runs)}
+    models, rows = {}, {}
+    for name in names:
+        print(f"Model: {name} ...", flush=True)
+        info, model_rows = _run_model(MODELS[name], output_dir, budgets, settings)
+        models[name] = info
+        rows |= {f"{name} / {label}": row for label, row in model_rows.items()}
+    summary = {"schema_version": 1, **settings, "cpu_count": os.cpu_count(), "tensorflow": tf.__version__,
+               "anchors": ANCHORS, "models": models, "rows": rows}
+    summary["targets"] = _targets(rows, budgets)
+    summary["total_seconds"] = round(time.perf_counter() - start, 1)
+    tables = render(summary)
+    write_json(os.path.join(output_dir, "benchmark_channels.json"), summary)
+    write_atomic(os.path.join(output_dir, "benchmark_channels.md"), (tables + "\n").encode())
+    return summary | {"tables": tables}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def _split(spec: ModelSpec, num_train: int, num_test: int) -> _Split:
+    x, y, x_test, y_test = spec.data(num_train, num_test)
+    cut = len(x) - max(1, len(x) // 10)  # the last 10% of the training images validate
+    return _Split(x[:cut], y[:cut], x[cut:], y[cut:], x_test, y_test)
+
+
+def _fit(model: keras.Model, spec: ModelSpec, data: _Split, epochs: int, learning_rate: float, seed: int) -> None:
+    """Adam, cosine decay to zero (the last steps leave the BatchNorm statistics describing the final weights)."""
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    steps = -(-len(data.x_train) // spec.batch_size) * epochs
+    model.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, steps)),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=spec.from_logits), metrics=["accuracy"])
+    model.fit(data.x_train, data.y_train, batch_size=spec.batch_size, epochs=epochs, shuffle=True, verbose=0)
+
+
+def _run_model(spec: ModelSpec, output_dir: str, budgets, settings: dict) -> tuple[dict, dict]:
+    seed, started = settings["seed"], time.perf_counter()
+    data = _split(spec, settings["num_train"], settings["num_test"])
+    keras.utils.set_random_seed(seed)
+    model = spec.build()
+    _fit(model, spec, data, settings["train_epochs"], spec.learning_rate, seed)
+    info = {"description": spec.description, "train_images": len(data.x_train), "validation_images": len(data.x_val),
+            "test_images": len(data.x_test), "train_seconds": round(time.perf_counter() - started, 1)}
+    measure = dict(spec=spec, data=data, directory=os.path.join(output_dir, spec.name), settings=settings)
+    rows = {"unpruned": _row(lambda: (model, {}), **measure)}
+    plan = channel_plan(model)
+    started = time.perf_counter()
+    try:
+        curves = sensitivity(model, data.x_val, data.y_val, ratios=SENSITIVITY_RATIOS, kinds=("channel",),
+                             criterion="l1")
+    except (TfcompressError, ValueError, RuntimeError) as e:
+        curves, info["sensitivity_error"] = None, f"{type(e).__name__}: {e}"
+    else:
+        info["sensitivity"] = curves.to_json() | {"seconds": round(time.perf_counter() - started, 1)}
+    for budget in budgets:
+        ratio = uniform_ratio(plan, budget)
+        rows[f"uniform @ {budget:g} MACs"] = _row(
+            lambda ratio=ratio: _pruned(model, spec, data, settings, ratio=ratio), **measure,
+            extra={"kind": "uniform", "target_macs": budget, "uniform_ratio": ratio})
+        rows[f"sensitivity @ {budget:g} MACs"] = _row(
+            lambda budget=budget: _guided(model, spec, data, settings, curves, plan, budget), **measure,
+            extra={"kind": "sensitivity", "target_macs": budget})
+    base = rows["unpruned"]
+    for row in rows.values():
+        if "error" not in row and "error" not in base:
+            row["delta_points"] = round((row["test_accuracy"] - base["test_accuracy"]) * 100, 3)
+            row["litert_speedup"] = base["litert_median_ms"] / row["litert_median_ms"]
+            row["tflm_speedup"] = base["tflm_median_ms"] / row["tflm_median_ms"]
+            row["macs_fraction_tflite"] = row["macs_tflite"] / base["macs_tflite"]
+    return info, rows
+
+
+def _guided(model, spec, data: _Split, settings: dict, curves, plan, budget: float):
+    if curves is None:
+        raise RuntimeError("the sensitivity analysis failed (see the model's sensitivity_error)")
+    solution = solve_ratios(curves, plan, target_macs=budget)
+    pruned, details = _pruned(model, spec, data, settings, ratios=solution.ratios)
+    return pruned, details | {"solution": solution.to_json()}
+
+
+def _pruned(model, spec: ModelSpec, data: _Split, settings: dict, **how):
+    """Channel-pruned (means folded, BatchNorm re-measured) and fine-tuned copy of `model`, with its numbers."""
+    started = time.perf_counter()
+    result = prune_channels(model, criterion="l1", data=data.x_train[:NUM_MEAN_SAMPLES], **how)
+    pruned_at = time.perf_counter()
+    before = _accuracy(result.model.predict(data.x_val, batch_size=256, verbose=0), data.y_val)
+    _fit(result.model, spec, data, settings["prune_epochs"], spec.fine_tune_learning_rate, settings["seed"])
+    details = {"ratios": result.ratios, "channels_kept": {g: len(k) for g, k in result.kept.items()},
+               "macs_keras": result.macs_after, "macs_fraction_keras": result.macs_after / result.macs_before,
+               "float_validation_accuracy_before_fine_tune": before, "layers": result.to_json()["layers"],
+               "seconds_prune": round(pruned_at - started, 1),
+               "seconds_fine_tune": round(time.perf_counter() - pruned_at, 1)}
+    return result.model, details
+
+
+def _accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(outputs, axis=-1) == labels))
+
+
+def _row(make, spec: ModelSpec, data: _Split, directory: str, settings: dict, extra: dict | None = None) -> dict:
+    """One row: the Keras model `make` returns, converted to int8 and measured. An error is recorded, not raised."""
+    started = time.perf_counter()
+    row = {"kind": "unpruned", **(extra or {})}
+    try:
+        model, details = make()
+        row |= details
+        row |= _measure(model, spec, data, directory, settings, row)
+    except (TfcompressError, ValueError, RuntimeError) as e:  # a failed row is a result, not the end of the run
+        print(f"  {spec.name}: {row['kind']} failed: {type(e).__name__}: {e}", flush=True)
+        row["error"] = " ".join(f"{type(e).__name__}: {e}".split())
+    row["seconds"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def _measure(model, spec: ModelSpec, data: _Split, directory: str, settings: dict, row: dict) -> dict:
+    started = time.perf_counter()
+    flat = convert_and_read(load_model(model), ConvertConfig("int8"), data.x_train[:NUM_CALIBRATION])
+    converted = time.perf_counter()
+    name = _benchmark.slug(f"{row['kind']}_{row.get('target_macs', '')}")
+    path = os.path.join(directory, f"{name}.tflite")
+    os.makedirs(directory, exist_ok=True)
+    write_atomic(path, flat.data)
+    inp, out = flat.tensors[flat.inputs[0]], flat.tensors[flat.outputs[0]]
+    sample = quantize(data.x_test[:1], {"dtype": np.dtype(inp.dtype),
+                                        "quantization": (inp.scale[0], inp.zero_point[0])})
+    numbers = {"tflite": os.path.relpath(path, os.path.dirname(directory)), "input_dtype": inp.dtype,
+               "output_dtype": out.dtype, "parameters": int(model.count_params()),
+               "float_validation_accuracy": _accuracy(model.predict(data.x_val, batch_size=256, verbose=0),
+                                                      data.y_val),
+               "validation_accuracy": _accuracy(run_tflite(flat, data.x_val), data.y_val),
+               "test_accuracy": _accuracy(run_tflite(flat, data.x_test), data.y_test),
+               "macs_tflite": count_macs(flat).total_macs, "flash_bytes": len(flat.data)}
+    evaluated = time.perf_counter()
+    arena = micro.measure_arena(flat, sample)
+    numbers |= {"arena_bytes": arena.arena_bytes, "arena_recorded_bytes": arena.recorded_bytes,
+                "tflm_median_ms": _tflm_latency_ms(flat, sample, arena.arena_bytes, settings["tflm_runs"])}
+    tflm_done = time.perf_counter()
+    latency = measure_latency(path, num_runs=settings["latency_runs"], num_threads=1)
+    numbers |= {"litert_median_ms": latency.median_ms, "litert_p90_ms": latency.p90_ms,
+                "seconds_convert": round(converted - started, 1), "seconds_evaluate": round(evaluated - converted, 1),
+                "seconds_tflm": round(tflm_done - evaluated, 1),
+                "seconds_litert_latency": round(time.perf_counter() - tflm_done, 1)}
+    return numbers
+
+
+def _tflm_latency_ms(flat, sample: np.ndarray, arena_bytes: int, runs: int) -> float:
+    """Median of `runs` single-sample `invoke()`s of the tflite-micro Python interpreter (host reference kernels)."""
+    interpreter = micro._interpreter(flat, arena_bytes)
+    interpreter.set_input(sample, 0)
+    for _ in range(TFLM_WARMUP):
+        interpreter.invoke()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter_ns()
+        interpreter.invoke()
+        times.append((time.perf_counter_ns() - start) / 1e6)
+    return float(np.median(times))
+
+
+def _targets(rows: dict, budgets) -> dict:
+    targets = _benchmark.failed_paths(rows)
+    for key, row in rows.items():
+        model, label = key.split(" / ", 1)
+        if model != RESIDUAL or row["kind"] == "unpruned" or "delta_points" not in row:
+            continue
+        drop = -row["delta_points"]
+        speedup = row["litert_speedup"]
+        record = _benchmark.target(speedup, MIN_SPEEDUP, False, "")
+        record["passed"] = speedup >= MIN_SPEEDUP and drop <= MAX_DROP_POINTS
+        record["why"] = None if record["passed"] else (
+            f"{speedup:.2f}x faster at {drop:+.2f} pt drop (needs >= {MIN_SPEEDUP}x and <= {MAX_DROP_POINTS} pt)")
+        targets[f"{model} / {label}: int8 LiteRT speed-up at <= {MAX_DROP_POINTS:g} pt drop"] = record
+    for model in dict.fromkeys(key.split(" / ")[0] for key in rows):
+        for budget in budgets:
+            uniform = rows.get(f"{model} / uniform @ {budget:g} MACs", {})
+            guided = rows.get(f"{model} / sensitivity @ {budget:g} MACs", {})
+            if "test_accuracy" not in uniform or "test_accuracy" not in guided:
+                continue
+            targets[f"{model} @ {budget:g} MACs: sensitivity-guided minus uniform test accuracy (pt)"] = (
+                _benchmark.target(
+                    (guided["test_accuracy"] - uniform["test_accuracy"]) * 100, 0.0, False,
+                    f"sensitivity-guided {guided['test_accuracy']:.4f} at {guided['macs_fraction_keras']:.3f} of "
+                    f"the MACs, uniform {uniform['test_accuracy']:.4f} at {uniform['macs_fraction_keras']:.3f}"))
+    return targets
+
+
+def _cell(row: dict, key: str, spec: str, suffix: str = "") -> str:
+    value = row.get(key)
+    return "—" if value is None else f"{format(value, spec)}{suffix}"
+
+
+def render(summary: dict) -> str:
+    """The Markdown tables: one per model, the chosen ratios, the anchors and the targets."""
+    lines = [f"Channel pruning: unpruned int8 against channel-pruned (uniform / sensitivity-guided at the same MAC "
+             f"budget) + {summary['prune_epochs']} epochs of fine-tuning + int8 (PTQ, uint8 I/O). Float models trained "
+             f"{summary['train_epochs']} epochs, seed {summary['seed']}; {summary['cpu_count']} CPU cores."]
+    for name, info in summary["models"].items():
+        rows = {k.split(" / ", 1)[1]: r for k, r in summary["rows"].items() if k.split(" / ")[0] == name}
+        lines += ["", f"### {name}: {info['description']}", "",
+                  f"{info['train_images']:,} training, {info['validation_images']:,} validation (sensitivity), "
+                  f"{info['test_images']:,} test images (accuracy below; never used to choose). Float trained in "
+                  f"{info['train_seconds']:.0f} s.", "",
+                  "| model | MACs kept | int8 test acc | Δ pt | parameters | MACs | flash B | TFLM arena B | "
+                  "LiteRT ms | LiteRT speed-up | TFLM ms | TFLM speed-up | s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for label, row in rows.items():
+            if "error" in row:
+                lines.append(f"| {label} | failed: {row['error'][:160]} |" + " |" * 11)
+                continue
+            lines.append(
+                f"| {label} | {_cell(row, 'macs_fraction_tflite', '.3f')} | {row['test_accuracy']:.4f} | "
+                f"{_cell(row, 'delta_points', '+.2f')} | {row['parameters']:,} | {row['macs_tflite']:,} | "
+                f"{row['flash_bytes']:,} | {row['arena_bytes']:,} | {row['litert_median_ms']:.3f} | "
+                f"{_cell(row, 'litert_speedup', '.2f', 'x')} | {row['tflm_median_ms']:.2f} | "
+                f"{_cell(row, 'tflm_speedup', '.2f', 'x')} | {row['seconds']:.0f} |")
+        lines += [""] + [f"- {label}: ratios {_ratios(row)}" for label, row in rows.items()
+                         if "ratios" in row and "error" not in row]
+    lines += ["", f"LiteRT: single thread, XNNPACK, fresh process, median of {summary['latency_runs']} invokes. TFLM: "
+              f"host-side (this CPU) TFLM reference kernels through the tflite-micro Python interpreter, median of "
+              f"{summary['tflm_runs']} single-sample invokes after {TFLM_WARMUP} warm-ups: relative speed, not an MCU "
+              "timing. MACs: the .tflite's (`count_macs`); MACs kept: against the unpruned .tflite. Arena: TFLM's "
+              "recording allocator + 5%, proven by a run.", "", f"Anchors: {summary['anchors']}"]
+    return _benchmark.finish_tables(lines, summary["targets"], summary["total_seconds"])
+
+
+def _ratios(row: dict) -> str:
+    kept = row.get("channels_kept", {})
+    return ", ".join(f"{group} {ratio:.2f} ({kept.get(group, '?')} kept)" for group, ratio in row["ratios"].items())
+
+
+if __name__ == "__main__":
+    _common.run(main)

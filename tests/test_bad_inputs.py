@@ -127,6 +127,32 @@ CASES = {
         ("keep_int8 names an unknown layer", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz",
                                               "--qat", "--qat_weights=ternary", "--keep_int8=nope"],
          "keep_int8 names layers that are not in model"),
+        ("channel ratio out of range", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz",
+                                        "--prune_channels=1.2"], "prune_channels is the fraction of each layer's"),
+        ("auto channels without a budget", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz",
+                                            "--prune_channels=auto"], "pass --target_macs, --target_params or"),
+        ("budget without auto", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz", "--qat",
+                                 "--target_macs=0.5"], "pass --prune_channels=auto as well"),
+        ("unreachable MAC budget", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz",
+                                    "--prune_channels=auto", "--target_macs=0.01"],
+         "target_macs=0.01 cannot be reached by removing channels: with every prunable layer at ratio 0.9 the "
+         "model keeps 0.250"),
+        ("channels with factorize", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz",
+                                     "--prune_channels=0.5", "--factorize_energy=0.9"], "both reshape the layers"),
+    ],
+    "sensitivity": [
+        ("no model", ["--train_data={root}/train.npz"], "Give exactly one model"),
+        ("missing training data", ["--keras_model={root}/tiny.keras", "--train_data={root}/absent.npz"], "not found"),
+        ("ratio out of range", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz",
+                                "--ratios=0.5,1.0"], "ratios are fractions pruned, each in (0, 1)"),
+        ("not a number", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz", "--ratios=half"],
+         "ratios are numbers in (0, 1)"),
+        ("unknown kind", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz", "--kinds=filters"],
+         "kinds must be a non-empty subset of ['channel', 'unstructured']"),
+        ("unreachable MAC budget", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz",
+                                    "--target_macs=0.01"], "The budget cannot be reached by removing channels"),
+        ("Lambda layer", ["--keras_model={root}/lambda.h5", "--train_data={root}/train.npz"],
+         "Lambda layer(s) 'double'"),
     ],
     "export": [
         ("missing .tflite", ["--tflite={root}/absent.tflite"], "not found"),
@@ -187,5 +213,5 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(answers, verb, index):
 
 
 def test_the_table_covers_every_verb_that_reads_user_files():
-    assert set(CASES) == {"convert", "optimize", "export", "inspect", "debug"}
+    assert set(CASES) == {"convert", "optimize", "export", "inspect", "debug", "sensitivity"}
     assert sum(len(cases) for cases in CASES.values()) >= 35

@@ -169,9 +169,11 @@ def test_bad_arguments_are_refused_with_the_fix(trained_model):
     with pytest.raises(ValueError, match=r"removes every one of its 8 channels; the largest ratio that keeps one is "
                                          r"0.875"):
         prune_channels(trained_model, ratios={"conv": 0.95})
-    with pytest.raises(ValueError, match=r"names a layer the model does not have: 'conv9'.*\['conv', 'fc', 'logits'\]"):
+    with pytest.raises(ValueError,
+                       match=r"names a layer the model does not have: 'conv9'.*\['conv', 'fc', 'logits'\]"):
         prune_channels(trained_model, ratios={"conv9": 0.5})
-    with pytest.raises(ValueError, match=r"channels of 'logits' cannot be removed: its output feeds the model's output"):
+    with pytest.raises(ValueError,
+                       match=r"channels of 'logits' cannot be removed: its output feeds the model's output"):
         prune_channels(trained_model, ratios={"logits": 0.5})
     with pytest.raises(ValueError, match=r"'pool' \(MaxPooling2D\) makes no output channels of its own"):
         prune_channels(trained_model, ratios={"pool": 0.5})

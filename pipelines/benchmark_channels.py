@@ -58,6 +58,8 @@ _NUM_TRAIN = flags.DEFINE_integer("num_train", 12000, "First MNIST training imag
                                   "the validation split.", lower_bound=100, upper_bound=60000)
 _NUM_TEST = flags.DEFINE_integer("num_test", 10000, "First MNIST test images the int8 accuracy is measured on.",
                                  lower_bound=1, upper_bound=10000)
+_PROBE_MACS = flags.DEFINE_list("probe_macs", ["0.35", "0.25", "0.15"], "Latency-only probes: MAC budgets at "
+                                "which the float model is pruned uniformly (no fine-tune) and timed; empty for none.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of training and fine-tuning.")
 _LATENCY_RUNS = flags.DEFINE_integer("latency_runs", 200, "Single-thread LiteRT invokes timed per model (fresh "
                                      "process); TFLM times min(50, this).", lower_bound=1)
@@ -67,6 +69,7 @@ MIN_SPEEDUP, MAX_DROP_POINTS = 1.6, 1.0
 SENSITIVITY_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 NUM_MEAN_SAMPLES = 512  # training inputs that measure removed channels' means and the new BatchNorm statistics
 NUM_CALIBRATION = 300
+NUM_PROBE_CALIBRATION = 100  # the latency probes measure no accuracy
 TFLM_RUNS, TFLM_WARMUP = 50, 5
 ANCHORS = ("Distiller (PyTorch), ResNet-56 on CIFAR-10, filter pruning guided by sensitivity: -37% MACs at "
            "-0.14 pt top-1; NNCF (TensorFlow backend), ResNet-50 on ImageNet: 40% of filters pruned at -0.09 pt top-1. "
@@ -110,25 +113,28 @@ MODELS = {
 def main(argv: list[str]) -> None:
     del argv
     budgets = parse_budgets(_TARGET_MACS.value)
-    summary = run_benchmark(_OUTPUT.value, _MODELS.value, budgets, prune_epochs=_PRUNE_EPOCHS.value,
-                            train_epochs=_TRAIN_EPOCHS.value, num_train=_NUM_TRAIN.value, num_test=_NUM_TEST.value,
-                            seed=_SEED.value, latency_runs=_LATENCY_RUNS.value)
+    probes = parse_budgets(_PROBE_MACS.value, "probe_macs", allow_empty=True)
+    summary = run_benchmark(_OUTPUT.value, _MODELS.value, budgets, probe_macs=probes,
+                            prune_epochs=_PRUNE_EPOCHS.value, train_epochs=_TRAIN_EPOCHS.value,
+                            num_train=_NUM_TRAIN.value, num_test=_NUM_TEST.value, seed=_SEED.value,
+                            latency_runs=_LATENCY_RUNS.value)
     print(summary["tables"])
 
 
-def parse_budgets(values: list[str]) -> tuple[float, ...]:
-    """--target_macs as floats in (0, 1); ValueError naming what was given otherwise."""
+def parse_budgets(values: list[str], name: str = "target_macs", allow_empty: bool = False) -> tuple[float, ...]:
+    """MAC budgets as floats in (0, 1); ValueError naming what was given otherwise."""
     try:
         budgets = tuple(float(v) for v in values)
     except ValueError:
-        budgets = ()
-    if not budgets or any(not 0 < b < 1 for b in budgets):
-        raise ValueError("target_macs are the fractions of MACs to keep, each in (0, 1), e.g. 0.5 or 0.5,0.35. "
-                         f"Received: target_macs={','.join(values)!r}")
+        budgets = (-1.0,)
+    if (not budgets and not allow_empty) or any(not 0 < b < 1 for b in budgets):
+        raise ValueError(f"{name} are fractions of the MACs to keep, each in (0, 1), e.g. 0.5 or 0.5,0.35. "
+                         f"Received: {name}={','.join(values)!r}")
     return budgets
 
 
-def run_benchmark(output_dir: str, names: list[str], budgets: tuple[float, ...] = (0.5,), *, prune_epochs: int = 4,
+def run_benchmark(output_dir: str, names: list[str], budgets: tuple[float, ...] = (0.5,), *,
+                  probe_macs: tuple[float, ...] = (0.35, 0.25, 0.15), prune_epochs: int = 4,
                   train_epochs: int = 5, num_train: int = 12000, num_test: int = 10000, seed: int = 0,
                   latency_runs: int = 200) -> dict:
     """Trains, prunes, fine-tunes, converts and measures each model; writes and returns the summary."""
@@ -136,11 +142,12 @@ def run_benchmark(output_dir: str, names: list[str], budgets: tuple[float, ...] 
     if unknown or not names:
         raise ValueError(f"models must be among {list(MODELS)}. Received: models={','.join(names)!r}")
     budgets = parse_budgets([str(b) for b in budgets])
+    probe_macs = parse_budgets([str(b) for b in probe_macs], "probe_macs", allow_empty=True)
     start = time.perf_counter()
     os.makedirs(output_dir, exist_ok=True)
-    settings = {"budgets": list(budgets), "prune_epochs": prune_epochs, "train_epochs": train_epochs,
-                "num_train": num_train, "num_test": num_test, "seed": seed, "latency_runs": latency_runs,
-                "tflm_runs": min(TFLM_RUNS, latency_runs)}
+    settings = {"budgets": list(budgets), "probe_macs": list(probe_macs), "prune_epochs": prune_epochs,
+                "train_epochs": train_epochs, "num_train": num_train, "num_test": num_test, "seed": seed,
+                "latency_runs": latency_runs, "tflm_runs": min(TFLM_RUNS, latency_runs)}
     models, rows = {}, {}
     for name in names:
         print(f"Model: {name} ...", flush=True)
@@ -149,7 +156,7 @@ def run_benchmark(output_dir: str, names: list[str], budgets: tuple[float, ...] 
         rows |= {f"{name} / {label}": row for label, row in model_rows.items()}
     summary = {"schema_version": 1, **settings, "cpu_count": os.cpu_count(), "tensorflow": tf.__version__,
                "anchors": ANCHORS, "models": models, "rows": rows}
-    summary["targets"] = _targets(rows, budgets)
+    summary["targets"] = _targets(rows, budgets, models)
     summary["total_seconds"] = round(time.perf_counter() - start, 1)
     tables = render(summary)
     write_json(os.path.join(output_dir, "benchmark_channels.json"), summary)
@@ -211,6 +218,7 @@ def _run_model(spec: ModelSpec, output_dir: str, budgets, settings: dict) -> tup
             lambda budget=budget: _guided(model, spec, data, settings, curves, plan, budget), **measure,
             extra={"kind": "sensitivity", "target_macs": budget})
     base = rows["unpruned"]
+    info["latency_probe"] = _latency_probe(model, data, plan, measure["directory"], settings, base)
     for row in rows.values():
         if "error" not in row and "error" not in base:
             row["delta_points"] = round((row["test_accuracy"] - base["test_accuracy"]) * 100, 3)
@@ -264,33 +272,64 @@ def _row(make, spec: ModelSpec, data: _Split, directory: str, settings: dict, ex
 
 def _measure(model, spec: ModelSpec, data: _Split, directory: str, settings: dict, row: dict) -> dict:
     started = time.perf_counter()
-    flat = convert_and_read(load_model(model), ConvertConfig("int8"), data.x_train[:NUM_CALIBRATION])
-    converted = time.perf_counter()
     name = _benchmark.slug(f"{row['kind']}_{row.get('target_macs', '')}")
-    path = os.path.join(directory, f"{name}.tflite")
-    os.makedirs(directory, exist_ok=True)
-    write_atomic(path, flat.data)
+    flat, path = _convert(model, data.x_train[:NUM_CALIBRATION], os.path.join(directory, f"{name}.tflite"))
+    converted = time.perf_counter()
     inp, out = flat.tensors[flat.inputs[0]], flat.tensors[flat.outputs[0]]
-    sample = quantize(data.x_test[:1], {"dtype": np.dtype(inp.dtype),
-                                        "quantization": (inp.scale[0], inp.zero_point[0])})
     numbers = {"tflite": os.path.relpath(path, os.path.dirname(directory)), "input_dtype": inp.dtype,
                "output_dtype": out.dtype, "parameters": int(model.count_params()),
                "float_validation_accuracy": _accuracy(model.predict(data.x_val, batch_size=256, verbose=0),
                                                       data.y_val),
                "validation_accuracy": _accuracy(run_tflite(flat, data.x_val), data.y_val),
-               "test_accuracy": _accuracy(run_tflite(flat, data.x_test), data.y_test),
-               "macs_tflite": count_macs(flat).total_macs, "flash_bytes": len(flat.data)}
+               "test_accuracy": _accuracy(run_tflite(flat, data.x_test), data.y_test)}
     evaluated = time.perf_counter()
+    numbers |= _costs(flat, path, data.x_test[:1], settings)
+    return numbers | {"seconds_convert": round(converted - started, 1),
+                      "seconds_evaluate": round(evaluated - converted, 1),
+                      "seconds_costs": round(time.perf_counter() - evaluated, 1)}
+
+
+def _convert(model, calibration: np.ndarray, path: str):
+    """int8 (uint8 I/O) `.tflite` of `model`, parsed, and where it was written."""
+    flat = convert_and_read(load_model(model), ConvertConfig("int8"), calibration)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_atomic(path, flat.data)
+    return flat, path
+
+
+def _costs(flat, path: str, first_input: np.ndarray, settings: dict) -> dict:
+    """MACs, flash, the TFLM arena, TFLM and LiteRT latency of a converted model."""
+    inp = flat.tensors[flat.inputs[0]]
+    sample = quantize(first_input, {"dtype": np.dtype(inp.dtype), "quantization": (inp.scale[0], inp.zero_point[0])})
     arena = micro.measure_arena(flat, sample)
-    numbers |= {"arena_bytes": arena.arena_bytes, "arena_recorded_bytes": arena.recorded_bytes,
-                "tflm_median_ms": _tflm_latency_ms(flat, sample, arena.arena_bytes, settings["tflm_runs"])}
-    tflm_done = time.perf_counter()
     latency = measure_latency(path, num_runs=settings["latency_runs"], num_threads=1)
-    numbers |= {"litert_median_ms": latency.median_ms, "litert_p90_ms": latency.p90_ms,
-                "seconds_convert": round(converted - started, 1), "seconds_evaluate": round(evaluated - converted, 1),
-                "seconds_tflm": round(tflm_done - evaluated, 1),
-                "seconds_litert_latency": round(time.perf_counter() - tflm_done, 1)}
-    return numbers
+    return {"macs_tflite": count_macs(flat).total_macs, "flash_bytes": len(flat.data),
+            "arena_bytes": arena.arena_bytes, "arena_recorded_bytes": arena.recorded_bytes,
+            "tflm_median_ms": _tflm_latency_ms(flat, sample, arena.arena_bytes, settings["tflm_runs"]),
+            "litert_median_ms": latency.median_ms, "litert_p90_ms": latency.p90_ms}
+
+
+def _latency_probe(model, data: _Split, plan, directory: str, settings: dict, base: dict) -> list[dict]:
+    """Latency only, no accuracy: uniform pruning at each --probe_macs budget, without fine-tuning, converted
+    and timed, to show where (if anywhere) LiteRT's latency follows the MACs down."""
+    probes = []
+    for budget in settings["probe_macs"]:
+        started = time.perf_counter()
+        ratio = uniform_ratio(plan, budget)
+        probe = {"target_macs": budget, "uniform_ratio": ratio}
+        try:
+            pruned = prune_channels(model, ratio, data=data.x_train[:NUM_MEAN_SAMPLES]).model
+            flat, path = _convert(pruned, data.x_train[:NUM_PROBE_CALIBRATION],
+                                  os.path.join(directory, f"probe_{_benchmark.slug(f'{budget:g}')}.tflite"))
+            probe |= _costs(flat, path, data.x_test[:1], settings)
+        except (TfcompressError, ValueError, RuntimeError) as e:
+            probe["error"] = " ".join(f"{type(e).__name__}: {e}".split())
+        if "error" not in probe and "error" not in base:
+            probe |= {"macs_fraction_tflite": probe["macs_tflite"] / base["macs_tflite"],
+                      "litert_speedup": base["litert_median_ms"] / probe["litert_median_ms"],
+                      "tflm_speedup": base["tflm_median_ms"] / probe["tflm_median_ms"]}
+        probes.append(probe | {"seconds": round(time.perf_counter() - started, 1)})
+    return probes
 
 
 def _tflm_latency_ms(flat, sample: np.ndarray, arena_bytes: int, runs: int) -> float:
@@ -307,20 +346,20 @@ def _tflm_latency_ms(flat, sample: np.ndarray, arena_bytes: int, runs: int) -> f
     return float(np.median(times))
 
 
-def _targets(rows: dict, budgets) -> dict:
+def _targets(rows: dict, budgets, models: dict) -> dict:
     targets = _benchmark.failed_paths(rows)
     for key, row in rows.items():
         model, label = key.split(" / ", 1)
         if model != RESIDUAL or row["kind"] == "unpruned" or "delta_points" not in row:
             continue
-        drop = -row["delta_points"]
-        speedup = row["litert_speedup"]
+        drop, speedup = -row["delta_points"], row["litert_speedup"]
         record = _benchmark.target(speedup, MIN_SPEEDUP, False, "")
         record["passed"] = speedup >= MIN_SPEEDUP and drop <= MAX_DROP_POINTS
         record["why"] = None if record["passed"] else (
-            f"{speedup:.2f}x faster at {drop:+.2f} pt drop (needs >= {MIN_SPEEDUP}x and <= {MAX_DROP_POINTS} pt)")
+            f"{speedup:.2f}x faster at {drop:+.2f} pt drop (needs >= {MIN_SPEEDUP:g}x and <= {MAX_DROP_POINTS:g} pt); "
+            + _probe_note(models[model].get("latency_probe", [])))
         targets[f"{model} / {label}: int8 LiteRT speed-up at <= {MAX_DROP_POINTS:g} pt drop"] = record
-    for model in dict.fromkeys(key.split(" / ")[0] for key in rows):
+    for model in models:
         for budget in budgets:
             uniform = rows.get(f"{model} / uniform @ {budget:g} MACs", {})
             guided = rows.get(f"{model} / sensitivity @ {budget:g} MACs", {})
@@ -334,13 +373,29 @@ def _targets(rows: dict, budgets) -> dict:
     return targets
 
 
+def _probe_note(probes: list[dict]) -> str:
+    """Where the latency probe first reached the speed-up target, for a missed target's explanation."""
+    timed = [p for p in probes if "litert_speedup" in p]
+    if not timed:
+        return "no latency probe ran"
+    reached = [p for p in timed if p["litert_speedup"] >= MIN_SPEEDUP]
+    if reached:
+        first = max(reached, key=lambda p: p["macs_fraction_tflite"])
+        return (f"the latency probe (uniform, no fine-tune) first reaches {MIN_SPEEDUP:g}x at "
+                f"{first['macs_fraction_tflite']:.3f} of the MACs ({first['litert_speedup']:.2f}x)")
+    best = max(timed, key=lambda p: p["litert_speedup"])
+    return (f"the latency probe (uniform, no fine-tune) never reaches {MIN_SPEEDUP:g}x: at best "
+            f"{best['litert_speedup']:.2f}x at {best['macs_fraction_tflite']:.3f} of the MACs, so LiteRT's latency "
+            "here does not follow the MACs")
+
+
 def _cell(row: dict, key: str, spec: str, suffix: str = "") -> str:
     value = row.get(key)
     return "—" if value is None else f"{format(value, spec)}{suffix}"
 
 
 def render(summary: dict) -> str:
-    """The Markdown tables: one per model, the chosen ratios, the anchors and the targets."""
+    """The Markdown tables: one per model, the chosen ratios, the latency probes, the anchors and the targets."""
     lines = [f"Channel pruning: unpruned int8 against channel-pruned (uniform / sensitivity-guided at the same MAC "
              f"budget) + {summary['prune_epochs']} epochs of fine-tuning + int8 (PTQ, uint8 I/O). Float models trained "
              f"{summary['train_epochs']} epochs, seed {summary['seed']}; {summary['cpu_count']} CPU cores."]
@@ -349,28 +404,50 @@ def render(summary: dict) -> str:
         lines += ["", f"### {name}: {info['description']}", "",
                   f"{info['train_images']:,} training, {info['validation_images']:,} validation (sensitivity), "
                   f"{info['test_images']:,} test images (accuracy below; never used to choose). Float trained in "
-                  f"{info['train_seconds']:.0f} s.", "",
-                  "| model | MACs kept | int8 test acc | Δ pt | parameters | MACs | flash B | TFLM arena B | "
-                  "LiteRT ms | LiteRT speed-up | TFLM ms | TFLM speed-up | s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for label, row in rows.items():
-            if "error" in row:
-                lines.append(f"| {label} | failed: {row['error'][:160]} |" + " |" * 11)
-                continue
-            lines.append(
-                f"| {label} | {_cell(row, 'macs_fraction_tflite', '.3f')} | {row['test_accuracy']:.4f} | "
-                f"{_cell(row, 'delta_points', '+.2f')} | {row['parameters']:,} | {row['macs_tflite']:,} | "
-                f"{row['flash_bytes']:,} | {row['arena_bytes']:,} | {row['litert_median_ms']:.3f} | "
-                f"{_cell(row, 'litert_speedup', '.2f', 'x')} | {row['tflm_median_ms']:.2f} | "
-                f"{_cell(row, 'tflm_speedup', '.2f', 'x')} | {row['seconds']:.0f} |")
-        lines += [""] + [f"- {label}: ratios {_ratios(row)}" for label, row in rows.items()
-                         if "ratios" in row and "error" not in row]
+                  f"{info['train_seconds']:.0f} s.", "", *_model_table(rows), ""]
+        lines += [f"- {label}: ratios {_ratios(row)}" for label, row in rows.items()
+                  if "ratios" in row and "error" not in row]
+        lines += _probe_table(info.get("latency_probe", []))
     lines += ["", f"LiteRT: single thread, XNNPACK, fresh process, median of {summary['latency_runs']} invokes. TFLM: "
               f"host-side (this CPU) TFLM reference kernels through the tflite-micro Python interpreter, median of "
               f"{summary['tflm_runs']} single-sample invokes after {TFLM_WARMUP} warm-ups: relative speed, not an MCU "
               "timing. MACs: the .tflite's (`count_macs`); MACs kept: against the unpruned .tflite. Arena: TFLM's "
               "recording allocator + 5%, proven by a run.", "", f"Anchors: {summary['anchors']}"]
     return _benchmark.finish_tables(lines, summary["targets"], summary["total_seconds"])
+
+
+def _model_table(rows: dict) -> list[str]:
+    lines = ["| model | MACs kept | int8 test acc | Δ pt | parameters | MACs | flash B | TFLM arena B | "
+             "LiteRT ms | LiteRT speed-up | TFLM ms | TFLM speed-up | s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {label} | failed: {row['error'][:160]} |" + " |" * 11)
+            continue
+        lines.append(
+            f"| {label} | {_cell(row, 'macs_fraction_tflite', '.3f')} | {row['test_accuracy']:.4f} | "
+            f"{_cell(row, 'delta_points', '+.2f')} | {row['parameters']:,} | {row['macs_tflite']:,} | "
+            f"{row['flash_bytes']:,} | {row['arena_bytes']:,} | {row['litert_median_ms']:.3f} | "
+            f"{_cell(row, 'litert_speedup', '.2f', 'x')} | {row['tflm_median_ms']:.2f} | "
+            f"{_cell(row, 'tflm_speedup', '.2f', 'x')} | {row['seconds']:.0f} |")
+    return lines
+
+
+def _probe_table(probes: list[dict]) -> list[str]:
+    if not probes:
+        return []
+    lines = ["", "Latency probe (uniform pruning of the float model, no fine-tune, int8; latency only, accuracy not "
+             "measured):", "", "| MAC budget | MACs kept | flash B | TFLM arena B | LiteRT ms | LiteRT speed-up | "
+             "TFLM ms | TFLM speed-up |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for probe in probes:
+        if "error" in probe:
+            lines.append(f"| {probe['target_macs']:g} | failed: {probe['error'][:160]} |" + " |" * 6)
+            continue
+        lines.append(f"| {probe['target_macs']:g} | {_cell(probe, 'macs_fraction_tflite', '.3f')} | "
+                     f"{probe['flash_bytes']:,} | {probe['arena_bytes']:,} | {probe['litert_median_ms']:.3f} | "
+                     f"{_cell(probe, 'litert_speedup', '.2f', 'x')} | {probe['tflm_median_ms']:.2f} | "
+                     f"{_cell(probe, 'tflm_speedup', '.2f', 'x')} |")
+    return lines
 
 
 def _ratios(row: dict) -> str:

@@ -36,7 +36,8 @@ def test_uniform_channel_pruning_then_qat_ships_a_smaller_verified_int8_model(ke
     assert stages["convert"]["eval_accuracy"] >= stages["float"]["eval_accuracy"] - 0.06
     report = json.loads(open(result.report_path).read())
     rows = {row["stage"]: row for row in report["report"]["stages"]}
-    assert rows["channels"]["macs"] == channels["macs"] and rows["float"]["arena_bytes"] == probe["before"]["arena_bytes"]
+    assert rows["channels"]["macs"] == channels["macs"]
+    assert rows["float"]["arena_bytes"] == probe["before"]["arena_bytes"]
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "## Channel pruning: uniform ratio 0.5" in markdown and "| conv | Conv2D | 8 → 4 |" in markdown
 

@@ -271,8 +271,8 @@ def solve_ratios(result: SensitivityResult, plan: ChannelPlan, *, target_macs: f
                  target_params: float | None = None) -> Solution:
     """Per-group channel ratios that meet a budget, each group pruned as far as one common loss allows.
 
-    Each group's curve (its measured loss at each ratio, made non-decreasing and interpolated linearly from 0
-    at ratio 0) gives, for a tolerated loss t, the largest ratio whose loss stays within t; t is found by
+    Each group's curve (its measured loss at each ratio, made non-decreasing, with a slight slope so that flat
+    stretches are shared out evenly, interpolated linearly from 0 at ratio 0) gives, for a tolerated loss t, the largest ratio whose loss stays within t; t is found by
     bisection as the smallest that meets the budget. Sensitive groups keep more channels, robust ones fewer, and
     no group is pushed far past where it breaks to save a little cost elsewhere (Distiller's sensitivity
     pruning picks per-layer ratios from one tolerated loss the same way).
@@ -297,12 +297,16 @@ def solve_ratios(result: SensitivityResult, plan: ChannelPlan, *, target_macs: f
     base_macs, base_params = plan.cost({})
     curves = {c.layer: c for c in result.curves if c.kind == "channel"}
     groups = [g for g in plan.prunable if g.name in curves]
+    # A slope of `tie` per unit of ratio under every curve: where curves are flat (no measurable loss, common for
+    # the first ratios), groups grow together as the tolerated loss grows, instead of all jumping to the end of
+    # their flat part at once and overshooting the budget.
+    tie = 1e-3 * max(abs(result.baseline), 1e-9)
     points = {}
     for g in groups:
         worst, row = 0.0, [(0.0, 0.0)]
         for ratio, value in zip(curves[g.name].ratios, curves[g.name].values):
             worst = max(worst, result.loss(value))
-            row.append((ratio, worst))
+            row.append((ratio, worst + tie * ratio))
         points[g.name] = row
 
     def ratios_at(tolerated: float) -> dict[str, float]:

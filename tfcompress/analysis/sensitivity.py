@@ -272,8 +272,8 @@ def solve_ratios(result: SensitivityResult, plan: ChannelPlan, *, target_macs: f
     """Per-group channel ratios that meet a budget, each group pruned as far as one common loss allows.
 
     Each group's curve (its measured loss at each ratio, made non-decreasing, with a slight slope so that flat
-    stretches are shared out evenly, interpolated linearly from 0 at ratio 0) gives, for a tolerated loss t, the largest ratio whose loss stays within t; t is found by
-    bisection as the smallest that meets the budget. Sensitive groups keep more channels, robust ones fewer, and
+    stretches are shared out evenly, interpolated linearly from 0 at ratio 0) gives, for a tolerated loss t, the
+    largest ratio whose loss stays within t; t is found by bisection as the smallest that meets the budget. Sensitive groups keep more channels, robust ones fewer, and
     no group is pushed far past where it breaks to save a little cost elsewhere (Distiller's sensitivity
     pruning picks per-layer ratios from one tolerated loss the same way).
 

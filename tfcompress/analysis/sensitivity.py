@@ -273,9 +273,10 @@ def solve_ratios(result: SensitivityResult, plan: ChannelPlan, *, target_macs: f
 
     Each group's curve (its measured loss at each ratio, made non-decreasing, with a slight slope so that flat
     stretches are shared out evenly, interpolated linearly from 0 at ratio 0) gives, for a tolerated loss t, the
-    largest ratio whose loss stays within t; t is found by bisection as the smallest that meets the budget. Sensitive groups keep more channels, robust ones fewer, and
-    no group is pushed far past where it breaks to save a little cost elsewhere (Distiller's sensitivity
-    pruning picks per-layer ratios from one tolerated loss the same way).
+    largest ratio whose loss stays within t; t is found by bisection as the smallest that meets the budget.
+    Sensitive groups keep more channels, robust ones fewer, and no group is pushed far past where it breaks to
+    save a little cost elsewhere (Distiller's sensitivity pruning picks per-layer ratios from one tolerated loss
+    the same way).
 
     Args:
         result: channel sensitivity curves of the model `plan` describes.

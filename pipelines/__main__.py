@@ -29,6 +29,8 @@ VERBS = {
                      "on the zoo classifiers.",
     "quantization_error": "Measure each layer's kernel error under int8, int4, int2, powers of two, ternary and "
                           "binary quantizers (SQNR, MSE, max error).",
+    "auto": "Search for the smallest verified model that meets an accuracy tolerance and flash, arena and latency "
+            "budgets (PTQ, QAT, channel pruning, clustering, low-bit weights, LUT compression).",
     "sensitivity": "Prune each layer alone at each ratio (whole channels and unstructured) and measure validation "
                    "accuracy without fine-tuning; optionally solve per-layer channel ratios for a MAC budget.",
     "benchmark_channels": "Benchmark channel pruning (uniform and sensitivity-guided) on LeNet-5 and a residual CNN: "

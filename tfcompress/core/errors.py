@@ -63,6 +63,12 @@ class VerificationError(TfcompressError):
         )
 
 
+class BudgetNotMetError(TfcompressError):
+    """No model the search tried met every gate (accuracy and budgets); the message names the closest (exit 1)."""
+
+    exit_code = EXIT_VERIFICATION_FAILED
+
+
 class InterpreterRunError(VerificationError):
     """LiteRT could not allocate or invoke the model, even without its default (XNNPACK) delegate."""
 

@@ -1,0 +1,375 @@
+"""The auto search (`tfcompress auto`): a float Keras model, its training data and budgets in, the smallest verified
+model that meets every gate out.
+
+Takes an `AutoConfig`; returns an `AutoResult`. Each attempt is a whole verified run of the convert or optimize
+pipeline in `<output_dir>/attempts/NN_name/`, judged on the validation split (cut from the end of the training
+data as `optimize` cuts it; the test split only measures the chosen model at the end): accuracy drop against the
+float model, flash bytes (the `.tflite`, or with `--target=micro` what the TFLM export ships, LUT-compressed
+where the attempt compresses), TFLM arena, single-thread LiteRT latency. The search goes cheapest first and stops
+at the first attempt that meets every gate:
+
+1. post-training int8 (500 calibration samples); if it loses too much accuracy, other calibration draws (1,000;
+   100 with another seed), then quantization-aware training;
+2. a missed latency or arena budget: sensitivity-guided channel pruning (`--prune_channels=auto`) with the MAC
+   budget the measured miss suggests, shrunk by each measurement (three tries);
+3. a missed flash budget: with `--target=micro`, clustering to 16 values and then ternary weights, both shipped
+   through TFLM look-up-table compression; then channel pruning by parameters (on top of step 2's pruning), alone
+   and with ternary weights.
+
+Every attempt is recorded (settings, numbers, verdict) in `auto_state.json` as it finishes, so a killed search
+resumes after the last finished attempt. No attempt meets every gate: `BudgetNotMetError` (exit 1) names the
+closest and what it missed; its model stays under `attempts/`, no `model.tflite` is written. Out of time
+(`max_minutes`): the best passing model so far, or that error, and the result says the search was cut.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+
+from tfcompress.analysis import search_report
+from tfcompress.analysis.inspection import inspect_tflite
+from tfcompress.analysis.latency import measure_latency
+from tfcompress.conversion import calibration
+from tfcompress.conversion.convert import ConvertConfig, convert
+from tfcompress.conversion.verify import run_tflite
+from tfcompress.core.artefacts import output_lock, prepare_output_dir, write_atomic, write_json
+from tfcompress.core.errors import BudgetNotMetError, TfcompressError
+from tfcompress.core.model_io import load_model, model_source
+from tfcompress.runs.auto_config import AutoConfig
+from tfcompress.runs.optimize import OptimizeConfig, _translated, run_optimize
+from tfcompress.runs.pipeline import MICRO_DIRNAME, ConvertPipelineConfig, run_convert
+from tfcompress.targets.export import ExportConfig, run_export
+
+STATE_FILENAME = "auto_state.json"
+MODEL_FILENAME = "model.tflite"
+REPORT_FILENAME = "report.json"
+CHANNEL_TRIES = 3
+EXPORT_CHECK_SAMPLES = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoResult:
+    model_path: str
+    report_path: str
+    attempts: tuple[dict, ...]
+    chosen: dict
+    cut: bool
+
+
+class _Search:
+    """One search: its data, the float model's accuracy and the attempts made (and replayed on resume)."""
+
+    def __init__(self, config: AutoConfig, directory: str, state: dict, x_val, y_val, float_accuracy: float):
+        self.config, self.directory, self.state = config, directory, state
+        self.x_val, self.y_val, self.float_accuracy = x_val, y_val, float_accuracy
+        self.data_dir = os.path.join(directory, "data")
+        self.started = time.monotonic()
+        self.cut = False
+
+    # -- running and judging attempts ------------------------------------------------------------------------
+
+    def out_of_time(self) -> bool:
+        limit = self.config.max_minutes
+        if limit is not None and time.monotonic() - self.started > limit * 60:
+            self.cut = True
+        return self.cut
+
+    def attempt(self, name: str, kind: str, settings: dict, compress: bool = False) -> dict | None:
+        """The record of attempt `name` (replayed from the state when it was made with these settings), or None
+        when the time is up."""
+        for record in self.state["attempts"]:
+            if record["name"] == name and record["settings"] == settings and record["compress"] == compress:
+                return record
+        if self.out_of_time():
+            return None
+        index = len(self.state["attempts"]) + 1
+        path = os.path.join(self.directory, "attempts", f"{index:02d}_{name}")
+        start = time.perf_counter()
+        record = {"index": index, "name": name, "kind": kind, "settings": settings, "compress": compress,
+                  "directory": path}
+        try:
+            model_path = self._run(kind, settings, path)
+            record |= self._measure(model_path, path, compress)
+        except (TfcompressError, ValueError) as e:
+            record |= {"model": None, "error": str(e).splitlines()[0][:500]}
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        record |= self.judge(record)
+        self.state["attempts"].append(record)
+        write_json(os.path.join(self.directory, STATE_FILENAME), self.state)
+        return record
+
+    def _run(self, kind: str, settings: dict, path: str) -> str:
+        config = self.config
+        common = dict(output_dir=path, saved_model_dir=config.saved_model_dir, keras_model=config.keras_model,
+                      trust_model=config.trust_model, input_scale=config.input_scale,
+                      input_offset=config.input_offset,
+                      calibration_data=os.path.join(self.data_dir, "calibration.npz"),
+                      calibration_key="x", eval_data=os.path.join(self.data_dir, "validation.npz"), eval_key="x",
+                      eval_labels_key="y", max_accuracy_drop=1.0, target=config.target, latency_runs=0,
+                      overwrite=True)  # the drop is judged here, against the float model, not the stage before
+        if kind == "ptq":
+            result = run_convert(ConvertPipelineConfig(**common, num_calibration_samples=settings["samples"],
+                                                       seed=settings["seed"], debug_layers=False))
+            return result.model_path
+        result = run_optimize(OptimizeConfig(
+            **common, train_data=config.train_data, train_key=config.train_key,
+            train_labels_key=config.train_labels_key, validation_fraction=config.validation_fraction,
+            seed=config.seed, batch_size=config.batch_size, learning_rate=config.learning_rate, **settings))
+        return result.model_path
+
+    def _measure(self, model_path: str, path: str, compress: bool) -> dict:
+        data = open(model_path, "rb").read()
+        predictions = run_tflite(model_path, self.x_val)
+        accuracy = float(np.mean(predictions.argmax(-1) == self.y_val))
+        numbers = {"model": model_path, "bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9, mtime=0)),
+                   "validation_accuracy": accuracy, "accuracy_drop": self.float_accuracy - accuracy,
+                   "flash_bytes": len(data), "arena_bytes": None, "latency_median_ms": None, "shipped": model_path}
+        if self.config.target == "micro":
+            manifest_dir = os.path.join(path, MICRO_DIRNAME)
+            if compress:
+                manifest_dir = os.path.join(path, "micro_lut")
+                run_export(ExportConfig(tflite=model_path, output_dir=manifest_dir, compress=True,
+                                        eval_data=os.path.join(self.data_dir, "validation.npz"), eval_key="x",
+                                        eval_labels_key="y", num_eval_samples=EXPORT_CHECK_SAMPLES,
+                                        input_scale=self.config.input_scale, input_offset=self.config.input_offset,
+                                        overwrite=True))
+            with open(os.path.join(manifest_dir, "manifest.json")) as f:
+                manifest = json.load(f)
+            shipped = [os.path.join(manifest_dir, name) for name in manifest.get("files", {})
+                       if str(name).endswith(".tflite")]
+            numbers |= {"flash_bytes": manifest["flash_bytes"], "arena_bytes": manifest["arena"]["arena_bytes"],
+                        "shipped": shipped[0] if shipped else model_path}
+        if self.config.latency_runs > 0:
+            numbers["latency_median_ms"] = measure_latency(model_path, num_runs=self.config.latency_runs).median_ms
+        return numbers
+
+    def judge(self, record: dict) -> dict:
+        """Which gates `record` misses (`misses`: "accuracy", "flash_bytes", ...) and how far (`over`: measured /
+        budget)."""
+        if record.get("model") is None:
+            return {"misses": ["verification"], "over": {}, "verdict": f"failed: {record.get('error')}"}
+        misses, over = [], {}
+        if record["accuracy_drop"] > self.config.max_accuracy_drop + 1e-9:
+            misses.append("accuracy")
+        measured = {"flash_bytes": record["flash_bytes"], "arena_bytes": record["arena_bytes"],
+                    "latency_ms": record["latency_median_ms"]}
+        for name, budget in self.config.budgets.items():
+            over[name] = measured[name] / budget
+            if measured[name] > budget:
+                misses.append(name)
+        verdict = "meets every gate" if not misses else "misses " + ", ".join(misses)
+        return {"misses": misses, "over": over, "verdict": verdict}
+
+
+def run_auto(config: AutoConfig) -> AutoResult:
+    """Runs (or resumes) the search; writes `model.tflite`, `report.json`, `report.md` and `pareto.png`.
+
+    Raises:
+        BudgetNotMetError: no attempt met every gate (exit 1; the closest attempt is named and kept).
+        ValueError, InputError: bad settings, model, data or output location (nothing is written).
+    """
+    source = model_source(config.saved_model_dir, config.keras_model)
+    loaded = load_model(source, trust_model=config.trust_model)
+    model, _ = _translated(loaded, config.trust_model)
+    if len(model.outputs) != 1 or len(model.inputs) != 1:
+        raise ValueError(f"auto judges one classifier output; {model.name!r} has {len(model.inputs)} input(s) and "
+                         f"{len(model.outputs)} output(s). Use tfcompress optimize for it.")
+    x, y, raw_x, raw_y, split = _load_training_data(config, model)
+    x_val, y_val = x[split:][:config.num_validation_samples], y[split:][:config.num_validation_samples]
+    _check_fixed_overhead(config, loaded, x[:split])
+    float_accuracy = float(np.mean(model.predict(x_val, verbose=0, batch_size=256).argmax(-1) == y_val))
+    directory, _ = prepare_output_dir(config.output_dir, (MODEL_FILENAME, REPORT_FILENAME), config.overwrite)
+    with output_lock(directory, "tfcompress auto"):
+        state = _load_state(directory, config)
+        os.makedirs(os.path.join(directory, "data"), exist_ok=True)
+        _write_npz(os.path.join(directory, "data", "validation.npz"),
+                   x=raw_x[split:][:config.num_validation_samples], y=raw_y[split:][:config.num_validation_samples])
+        _write_npz(os.path.join(directory, "data", "calibration.npz"), x=raw_x[:split])
+        search = _Search(config, directory, state, x_val, y_val, float_accuracy)
+        _search(search)
+        return _finish(search, model, source)
+
+
+def _search(s: _Search) -> None:
+    """The ladder: cheapest first, each step chosen from what the earlier attempts measured."""
+    config = s.config
+    base = s.attempt("ptq", "ptq", {"samples": 500, "seed": config.seed})
+    if base is None or not base["misses"]:
+        return
+    quant = {}
+    if "accuracy" in base["misses"] or "verification" in base["misses"]:
+        for name, samples, seed in (("ptq_1000", 1000, config.seed), ("ptq_100_seed1", 100, config.seed + 1)):
+            record = s.attempt(name, "ptq", {"samples": samples, "seed": seed})
+            if record is None or not record["misses"]:
+                return
+            if _accurate(record):
+                base = record
+                break
+        else:
+            record = s.attempt("qat", "optimize", {"qat": True, "qat_epochs": config.epochs})
+            if record is None or not record["misses"] or not _accurate(record):
+                return  # met, out of time, or the accuracy cannot be held: the closest is reported
+            base, quant = record, {"qat": True, "qat_epochs": config.epochs}
+    channels = {}
+    speed = [name for name in ("latency_ms", "arena_bytes") if name in base["misses"]]
+    if speed:
+        fraction = _clamp(0.9 / max(base["over"][name] for name in speed))
+        for _ in range(CHANNEL_TRIES):
+            settings = {"prune_channels": "auto", "target_macs": fraction, "prune_epochs": config.epochs, **quant}
+            record = s.attempt(f"channels_macs_{fraction:.3f}", "optimize", settings)
+            if record is None or not record["misses"] or not _accurate(record):
+                return
+            base, channels = record, {"prune_channels": "auto", "target_macs": fraction,
+                                      "prune_epochs": config.epochs}
+            still = [name for name in speed if name in record["misses"]]
+            if not still:
+                break
+            fraction = _clamp(fraction * 0.9 / max(record["over"][name] for name in still))
+        else:
+            return  # latency or arena out of reach: the closest is reported
+    if "flash_bytes" not in base["misses"]:
+        return
+    options = []
+    if config.target == "micro":
+        options += [("cluster16_lut", {"cluster": 16, "cluster_epochs": config.epochs, **quant, **channels}),
+                    ("ternary_lut", {"qat": True, "qat_epochs": config.epochs, "qat_weights": "ternary",
+                                     **channels})]
+    for name, settings in options:
+        record = s.attempt(name, "optimize", settings, compress=True)
+        if record is None or not record["misses"]:
+            return
+    params = _clamp(0.9 / base["over"]["flash_bytes"] * (channels.get("target_macs", 1.0) ** 0.5))
+    by_params = {"prune_channels": "auto", "target_params": params, "prune_epochs": config.epochs, **quant}
+    record = s.attempt(f"channels_params_{params:.3f}", "optimize", by_params)
+    if record is None or not record["misses"] or config.target != "micro":
+        return
+    s.attempt(f"channels_params_{params:.3f}_ternary_lut", "optimize",
+              {**by_params, "qat": True, "qat_epochs": config.epochs, "qat_weights": "ternary"}, compress=True)
+
+
+def _accurate(record: dict) -> bool:
+    return "accuracy" not in record["misses"] and "verification" not in record["misses"]
+
+
+def _clamp(fraction: float) -> float:
+    return round(min(0.95, max(0.05, fraction)), 3)
+
+
+def _finish(s: _Search, model, source: str) -> AutoResult:
+    config, attempts = s.config, s.state["attempts"]
+    passing = [a for a in attempts if not a["misses"]]
+    report_path = os.path.join(s.directory, REPORT_FILENAME)
+    document = {"schema_version": 1, "config": dataclasses.asdict(config), "source": source,
+                "float_validation_accuracy": s.float_accuracy, "validation_samples": len(s.x_val),
+                "budgets": config.budgets, "max_accuracy_drop": config.max_accuracy_drop, "cut": s.cut,
+                "attempts": attempts, "chosen": None}
+    if not passing:
+        closest = min((a for a in attempts if a.get("model")), key=_distance, default=None)
+        document["closest"] = closest
+        _write_report(s, document)
+        cut = " The search was cut by --max_minutes." if s.cut else ""
+        if closest is None:
+            raise BudgetNotMetError(f"No attempt produced a verified model ({len(attempts)} tried); see "
+                                    f"{report_path}.{cut}")
+        raise BudgetNotMetError(
+            f"No model met every gate in {len(attempts)} attempt(s).{cut} Closest: {closest['name']} "
+            f"({closest['verdict']}: {_describe(closest, config)}), kept in {closest['directory']}; see {report_path}.")
+    chosen = min(passing, key=lambda a: (a["flash_bytes"], a["latency_median_ms"] or 0.0))
+    chosen = dict(chosen) | _test_numbers(config, model, chosen)
+    document["chosen"] = chosen
+    model_path = os.path.join(s.directory, MODEL_FILENAME)
+    with open(chosen["shipped"], "rb") as f:
+        write_atomic(model_path, f.read())
+    _write_report(s, document)
+    return AutoResult(model_path, report_path, tuple(attempts), chosen, s.cut)
+
+
+def _distance(record: dict) -> tuple:
+    """How far an attempt is from meeting every gate: gates missed, then the worst ratio of measured to allowed."""
+    worst = max([r for r in record["over"].values()] + [1.0])
+    return (len(record["misses"]), worst, record["accuracy_drop"])
+
+
+def _describe(record: dict, config: AutoConfig) -> str:
+    parts = [f"accuracy drop {record['accuracy_drop']:.4f} (allowed {config.max_accuracy_drop})"]
+    labels = {"flash_bytes": ("flash", "bytes", "flash_bytes"), "arena_bytes": ("arena", "bytes", "arena_bytes"),
+              "latency_ms": ("latency", "ms", "latency_median_ms")}
+    for name, budget in config.budgets.items():
+        label, unit, key = labels[name]
+        parts.append(f"{label} {record[key]:,} {unit} (budget {budget:,} {unit})" if unit == "bytes" else
+                     f"{label} {record[key]:.3f} {unit} (budget {budget} {unit})")
+    return ", ".join(parts)
+
+
+def _test_numbers(config: AutoConfig, model, chosen: dict) -> dict:
+    """The chosen model and the float model on the test split, for the report only."""
+    if config.eval_data is None:
+        return {}
+    x, y = calibration.load_labelled_data(config.eval_data, tuple(model.inputs[0].shape), key=config.eval_key,
+                                          labels_key=config.eval_labels_key, scale=config.input_scale,
+                                          offset=config.input_offset)
+    float_accuracy = float(np.mean(model.predict(x, verbose=0, batch_size=256).argmax(-1) == y))
+    accuracy = float(np.mean(run_tflite(chosen["model"], x).argmax(-1) == y))
+    return {"test_accuracy": accuracy, "float_test_accuracy": float_accuracy, "test_samples": len(x)}
+
+
+def _write_report(s: _Search, document: dict) -> None:
+    write_json(os.path.join(s.directory, REPORT_FILENAME), document)
+    write_atomic(os.path.join(s.directory, "report.md"), search_report.render_markdown(document).encode())
+    write_atomic(os.path.join(s.directory, "pareto.png"), search_report.render_pareto(document))
+
+
+def _load_training_data(config: AutoConfig, model):
+    """Preprocessed samples and class labels, the raw arrays as stored (for the attempts' files), and the split."""
+    x, y = calibration.load_labelled_data(config.train_data, tuple(model.inputs[0].shape), key=config.train_key,
+                                          labels_key=config.train_labels_key, scale=config.input_scale,
+                                          offset=config.input_offset, what="Training data",
+                                          key_flags="--train_key / --train_labels_key")
+    with np.load(config.train_data, allow_pickle=False) as archive:
+        raw_x, raw_y = archive[config.train_key], archive[config.train_labels_key]
+    split = len(x) - max(1, int(round(len(x) * config.validation_fraction)))
+    return x, y, raw_x, raw_y, split
+
+
+def _check_fixed_overhead(config: AutoConfig, loaded, samples: np.ndarray) -> None:
+    """A flash budget below what an int8 flatbuffer of this graph needs besides its weights is refused up front."""
+    if config.max_flash_bytes is None:
+        return
+    flatbuffer = convert(loaded, ConvertConfig("int8"), samples[:50])
+    overhead = len(flatbuffer) - inspect_tflite(flatbuffer).weight_bytes
+    if config.max_flash_bytes <= overhead:
+        raise ValueError(
+            f"max_flash_bytes={config.max_flash_bytes} is below the {overhead:,} bytes the int8 flatbuffer of this "
+            "model holds besides its weights (graph, tensors, quantization parameters): no compression of the "
+            f"weights can meet it. Ask for more than {overhead:,} bytes. "
+            f"Received: max_flash_bytes={config.max_flash_bytes}")
+
+
+def _load_state(directory: str, config: AutoConfig) -> dict:
+    path = os.path.join(directory, STATE_FILENAME)
+    fingerprint = config.fingerprint()
+    if os.path.exists(path):
+        with open(path) as f:
+            state = json.load(f)
+        if state.get("fingerprint") == fingerprint:
+            return state
+        if not config.overwrite:
+            raise TfcompressError(f"{directory} holds a search made with other settings. Pass --overwrite to start "
+                                  "over, or another --output_dir.")
+        shutil.rmtree(os.path.join(directory, "attempts"), ignore_errors=True)
+    return {"fingerprint": fingerprint, "attempts": []}
+
+
+def _write_npz(path: str, **arrays: np.ndarray) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomic(path, buffer.getvalue())

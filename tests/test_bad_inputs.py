@@ -140,6 +140,22 @@ CASES = {
         ("channels with factorize", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz",
                                      "--prune_channels=0.5", "--factorize_energy=0.9"], "both reshape the layers"),
     ],
+    "auto": [
+        ("no model", ["--train_data={root}/train.npz"], "Give exactly one model"),
+        ("missing training data", ["--keras_model={root}/tiny.keras", "--train_data={root}/absent.npz"], "not found"),
+        ("flash budget below the graph's own bytes", ["--keras_model={root}/tiny.keras",
+                                                      "--train_data={root}/train.npz", "--max_flash_bytes=100"],
+         "bytes the int8 flatbuffer of this model holds besides its weights"),
+        ("arena budget without micro", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz",
+                                        "--max_arena_bytes=1000"], "pass --target=micro as well"),
+        ("accuracy drop in points", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz",
+                                     "--max_accuracy_drop=5"], "max_accuracy_drop is a fraction in [0, 1]"),
+        ("latency budget without timing", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz",
+                                           "--max_latency_ms=1", "--latency_runs=0"],
+         "latency_runs must be at least 1"),
+        ("Lambda layer", ["--keras_model={root}/lambda.h5", "--train_data={root}/train.npz"],
+         "Lambda layer(s) 'double'"),
+    ],
     "sensitivity": [
         ("no model", ["--train_data={root}/train.npz"], "Give exactly one model"),
         ("missing training data", ["--keras_model={root}/tiny.keras", "--train_data={root}/absent.npz"], "not found"),
@@ -213,5 +229,5 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(answers, verb, index):
 
 
 def test_the_table_covers_every_verb_that_reads_user_files():
-    assert set(CASES) == {"convert", "optimize", "export", "inspect", "debug", "sensitivity"}
+    assert set(CASES) == {"convert", "optimize", "export", "inspect", "debug", "sensitivity", "auto"}
     assert sum(len(cases) for cases in CASES.values()) >= 35

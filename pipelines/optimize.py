@@ -60,6 +60,9 @@ _TARGET_LATENCY = flags.DEFINE_float("target_latency", None, "With --prune_chann
 _CHANNEL_CRITERION = flags.DEFINE_enum("channel_criterion", "l1", ["l1", "l2", "bn_gamma"], "How channels are "
                                        "ranked: L1/L2 norm of each filter (BatchNorm scale folded in) or the "
                                        "BatchNorm |gamma|.")
+_CHANNEL_MULTIPLE = flags.DEFINE_integer("channel_multiple", 8, "With --prune_channels: each layer keeps a multiple "
+                                         "of this many channels (the counts XNNPACK and CMSIS-NN run fastest on; 1 "
+                                         "for exact ratios).", lower_bound=1)
 _FACTORIZE_ENERGY = flags.DEFINE_float("factorize_energy", None, "Replace Dense and 1x1 Conv2D kernels by "
                                        "two low-rank factors keeping this fraction of the squared singular "
                                        "values, in (0, 1] (first stage).")
@@ -138,6 +141,7 @@ def main(argv: list[str]) -> None:
         input_offset=_OFFSET.value,
         prune_channels=_PRUNE_CHANNELS.value, target_macs=_TARGET_MACS.value, target_params=_TARGET_PARAMS.value,
         target_latency=_TARGET_LATENCY.value, channel_criterion=_CHANNEL_CRITERION.value,
+        channel_multiple=_CHANNEL_MULTIPLE.value,
         factorize_energy=_FACTORIZE_ENERGY.value, factorize_layers=tuple(_FACTORIZE_LAYERS.value),
         factorize_epochs=_FACTORIZE_EPOCHS.value, prune=_PRUNE.value, final_sparsity=_SPARSITY.value,
         prune_scope=_SCOPE.value, prune_structure=_STRUCTURE.value, prune_exclude=tuple(_PRUNE_EXCLUDE.value),

@@ -39,6 +39,8 @@ _RATIOS = flags.DEFINE_list("ratios", [str(r) for r in sensitivity_run.sens.DEFA
                             "Fractions pruned, each in (0, 1).")
 _KINDS = flags.DEFINE_list("kinds", list(sensitivity_run.sens.KINDS), "channel and/or unstructured.")
 _CRITERION = flags.DEFINE_enum("channel_criterion", "l1", ["l1", "l2", "bn_gamma"], "How channels are ranked.")
+_CHANNEL_MULTIPLE = flags.DEFINE_integer("channel_multiple", 8, "Channels are removed so that a multiple of this "
+                                         "many stay (as optimize --channel_multiple).", lower_bound=1)
 _TARGET_MACS = flags.DEFINE_float("target_macs", None, "Also solve per-layer channel ratios that keep this "
                                   "fraction of the MACs, in (0, 1].")
 _TARGET_PARAMS = flags.DEFINE_float("target_params", None, "Also solve per-layer channel ratios that keep this "
@@ -63,6 +65,7 @@ def main(argv: list[str]) -> None:
         train_labels_key=_TRAIN_LABELS_KEY.value, validation_fraction=_VALIDATION.value,
         eval_output=_EVAL_OUTPUT.value, input_scale=_SCALE.value, input_offset=_OFFSET.value,
         ratios=_floats(_RATIOS.value), kinds=tuple(_KINDS.value), channel_criterion=_CRITERION.value,
+        channel_multiple=_CHANNEL_MULTIPLE.value,
         target_macs=_TARGET_MACS.value, target_params=_TARGET_PARAMS.value, overwrite=_OVERWRITE.value,
     ))
     print(sensitivity_run.render(run.result, run.solution), end="")

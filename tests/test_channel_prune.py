@@ -153,6 +153,14 @@ def test_int8_conversion_of_a_pruned_model_ships_fewer_macs(trained_model, calib
     assert {t.dtype for t in io.inputs} == {"uint8"} and {t.dtype for t in io.outputs} == {"uint8"}
 
 
+def test_channel_multiple_rounds_kept_channels_up(trained_model):
+    result = tfcompress.prune_channels(trained_model, 0.7, channel_multiple=8)
+    assert result.model.get_layer("conv").filters == 8  # 8 channels: rounding 2 up to 8 keeps the layer whole
+    assert result.model.get_layer("fc").units == 16  # 32 * 0.3 = 9.6 -> 10 kept -> 16
+    with pytest.raises(ValueError, match=r"channel_multiple is a positive whole number"):
+        tfcompress.prune_channels(trained_model, 0.5, channel_multiple=0)
+
+
 def test_keras3_model_is_pruned_through_its_translation():
     k3 = keras3()
     model = k3.Sequential([k3.Input((10, 10, 1)), k3.layers.Conv2D(6, 3, activation="relu", name="conv"),

@@ -17,7 +17,8 @@ from tfcompress.runs.optimize import OptimizeConfig, run_optimize
 def test_uniform_channel_pruning_then_qat_ships_a_smaller_verified_int8_model(keras_file, train_npz, eval_npz,
                                                                              tmp_path):
     config = OptimizeConfig(output_dir=str(tmp_path / "out"), train_data=train_npz, keras_model=keras_file,
-                            eval_data=eval_npz, input_scale=SCALE, prune_channels="0.5", qat=True, prune_epochs=2,
+                            eval_data=eval_npz, input_scale=SCALE, prune_channels="0.5", channel_multiple=4, qat=True,
+                            prune_epochs=2,
                             qat_epochs=1, batch_size=64, max_accuracy_drop=0.02, target="micro", latency_runs=20)
     result = run_optimize(config)
     stages = {s["stage"]: s for s in result.stages}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from tfcompress.training.channel_prune import (
     CRITERIA,
     _clone,
     channel_scores,
+    kept_count,
     recalibrate_batch_norm,
     select_channels,
     zero_channels,
@@ -131,6 +132,7 @@ def sensitivity(
     criterion: str = "l1",
     output: str | None = None,
     batch_size: int = 256,
+    channel_multiple: int = 1,
 ) -> SensitivityResult:
     """Prunes each layer alone at each ratio and measures the model on validation data, without fine-tuning.
 
@@ -150,6 +152,7 @@ def sensitivity(
         criterion: how channels are ranked (as `prune_channels`). After each removal the BatchNormalization
             statistics are measured afresh on (the first 512 of) `x`, as `prune_channels(data=...)` does.
         output: the output measured, by name, for a model with several (default the first).
+        channel_multiple: channels are removed so that a multiple of this many stay (as `prune_channels`).
 
     Raises:
         ValueError: bad ratios, kinds, criterion or output name, or labels that fit neither metric.
@@ -173,7 +176,7 @@ def sensitivity(
         for group in plan.prunable:
             values = []
             for ratio in ratios:
-                kept = select_channels(plan, scores, {group.name: ratio})
+                kept = select_channels(plan, scores, {group.name: ratio}, channel_multiple)
                 zero_channels(model, kept, plan, target=work)  # every channel layer set afresh
                 recalibrate_batch_norm(work, x)  # as prune_channels(data=...) does
                 values.append(measure(_predict(work, x, position, batch_size)))
@@ -262,13 +265,8 @@ class Solution:
         return dataclasses.asdict(self)
 
 
-def kept_count(channels: int, ratio: float) -> int:
-    """Channels a group keeps at `ratio` (as `prune_channels` rounds: at least one)."""
-    return channels - min(math.floor(ratio * channels + 0.5), channels - 1)
-
-
 def solve_ratios(result: SensitivityResult, plan: ChannelPlan, *, target_macs: float | None = None,
-                 target_params: float | None = None) -> Solution:
+                 target_params: float | None = None, channel_multiple: int = 1) -> Solution:
     """Per-group channel ratios that meet a budget, each group pruned as far as one common loss allows.
 
     Each group's curve (its measured loss at each ratio, made non-decreasing, with a slight slope so that flat
@@ -283,6 +281,7 @@ def solve_ratios(result: SensitivityResult, plan: ChannelPlan, *, target_macs: f
         plan: the model's `ChannelPlan`.
         target_macs, target_params: the fraction of the weighted layers' multiply-accumulates / parameters to
             keep, in (0, 1].
+        channel_multiple: kept channels are rounded up to a multiple of this (as `prune_channels`).
 
     Raises:
         ValueError: no target, a target outside (0, 1], or one that no choice reaches (the message says the
@@ -314,7 +313,7 @@ def solve_ratios(result: SensitivityResult, plan: ChannelPlan, *, target_macs: f
         return {g.name: _largest_ratio(points[g.name], tolerated) for g in groups}
 
     def cost(ratios) -> tuple[int, int]:
-        return plan.cost({g.name: kept_count(g.channels, ratios[g.name]) for g in groups})
+        return plan.cost({g.name: kept_count(g.channels, ratios[g.name], channel_multiple) for g in groups})
 
     def met(ratios) -> bool:
         macs, params = cost(ratios)
@@ -338,7 +337,7 @@ def solve_ratios(result: SensitivityResult, plan: ChannelPlan, *, target_macs: f
             low = middle
     ratios = {name: round(r, 4) for name, r in ratios_at(high).items()}
     macs, params = cost(ratios)
-    kept = {g.name: kept_count(g.channels, ratios[g.name]) for g in groups}
+    kept = {g.name: kept_count(g.channels, ratios[g.name], channel_multiple) for g in groups}
     return Solution(ratios=ratios, kept=kept, macs=macs, params=params, macs_fraction=macs / base_macs,
                     params_fraction=params / base_params, predicted_loss=float(high))
 
@@ -360,27 +359,15 @@ def result_ratios(result: SensitivityResult) -> tuple[float, ...]:
     return tuple(sorted({r for c in result.curves for r in c.ratios}))
 
 
-def uniform_ratio(plan: ChannelPlan, target_macs: float) -> float:
+def uniform_ratio(plan: ChannelPlan, target_macs: float, channel_multiple: int = 1) -> float:
     """The smallest uniform ratio (to 1e-3) whose channel pruning keeps at most `target_macs` of the MACs."""
     base, _ = plan.cost({})
     low, high = 0.0, 0.999
     for _ in range(30):
         middle = (low + high) / 2
-        macs, _ = plan.cost({g.name: kept_count(g.channels, middle) for g in plan.prunable})
+        macs, _ = plan.cost({g.name: kept_count(g.channels, middle, channel_multiple) for g in plan.prunable})
         if macs <= target_macs * base:
             high = middle
         else:
             low = middle
     return math.ceil(high * 1000) / 1000
-
-
-def predicted_loss(result: SensitivityResult, ratios: Mapping[str, float]) -> float:
-    """The sum over groups of the measured loss at the grid ratio nearest each given ratio."""
-    total = 0.0
-    for name, ratio in ratios.items():
-        curve = result.curve(name)
-        if ratio <= 0:
-            continue
-        nearest = min(range(len(curve.ratios)), key=lambda i: abs(curve.ratios[i] - ratio))
-        total += max(result.loss(curve.values[nearest]), 0.0)
-    return total

@@ -18,11 +18,11 @@ import time
 import numpy as np
 
 from tfcompress.analysis.latency import measure_latency
-from tfcompress.analysis.sensitivity import kept_count, sensitivity, solve_ratios
+from tfcompress.analysis.sensitivity import sensitivity, solve_ratios
 from tfcompress.conversion.convert import ConvertConfig, convert
 from tfcompress.core.model_io import load_model
 from tfcompress.training.channel_graph import channel_plan
-from tfcompress.training.channel_prune import prune_channels
+from tfcompress.training.channel_prune import kept_count, prune_channels
 
 SENSITIVITY_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 NUM_BN_SAMPLES = 512  # inputs on which the pruned model's BatchNorm statistics are measured afresh
@@ -41,7 +41,7 @@ def check(model, config) -> None:
     if config.prune_channels != "auto" or config.target_latency is not None:
         return
     base_macs, base_params = plan.cost({})
-    macs, params = plan.cost({g.name: kept_count(g.channels, SENSITIVITY_RATIOS[-1]) for g in plan.prunable})
+    macs, params = _smallest_kept(plan, config)
     for name, target, reached in (("target_macs", config.target_macs, macs / base_macs),
                                   ("target_params", config.target_params, params / base_params)):
         if target is not None and reached > target + 1e-9:
@@ -51,22 +51,31 @@ def check(model, config) -> None:
                 f"such as the output layer). Ask for at least {reached:.3f}. Received: {name}={target}")
 
 
+def _smallest_kept(plan, config) -> tuple[int, int]:
+    """(MACs, parameters) with every prunable group at the largest sensitivity ratio."""
+    return plan.cost({g.name: kept_count(g.channels, SENSITIVITY_RATIOS[-1], config.channel_multiple)
+                      for g in plan.prunable})
+
+
 def prune_channels_stage(model, config, x_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray):
     """(channel-pruned model, details for report.json); the fine-tune is the caller's."""
     data = x_train[:NUM_BN_SAMPLES]
-    details: dict = {"criterion": config.channel_criterion}
+    details: dict = {"criterion": config.channel_criterion, "channel_multiple": config.channel_multiple}
     if config.prune_channels != "auto":
-        result = prune_channels(model, float(config.prune_channels), criterion=config.channel_criterion, data=data)
+        result = prune_channels(model, float(config.prune_channels), criterion=config.channel_criterion, data=data,
+                                channel_multiple=config.channel_multiple)
         details["mode"] = f"uniform ratio {config.prune_channels}"
     else:
         start = time.perf_counter()
         curves = sensitivity(model, x_val, y_val, ratios=SENSITIVITY_RATIOS, kinds=("channel",),
-                             criterion=config.channel_criterion)
+                             criterion=config.channel_criterion, channel_multiple=config.channel_multiple)
         details["sensitivity"] = curves.to_json() | {"seconds": round(time.perf_counter() - start, 3)}
         plan = channel_plan(model)
         if config.target_latency is None:
-            solution = solve_ratios(curves, plan, target_macs=config.target_macs, target_params=config.target_params)
-            result = prune_channels(model, ratios=solution.ratios, criterion=config.channel_criterion, data=data)
+            solution = solve_ratios(curves, plan, target_macs=config.target_macs, target_params=config.target_params,
+                                    channel_multiple=config.channel_multiple)
+            result = prune_channels(model, ratios=solution.ratios, criterion=config.channel_criterion, data=data,
+                                    channel_multiple=config.channel_multiple)
             details["solution"] = solution.to_json()
             details["mode"] = "sensitivity-guided, " + ", ".join(
                 f"{name}={getattr(config, name)}" for name in ("target_macs", "target_params")
@@ -87,13 +96,13 @@ def _latency_search(model, config, curves, plan, data, x_train):
     runs = max(config.latency_runs, 50)
     base = _probe(model, config, x_train, runs=runs, arena=False)["latency_median_ms"]
     goal = config.target_latency * base
-    smallest = plan.cost({g.name: kept_count(g.channels, SENSITIVITY_RATIOS[-1]) for g in plan.prunable})[0] / (
-        plan.cost({})[0])
+    smallest = _smallest_kept(plan, config)[0] / plan.cost({})[0]
     budget = max(config.target_latency, smallest)
     attempts = []
     for _ in range(LATENCY_ATTEMPTS):
-        solution = solve_ratios(curves, plan, target_macs=budget)
-        result = prune_channels(model, ratios=solution.ratios, criterion=config.channel_criterion, data=data)
+        solution = solve_ratios(curves, plan, target_macs=budget, channel_multiple=config.channel_multiple)
+        result = prune_channels(model, ratios=solution.ratios, criterion=config.channel_criterion, data=data,
+                                channel_multiple=config.channel_multiple)
         measured = _probe(result.model, config, x_train, runs=runs, arena=False)["latency_median_ms"]
         attempts.append({"target_macs": round(budget, 4), "macs_fraction": solution.macs_fraction,
                          "latency_median_ms": measured, "latency_fraction": measured / base,

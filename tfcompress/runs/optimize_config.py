@@ -55,6 +55,9 @@ class OptimizeConfig:
     target_latency: float | None = None
     """With prune_channels="auto": the fraction of the int8 model's single-thread LiteRT latency to keep, measured."""
     channel_criterion: str = "l1"
+    channel_multiple: int = 8
+    """Kept channels are rounded up to a multiple of this: the channel counts XNNPACK's and CMSIS-NN's kernels run
+    fastest on (1 keeps ratios exact; a group smaller than it stays whole)."""
     factorize_energy: float | None = None
     factorize_layers: tuple[str, ...] = ()
     factorize_epochs: int = 1
@@ -143,6 +146,10 @@ class OptimizeConfig:
         for name, value in targets.items():
             if value is not None and (_not_real(value) or not 0.0 < value <= 1.0):
                 raise ValueError(f"{name} is the fraction to keep, in (0, 1]; 0.5 halves it. Received: {name}={value}")
+        if isinstance(self.channel_multiple, bool) or not isinstance(self.channel_multiple, int) or \
+                self.channel_multiple < 1:
+            raise ValueError("channel_multiple is a positive whole number of channels (8 suits XNNPACK and CMSIS-NN, "
+                             f"1 keeps ratios exact). Received: channel_multiple={self.channel_multiple!r}")
         if self.channel_criterion not in CHANNEL_CRITERIA:
             raise ValueError(f"channel_criterion is one of {', '.join(CHANNEL_CRITERIA)}. "
                              f"Received: channel_criterion={self.channel_criterion!r}")
@@ -288,7 +295,7 @@ class OptimizeConfig:
                      "eval_labels_key", "eval_output", "force_qat"):
             values.pop(name)
         unused = {"prune_channels": ("prune_channels", "target_macs", "target_params", "target_latency",
-                                     "channel_criterion"),
+                                     "channel_criterion", "channel_multiple"),
                   "factorize_energy": ("factorize_energy", "factorize_layers", "factorize_epochs"),
                   "cluster": ("cluster", "cluster_epochs"),
                   "distill_from": ("distill_from", "distill_temperature", "distill_alpha")}

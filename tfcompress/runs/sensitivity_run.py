@@ -43,6 +43,7 @@ class SensitivityConfig:
     ratios: tuple[float, ...] = sens.DEFAULT_RATIOS
     kinds: tuple[str, ...] = sens.KINDS
     channel_criterion: str = "l1"
+    channel_multiple: int = 8
     target_macs: float | None = None
     target_params: float | None = None
     overwrite: bool = False
@@ -87,11 +88,12 @@ def run_sensitivity(config: SensitivityConfig) -> SensitivityRunResult:
         y, _ = training_targets(raw, model, f"{config.train_data} (key '{config.train_labels_key}')", output=position)
         split = len(x) - max(1, int(round(len(x) * config.validation_fraction)))
         result = sens.sensitivity(model, x[split:], y[split:], ratios=config.ratios, kinds=config.kinds,
-                                  criterion=config.channel_criterion, output=names[position])
+                                  criterion=config.channel_criterion, output=names[position],
+                                  channel_multiple=config.channel_multiple)
         solution = None
         if config.target_macs is not None or config.target_params is not None:
             solution = sens.solve_ratios(result, channel_plan(model), target_macs=config.target_macs,
-                                         target_params=config.target_params)
+                                         target_params=config.target_params, channel_multiple=config.channel_multiple)
     except Exception:
         if created:
             remove_if_empty(directory)

@@ -108,6 +108,7 @@ def prune_channels(
     ratios: Mapping[str, float] | None = None,
     criterion: str = "l1",
     data: np.ndarray | None = None,
+    channel_multiple: int = 1,
 ) -> ChannelPruneResult:
     """Removes the lowest-ranked output channels of Conv/Dense layers and everything that reads them.
 
@@ -141,6 +142,10 @@ def prune_channels(
             Without `data` the statistics are the original's and the result computes exactly what
             `zero_channels` does.
 
+        channel_multiple: each group keeps a multiple of this many channels (rounded up; a group smaller than it
+            stays whole). Measured on an MLPerf-width ResNet-8 in LiteRT (XNNPACK, one thread): 8/16/32 channels
+            per stage ran in 0.058 ms, 7/15/31 in 0.070 ms, 9/17/33 in 0.084 ms; 8 suits XNNPACK and CMSIS-NN.
+
     Returns:
         A `ChannelPruneResult`.
 
@@ -155,7 +160,10 @@ def prune_channels(
     plan = channel_plan(model)
     group_ratios = resolve_ratios(model, plan, ratio, ratios)
     scores = channel_scores(model, plan, criterion)
-    kept = select_channels(plan, scores, group_ratios)
+    if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
+        raise ValueError(f"channel_multiple is a positive whole number of channels (8 suits XNNPACK and CMSIS-NN, 1 "
+                         f"keeps ratios exact). Received: channel_multiple={channel_multiple!r}")
+    kept = select_channels(plan, scores, group_ratios, channel_multiple)
     new = rebuild(model, plan, kept)
     if data is not None:
         recalibrate_batch_norm(new, data)
@@ -255,15 +263,21 @@ def _bn_scale(norm) -> np.ndarray | float:
     return np.abs(gamma) / np.sqrt(variance + norm.epsilon)
 
 
-def select_channels(plan: ChannelPlan, scores: Mapping[str, np.ndarray],
-                    ratios: Mapping[str, float]) -> dict[str, np.ndarray]:
-    """The kept channel indices (sorted) of each group `ratios` names: the highest-scored, at least one."""
+def kept_count(channels: int, ratio: float, multiple: int = 1) -> int:
+    """Channels a group of `channels` keeps at `ratio`: at least one, rounded up to a multiple of `multiple`
+    (never more than it has)."""
+    kept = channels - min(math.floor(ratio * channels + 0.5), channels - 1)
+    return min(channels, -(-kept // multiple) * multiple)
+
+
+def select_channels(plan: ChannelPlan, scores: Mapping[str, np.ndarray], ratios: Mapping[str, float],
+                    multiple: int = 1) -> dict[str, np.ndarray]:
+    """The kept channel indices (sorted) of each group `ratios` names: the highest-scored `kept_count`."""
     kept = {}
     for name, value in ratios.items():
         group = plan.group(name)
-        removed = min(math.floor(value * group.channels + 0.5), group.channels - 1)
         order = np.argsort(-np.asarray(scores[group.name]), kind="stable")  # ties keep the earlier channel
-        kept[group.name] = np.sort(order[:group.channels - removed])
+        kept[group.name] = np.sort(order[:kept_count(group.channels, value, multiple)])
     return kept
 
 

@@ -44,6 +44,7 @@ from tfcompress.core._keras import keras, tf
 from tfcompress.core.artefacts import write_atomic, write_json
 from tfcompress.core.errors import TfcompressError
 from tfcompress.core.model_io import load_model
+from tfcompress.core.tflite_model import read_tflite
 from tfcompress.models import baseline, zoo, zoo_data
 from tfcompress.targets import micro
 from tfcompress.training.channel_graph import channel_plan
@@ -62,6 +63,9 @@ _NUM_TEST = flags.DEFINE_integer("num_test", 10000, "First MNIST test images the
                                  lower_bound=1, upper_bound=10000)
 _PROBE_MACS = flags.DEFINE_list("probe_macs", ["0.4", "0.3", "0.2", "0.15"], "Latency-only probes: MAC budgets at "
                                 "which the float model is pruned uniformly (no fine-tune) and timed; empty for none.")
+_CHANNEL_MULTIPLE = flags.DEFINE_integer(
+    "channel_multiple", 8, "Each pruned group keeps a multiple of this many channels (prune_channels' "
+    "channel_multiple; 8, optimize's default, suits XNNPACK and CMSIS-NN); 1 keeps the ratios exact.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of training and fine-tuning.")
 _LATENCY_RUNS = flags.DEFINE_integer("latency_runs", 200, "Single-thread LiteRT invokes timed per model (fresh "
                                      "process); TFLM times min(50, this).", lower_bound=1)
@@ -73,6 +77,7 @@ NUM_MEAN_SAMPLES = 512  # training inputs for prune_channels(data=...): the prun
 NUM_CALIBRATION = 300
 NUM_PROBE_CALIBRATION = 100  # the latency probes measure no accuracy
 TFLM_RUNS, TFLM_WARMUP = 50, 5
+LATENCY_ROUNDS = 3
 ANCHORS = ("Distiller (PyTorch), ResNet-56 on CIFAR-10: -37% MACs at -0.14 pt top-1; NNCF, ResNet-50: 40% of "
            "filters pruned at -0.09 pt top-1. Both with their own full training sets and fine-tune schedules; here "
            "the fine-tune is --prune_epochs epochs on about 11k MNIST images.")
@@ -119,7 +124,7 @@ def main(argv: list[str]) -> None:
     summary = run_benchmark(_OUTPUT.value, _MODELS.value, budgets, probe_macs=probes,
                             prune_epochs=_PRUNE_EPOCHS.value, train_epochs=_TRAIN_EPOCHS.value,
                             num_train=_NUM_TRAIN.value, num_test=_NUM_TEST.value, seed=_SEED.value,
-                            latency_runs=_LATENCY_RUNS.value)
+                            latency_runs=_LATENCY_RUNS.value, channel_multiple=_CHANNEL_MULTIPLE.value)
     print(summary["tables"])
 
 
@@ -138,7 +143,7 @@ def parse_budgets(values: list[str], name: str = "target_macs", allow_empty: boo
 def run_benchmark(output_dir: str, names: list[str], budgets: tuple[float, ...] = (0.5, 0.25), *,
                   probe_macs: tuple[float, ...] = (0.4, 0.3, 0.2, 0.15), prune_epochs: int = 4,
                   train_epochs: int = 5, num_train: int = 12000, num_test: int = 10000, seed: int = 0,
-                  latency_runs: int = 200) -> dict:
+                  latency_runs: int = 200, channel_multiple: int = 8) -> dict:
     """Trains, prunes, fine-tunes, converts and measures each model; writes and returns the summary."""
     unknown = [name for name in names if name not in MODELS]
     if unknown or not names:
@@ -149,7 +154,8 @@ def run_benchmark(output_dir: str, names: list[str], budgets: tuple[float, ...] 
     os.makedirs(output_dir, exist_ok=True)
     settings = {"budgets": list(budgets), "probe_macs": list(probe_macs), "prune_epochs": prune_epochs,
                 "train_epochs": train_epochs, "num_train": num_train, "num_test": num_test, "seed": seed,
-                "latency_runs": latency_runs, "tflm_runs": min(TFLM_RUNS, latency_runs)}
+                "latency_runs": latency_runs, "tflm_runs": min(TFLM_RUNS, latency_runs),
+                "channel_multiple": channel_multiple}
     models, rows = {}, {}
     for name in names:
         print(f"Model: {name} ...", flush=True)
@@ -200,48 +206,58 @@ def _run_model(spec: ModelSpec, output_dir: str, budgets, settings: dict) -> tup
     _fit(model, spec, data, settings["train_epochs"], spec.learning_rate, seed)
     info = {"description": spec.description, "train_images": len(data.x_train), "validation_images": len(data.x_val),
             "test_images": len(data.x_test), "train_seconds": round(time.perf_counter() - started, 1)}
-    measure = dict(spec=spec, data=data, directory=os.path.join(output_dir, spec.name), settings=settings)
+    measure = dict(spec=spec, data=data, directory=os.path.join(output_dir, spec.name))
     rows = {"unpruned": _row(lambda: (model, {}), **measure)}
     plan = channel_plan(model)
     started = time.perf_counter()
     try:
         curves = sensitivity(model, data.x_val, data.y_val, ratios=SENSITIVITY_RATIOS, kinds=("channel",),
-                             criterion="l1")
+                             criterion="l1", channel_multiple=settings["channel_multiple"])
     except (TfcompressError, ValueError, RuntimeError) as e:
         curves, info["sensitivity_error"] = None, f"{type(e).__name__}: {e}"
     else:
         info["sensitivity"] = curves.to_json() | {"seconds": round(time.perf_counter() - started, 1)}
     for budget in budgets:
-        ratio = uniform_ratio(plan, budget)
+        ratio = uniform_ratio(plan, budget, settings["channel_multiple"])
         rows[f"uniform @ {budget:g} MACs"] = _row(
             lambda ratio=ratio: _pruned(model, spec, data, settings, ratio=ratio), **measure,
             extra={"kind": "uniform", "target_macs": budget, "uniform_ratio": ratio})
         rows[f"sensitivity @ {budget:g} MACs"] = _row(
             lambda budget=budget: _guided(model, spec, data, settings, curves, plan, budget), **measure,
             extra={"kind": "sensitivity", "target_macs": budget})
-    base = rows["unpruned"]
-    info["latency_probe"] = _latency_probe(model, data, plan, measure["directory"], settings, base)
-    for row in rows.values():
-        if "error" not in row and "error" not in base:
-            row["delta_points"] = round((row["test_accuracy"] - base["test_accuracy"]) * 100, 3)
-            row["litert_speedup"] = base["litert_median_ms"] / row["litert_median_ms"]
-            row["tflm_speedup"] = base["tflm_median_ms"] / row["tflm_median_ms"]
-            row["macs_fraction_tflite"] = row["macs_tflite"] / base["macs_tflite"]
+    info["latency_probe"] = _latency_probe(model, data, plan, measure["directory"], settings)
+    started = time.perf_counter()
+    _time_all([*rows.values(), *info["latency_probe"]], output_dir, data.x_test[:1], settings)
+    info["timing_seconds"] = round(time.perf_counter() - started, 1)
+    _relative([*rows.values(), *info["latency_probe"]], rows["unpruned"])
     return info, rows
+
+
+def _relative(entries: list[dict], base: dict) -> None:
+    """Adds each entry's MACs fraction, speed-ups and accuracy change against the unpruned model's."""
+    for entry in entries:
+        if "error" in entry or "error" in base:
+            continue
+        entry |= {"macs_fraction_tflite": entry["macs_tflite"] / base["macs_tflite"],
+                  "litert_speedup": base["litert_median_ms"] / entry["litert_median_ms"],
+                  "tflm_speedup": base["tflm_median_ms"] / entry["tflm_median_ms"]}
+        if "test_accuracy" in entry:
+            entry["delta_points"] = round((entry["test_accuracy"] - base["test_accuracy"]) * 100, 3)
 
 
 def _guided(model, spec, data: _Split, settings: dict, curves, plan, budget: float):
     if curves is None:
         raise RuntimeError("the sensitivity analysis failed (see the model's sensitivity_error)")
-    solution = solve_ratios(curves, plan, target_macs=budget)
+    solution = solve_ratios(curves, plan, target_macs=budget, channel_multiple=settings["channel_multiple"])
     pruned, details = _pruned(model, spec, data, settings, ratios=solution.ratios)
     return pruned, details | {"solution": solution.to_json()}
 
 
 def _pruned(model, spec: ModelSpec, data: _Split, settings: dict, **how):
-    """Channel-pruned (means folded, BatchNorm re-measured) and fine-tuned copy of `model`, with its numbers."""
+    """Channel-pruned (`data=`: 512 training images) and fine-tuned copy of `model`, with its numbers."""
     started = time.perf_counter()
-    result = prune_channels(model, criterion="l1", data=data.x_train[:NUM_MEAN_SAMPLES], **how)
+    result = prune_channels(model, criterion="l1", data=data.x_train[:NUM_MEAN_SAMPLES],
+                            channel_multiple=settings["channel_multiple"], **how)
     pruned_at = time.perf_counter()
     before = _accuracy(result.model.predict(data.x_val, batch_size=256, verbose=0), data.y_val)
     _fit(result.model, spec, data, settings["prune_epochs"], spec.fine_tune_learning_rate, settings["seed"])
@@ -257,14 +273,14 @@ def _accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(outputs, axis=-1) == labels))
 
 
-def _row(make, spec: ModelSpec, data: _Split, directory: str, settings: dict, extra: dict | None = None) -> dict:
+def _row(make, spec: ModelSpec, data: _Split, directory: str, extra: dict | None = None) -> dict:
     """One row: the Keras model `make` returns, converted to int8 and measured. An error is recorded, not raised."""
     started = time.perf_counter()
     row = {"kind": "unpruned", **(extra or {})}
     try:
         model, details = make()
         row |= details
-        row |= _measure(model, spec, data, directory, settings, row)
+        row |= _measure(model, data, directory, row)
     except (TfcompressError, ValueError, RuntimeError) as e:  # a failed row is a result, not the end of the run
         print(f"  {spec.name}: {row['kind']} failed: {type(e).__name__}: {e}", flush=True)
         row["error"] = " ".join(f"{type(e).__name__}: {e}".split())
@@ -272,7 +288,8 @@ def _row(make, spec: ModelSpec, data: _Split, directory: str, settings: dict, ex
     return row
 
 
-def _measure(model, spec: ModelSpec, data: _Split, directory: str, settings: dict, row: dict) -> dict:
+def _measure(model, data: _Split, directory: str, row: dict) -> dict:
+    """The int8 model's accuracy, I/O types and costs; its `.tflite` written under `directory`."""
     started = time.perf_counter()
     name = _benchmark.slug(f"{row['kind']}_{row.get('target_macs', '')}")
     flat, path = _convert(model, data.x_train[:NUM_CALIBRATION], os.path.join(directory, f"{name}.tflite"))
@@ -285,7 +302,7 @@ def _measure(model, spec: ModelSpec, data: _Split, directory: str, settings: dic
                "validation_accuracy": _accuracy(run_tflite(flat, data.x_val), data.y_val),
                "test_accuracy": _accuracy(run_tflite(flat, data.x_test), data.y_test)}
     evaluated = time.perf_counter()
-    numbers |= _costs(flat, path, data.x_test[:1], settings)
+    numbers |= _costs(flat, data.x_test[:1])
     return numbers | {"seconds_convert": round(converted - started, 1),
                       "seconds_evaluate": round(evaluated - converted, 1),
                       "seconds_costs": round(time.perf_counter() - evaluated, 1)}
@@ -299,37 +316,62 @@ def _convert(model, calibration: np.ndarray, path: str):
     return flat, path
 
 
-def _costs(flat, path: str, first_input: np.ndarray, settings: dict) -> dict:
-    """MACs, flash, the TFLM arena, TFLM and LiteRT latency of a converted model."""
+def _sample(flat, first_input: np.ndarray) -> np.ndarray:
+    """`first_input` (a batch of one) quantized to the model's input dtype."""
     inp = flat.tensors[flat.inputs[0]]
-    sample = quantize(first_input, {"dtype": np.dtype(inp.dtype), "quantization": (inp.scale[0], inp.zero_point[0])})
-    arena = micro.measure_arena(flat, sample)
-    latency = measure_latency(path, num_runs=settings["latency_runs"], num_threads=1)
+    return quantize(first_input, {"dtype": np.dtype(inp.dtype), "quantization": (inp.scale[0], inp.zero_point[0])})
+
+
+def _costs(flat, first_input: np.ndarray) -> dict:
+    """MACs, flash and the TFLM arena of a converted model (latency comes later, for all models together)."""
+    arena = micro.measure_arena(flat, _sample(flat, first_input))
     return {"macs_tflite": count_macs(flat).total_macs, "flash_bytes": len(flat.data),
-            "arena_bytes": arena.arena_bytes, "arena_recorded_bytes": arena.recorded_bytes,
-            "tflm_median_ms": _tflm_latency_ms(flat, sample, arena.arena_bytes, settings["tflm_runs"]),
-            "litert_median_ms": latency.median_ms, "litert_p90_ms": latency.p90_ms}
+            "arena_bytes": arena.arena_bytes, "arena_recorded_bytes": arena.recorded_bytes}
 
 
-def _latency_probe(model, data: _Split, plan, directory: str, settings: dict, base: dict) -> list[dict]:
+def _time_all(entries: list[dict], output_dir: str, first_input: np.ndarray, settings: dict) -> None:
+    """LiteRT (single thread, a fresh process each time) and TFLM latency of every converted model, timed in
+    LATENCY_ROUNDS interleaved rounds; the fastest round's median counts, so that a burst of load from other
+    processes slows one round of every model rather than one model."""
+    timed = [entry for entry in entries if "tflite" in entry and "error" not in entry]
+    flats = {id(entry): read_tflite(os.path.join(output_dir, entry["tflite"])) for entry in timed}
+    for _ in range(LATENCY_ROUNDS):
+        for entry in timed:
+            flat = flats[id(entry)]
+            try:
+                latency = measure_latency(os.path.join(output_dir, entry["tflite"]), num_runs=settings["latency_runs"],
+                                          num_threads=1)
+                tflm = _tflm_latency_ms(flat, _sample(flat, first_input), entry["arena_bytes"], settings["tflm_runs"])
+            except (TfcompressError, RuntimeError) as e:
+                entry["error"] = " ".join(f"{type(e).__name__}: {e}".split())
+                continue
+            entry.setdefault("litert_round_medians_ms", []).append(latency.median_ms)
+            entry.setdefault("litert_round_p90_ms", []).append(latency.p90_ms)
+            entry.setdefault("tflm_round_medians_ms", []).append(tflm)
+    for entry in timed:
+        if "error" not in entry:
+            fastest = int(np.argmin(entry["litert_round_medians_ms"]))
+            entry |= {"litert_median_ms": entry["litert_round_medians_ms"][fastest],
+                      "litert_p90_ms": entry["litert_round_p90_ms"][fastest],
+                      "tflm_median_ms": min(entry["tflm_round_medians_ms"])}
+
+
+def _latency_probe(model, data: _Split, plan, directory: str, settings: dict) -> list[dict]:
     """Latency only, no accuracy: uniform pruning at each --probe_macs budget, without fine-tuning, converted
     and timed, to show where (if anywhere) LiteRT's latency follows the MACs down."""
     probes = []
     for budget in settings["probe_macs"]:
         started = time.perf_counter()
-        ratio = uniform_ratio(plan, budget)
+        ratio = uniform_ratio(plan, budget, settings["channel_multiple"])
         probe = {"target_macs": budget, "uniform_ratio": ratio}
         try:
-            pruned = prune_channels(model, ratio, data=data.x_train[:NUM_MEAN_SAMPLES]).model
+            pruned = prune_channels(model, ratio, data=data.x_train[:NUM_MEAN_SAMPLES],
+                                    channel_multiple=settings["channel_multiple"]).model
             flat, path = _convert(pruned, data.x_train[:NUM_PROBE_CALIBRATION],
                                   os.path.join(directory, f"probe_{_benchmark.slug(f'{budget:g}')}.tflite"))
-            probe |= _costs(flat, path, data.x_test[:1], settings)
+            probe |= {"tflite": os.path.relpath(path, os.path.dirname(directory)), **_costs(flat, data.x_test[:1])}
         except (TfcompressError, ValueError, RuntimeError) as e:
             probe["error"] = " ".join(f"{type(e).__name__}: {e}".split())
-        if "error" not in probe and "error" not in base:
-            probe |= {"macs_fraction_tflite": probe["macs_tflite"] / base["macs_tflite"],
-                      "litert_speedup": base["litert_median_ms"] / probe["litert_median_ms"],
-                      "tflm_speedup": base["tflm_median_ms"] / probe["tflm_median_ms"]}
         probes.append(probe | {"seconds": round(time.perf_counter() - started, 1)})
     return probes
 
@@ -386,9 +428,9 @@ def _probe_note(probes: list[dict]) -> str:
         return (f"the latency probe (uniform, no fine-tune) first reaches {MIN_SPEEDUP:g}x at "
                 f"{first['macs_fraction_tflite']:.3f} of the MACs ({first['litert_speedup']:.2f}x)")
     best = max(timed, key=lambda p: p["litert_speedup"])
-    return (f"the latency probe (uniform, no fine-tune) never reaches {MIN_SPEEDUP:g}x: at best "
-            f"{best['litert_speedup']:.2f}x at {best['macs_fraction_tflite']:.3f} of the MACs, so LiteRT's latency "
-            "here does not follow the MACs")
+    return (f"the latency probe (uniform, no fine-tune) does not reach {MIN_SPEEDUP:g}x down to "
+            f"{min(p['macs_fraction_tflite'] for p in timed):.3f} of the MACs: at best {best['litert_speedup']:.2f}x "
+            f"at {best['macs_fraction_tflite']:.3f}")
 
 
 def _cell(row: dict, key: str, spec: str, suffix: str = "") -> str:
@@ -400,7 +442,9 @@ def render(summary: dict) -> str:
     """The Markdown tables: one per model, the chosen ratios, the latency probes, the anchors and the targets."""
     lines = [f"Channel pruning: unpruned int8 against channel-pruned (uniform / sensitivity-guided at the same MAC "
              f"budget) + {summary['prune_epochs']} epochs of fine-tuning + int8 (PTQ, uint8 I/O). Float models trained "
-             f"{summary['train_epochs']} epochs, seed {summary['seed']}; {summary['cpu_count']} CPU cores."]
+             f"{summary['train_epochs']} epochs, seed {summary['seed']}; {summary['cpu_count']} CPU cores."
+             + (f" Kept channels rounded up to a multiple of {summary['channel_multiple']}."
+                if summary["channel_multiple"] > 1 else "")]
     for name, info in summary["models"].items():
         rows = {k.split(" / ", 1)[1]: r for k, r in summary["rows"].items() if k.split(" / ")[0] == name}
         lines += ["", f"### {name}: {info['description']}", "",
@@ -410,11 +454,13 @@ def render(summary: dict) -> str:
         lines += [f"- {label}: ratios {_ratios(row)}" for label, row in rows.items()
                   if "ratios" in row and "error" not in row]
         lines += _probe_table(info.get("latency_probe", []))
-    lines += ["", f"LiteRT: single thread, XNNPACK, fresh process, median of {summary['latency_runs']} invokes. TFLM: "
-              f"host-side (this CPU) TFLM reference kernels through the tflite-micro Python interpreter, median of "
-              f"{summary['tflm_runs']} single-sample invokes after {TFLM_WARMUP} warm-ups: relative speed, not an MCU "
-              "timing. MACs: the .tflite's (`count_macs`); MACs kept: against the unpruned .tflite. Arena: TFLM's "
-              "recording allocator + 5%, proven by a run.", "", f"Anchors: {summary['anchors']}"]
+    lines += ["", f"LiteRT: single thread, XNNPACK, a fresh process per measurement, median of "
+              f"{summary['latency_runs']} invokes. TFLM: host-side (this CPU) TFLM reference kernels through the "
+              f"tflite-micro Python interpreter, median of {summary['tflm_runs']} single-sample invokes after "
+              f"{TFLM_WARMUP} warm-ups: relative speed, not an MCU timing. Both: every model of a table timed in "
+              f"{LATENCY_ROUNDS} interleaved rounds, the fastest round's median shown. MACs: the .tflite's "
+              "(`count_macs`); MACs kept: against the unpruned .tflite. Arena: TFLM's recording allocator + 5%, proven "
+              "by a run.", "", f"Anchors: {summary['anchors']}"]
     return _benchmark.finish_tables(lines, summary["targets"], summary["total_seconds"])
 
 

@@ -335,7 +335,7 @@ def solve_ratios(result: SensitivityResult, plan: ChannelPlan, *, target_macs: f
             high = middle
         else:
             low = middle
-    ratios = {name: round(r, 4) for name, r in ratios_at(high).items()}
+    ratios = ratios_at(high)  # unrounded: rounding a ratio down can keep one more channel and miss the budget
     macs, params = cost(ratios)
     kept = {g.name: kept_count(g.channels, ratios[g.name], channel_multiple) for g in groups}
     return Solution(ratios=ratios, kept=kept, macs=macs, params=params, macs_fraction=macs / base_macs,

@@ -108,7 +108,8 @@ def test_the_verb_writes_json_markdown_and_plot(saved_model_dir, train_npz, tmp_
     done = subprocess.run(
         [sys.executable, "-m", "pipelines", "sensitivity", f"--saved_model_dir={saved_model_dir}",
          f"--train_data={train_npz}", "--input_scale=0.00392156862745098", "--ratios=0.5,0.9",
-         "--target_macs=0.6", "--channel_multiple=1", f"--output_dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+         "--target_macs=0.6", "--channel_multiple=1", f"--output_dir={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     document = json.loads((out / "sensitivity.json").read_text())
     assert document["validation_samples"] == 220  # the last tenth of the 2,200 training images

@@ -305,14 +305,10 @@ def _finish(groups: _Groups, slots: dict, weighted: list) -> ChannelPlan:
 
 def layer_macs(layer) -> int:
     """Multiply-accumulates per example of a Conv1D/Conv2D/DepthwiseConv2D/Dense layer's first call."""
-    kind = type(layer).__name__
     out_shape = tuple(layer.output_shape)
     positions = int(np.prod([d or 1 for d in out_shape[1:-1]], dtype=np.int64))
     kernel = tuple(_kernel(layer).shape)
-    if kind == "DepthwiseConv2D":
-        return positions * int(np.prod(kernel, dtype=np.int64))
-    groups = getattr(layer, "groups", 1) or 1
-    return positions * int(np.prod(kernel, dtype=np.int64)) // (groups if kind != "Dense" else 1)
+    return positions * int(np.prod(kernel, dtype=np.int64))  # a grouped conv's kernel holds in/groups inputs
 
 
 def model_macs(model) -> int | None:
@@ -333,9 +329,7 @@ def model_macs(model) -> int | None:
 def _wrapped_macs(wrapper, inner) -> int:
     out_shape = tuple(wrapper.output_shape)
     positions = int(np.prod([d or 1 for d in out_shape[1:-1]], dtype=np.int64))
-    kernel = tuple(_kernel(inner).shape)
-    groups = 1 if type(inner).__name__ in ("Dense", "DepthwiseConv2D") else (getattr(inner, "groups", 1) or 1)
-    return positions * int(np.prod(kernel, dtype=np.int64)) // groups
+    return positions * int(np.prod(_kernel(inner).shape, dtype=np.int64))
 
 
 def _kernel(layer):

@@ -141,7 +141,6 @@ def prune_channels(
             a BatchNorm network far more accuracy before fine-tuning (measured on ResNet-8: `sensitivity`).
             Without `data` the statistics are the original's and the result computes exactly what
             `zero_channels` does.
-
         channel_multiple: each group keeps a multiple of this many channels (rounded up; a group smaller than it
             stays whole). Measured on an MLPerf-width ResNet-8 in LiteRT (XNNPACK, one thread): 8/16/32 channels
             per stage ran in 0.058 ms, 7/15/31 in 0.070 ms, 9/17/33 in 0.084 ms; 8 suits XNNPACK and CMSIS-NN.
@@ -157,12 +156,12 @@ def prune_channels(
     model = check_graph_model(as_tf_keras(model, stage="channel pruning"), "prune_channels")
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {list(CRITERIA)}. Received: criterion={criterion!r}")
-    plan = channel_plan(model)
-    group_ratios = resolve_ratios(model, plan, ratio, ratios)
-    scores = channel_scores(model, plan, criterion)
     if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
         raise ValueError(f"channel_multiple is a positive whole number of channels (8 suits XNNPACK and CMSIS-NN, 1 "
                          f"keeps ratios exact). Received: channel_multiple={channel_multiple!r}")
+    plan = channel_plan(model)
+    group_ratios = resolve_ratios(model, plan, ratio, ratios)
+    scores = channel_scores(model, plan, criterion)
     kept = select_channels(plan, scores, group_ratios, channel_multiple)
     new = rebuild(model, plan, kept)
     if data is not None:

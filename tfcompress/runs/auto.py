@@ -125,7 +125,8 @@ class _Search:
         return result.model_path
 
     def _measure(self, model_path: str, path: str, compress: bool) -> dict:
-        data = open(model_path, "rb").read()
+        with open(model_path, "rb") as f:
+            data = f.read()
         predictions = run_tflite(model_path, self.x_val)
         accuracy = float(np.mean(predictions.argmax(-1) == self.y_val))
         numbers = {"model": model_path, "bytes": len(data), "gzip_bytes": len(gzip.compress(data, 9, mtime=0)),
@@ -181,6 +182,10 @@ def run_auto(config: AutoConfig) -> AutoResult:
     if len(model.outputs) != 1 or len(model.inputs) != 1:
         raise ValueError(f"auto judges one classifier output; {model.name!r} has {len(model.inputs)} input(s) and "
                          f"{len(model.outputs)} output(s). Use tfcompress optimize for it.")
+    if model.outputs[0].shape[-1] in (None, 1) or len(model.outputs[0].shape) != 2:
+        raise ValueError(f"auto judges a classifier's top-1 accuracy: one output of class scores (N, classes); "
+                         f"{model.name!r} outputs {tuple(model.outputs[0].shape)}. Use tfcompress optimize or convert, "
+                         "whose gates also cover one-unit and regression outputs.")
     x, y, raw_x, raw_y, split = _load_training_data(config, model)
     x_val, y_val = x[split:][:config.num_validation_samples], y[split:][:config.num_validation_samples]
     _check_fixed_overhead(config, loaded, x[:split])

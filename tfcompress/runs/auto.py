@@ -11,10 +11,11 @@ at the first attempt that meets every gate:
 1. post-training int8 (500 calibration samples); if it loses too much accuracy, other calibration draws (1,000;
    100 with another seed), then quantization-aware training;
 2. a missed latency or arena budget: sensitivity-guided channel pruning (`--prune_channels=auto`) with the MAC
-   budget the measured miss suggests, shrunk by each measurement (three tries);
+   budget the measured miss suggests; a model still over budget shrinks by what was measured, one that meets it but
+   loses accuracy is fine-tuned three times as long, then pruned halfway less (four fractions at most);
 3. a missed flash budget: with `--target=micro`, clustering to 16 values and then ternary weights, both shipped
-   through TFLM look-up-table compression; then channel pruning by parameters (on top of step 2's pruning), alone
-   and with ternary weights.
+   through TFLM look-up-table compression; then channel pruning by parameters on top of the smallest accurate of
+   those (or of the model so far), tuned the same way.
 
 Every attempt is recorded (settings, numbers, verdict) in `auto_state.json` as it finishes, so a killed search
 resumes after the last finished attempt. No attempt meets every gate: `BudgetNotMetError` (exit 1) names the
@@ -50,7 +51,7 @@ from tfcompress.targets.export import ExportConfig, run_export
 STATE_FILENAME = "auto_state.json"
 MODEL_FILENAME = "model.tflite"
 REPORT_FILENAME = "report.json"
-CHANNEL_TRIES = 3
+CHANNEL_TRIES = 4
 EXPORT_CHECK_SAMPLES = 200
 
 
@@ -226,37 +227,70 @@ def _search(s: _Search) -> None:
     speed = [name for name in ("latency_ms", "arena_bytes") if name in base["misses"]]
     if speed:
         fraction = _clamp(0.9 / max(base["over"][name] for name in speed))
-        for _ in range(CHANNEL_TRIES):
-            settings = {"prune_channels": "auto", "target_macs": fraction, "prune_epochs": config.epochs, **quant}
-            record = s.attempt(f"channels_macs_{fraction:.3f}", "optimize", settings)
-            if record is None or not record["misses"] or not _accurate(record):
-                return
-            base, channels = record, {"prune_channels": "auto", "target_macs": fraction,
-                                      "prune_epochs": config.epochs}
-            still = [name for name in speed if name in record["misses"]]
-            if not still:
-                break
-            fraction = _clamp(fraction * 0.9 / max(record["over"][name] for name in still))
-        else:
-            return  # latency or arena out of reach: the closest is reported
+        record, done = _tune(s, "target_macs", speed, fraction, quant, compress=False, suffix="")
+        if done or record is None:
+            return  # met, out of time, or latency/arena out of reach at the accuracy asked: the closest is reported
+        base = record
+        channels = {k: record["settings"][k] for k in ("prune_channels", "target_macs", "prune_epochs")}
     if "flash_bytes" not in base["misses"]:
         return
-    options = []
+    compressed = []
     if config.target == "micro":
-        options += [("cluster16_lut", {"cluster": 16, "cluster_epochs": config.epochs, **quant, **channels}),
-                    ("ternary_lut", {"qat": True, "qat_epochs": config.epochs, "qat_weights": "ternary",
-                                     **channels})]
-    for name, settings in options:
-        record = s.attempt(name, "optimize", settings, compress=True)
+        for name, settings in (("cluster16_lut", {"cluster": 16, "cluster_epochs": config.epochs, **quant, **channels}),
+                               ("ternary_lut", {"qat": True, "qat_epochs": config.epochs, "qat_weights": "ternary",
+                                                **channels})):
+            record = s.attempt(name, "optimize", settings, compress=True)
+            if record is None or not record["misses"]:
+                return
+            if _accurate(record):
+                compressed.append((name, record))
+    # Channel pruning by parameters on top of the smallest accurate model so far, by as much as its flash miss asks.
+    name, start = min(compressed, key=lambda c: c[1]["flash_bytes"], default=("", base))
+    extra = quant if start["kind"] == "ptq" else {k: v for k, v in start["settings"].items()
+                                                  if k not in ("prune_channels", "target_params")}
+    params = _clamp(0.9 / start["over"]["flash_bytes"])
+    _tune(s, "target_params", ["flash_bytes"], params, extra, compress=bool(name), suffix=f"_{name}" if name else "")
+
+
+def _tune(s: _Search, knob: str, budgets: list[str], fraction: float, extra: dict, compress: bool,
+          suffix: str) -> tuple[dict | None, bool]:
+    """Channel pruning by `knob` (`target_macs` or `target_params`) until the `budgets` are met at the accuracy
+    asked. A fraction that keeps accuracy but misses a budget shrinks by what was measured (never below one known to
+    lose accuracy); one that meets the budgets but loses accuracy is tried once more with three times the
+    fine-tune, then the fraction moves halfway back toward the last accurate one. At most `CHANNEL_TRIES` fractions.
+
+    Returns:
+        (the attempt that met `budgets` at the accuracy asked, or None; whether the search is over: an attempt met
+        every gate, or the time is up).
+    """
+    config = s.config
+    good, bad = 1.0, None
+    short = knob.split("_")[1]
+    for _ in range(CHANNEL_TRIES):
+        settings = {**extra, "prune_channels": "auto", knob: fraction, "prune_epochs": config.epochs}
+        record = s.attempt(f"channels_{short}_{fraction:.3f}{suffix}", "optimize", settings, compress=compress)
         if record is None or not record["misses"]:
-            return
-    params = _clamp(0.9 / base["over"]["flash_bytes"] * (channels.get("target_macs", 1.0) ** 0.5))
-    by_params = {"prune_channels": "auto", "target_params": params, "prune_epochs": config.epochs, **quant}
-    record = s.attempt(f"channels_params_{params:.3f}", "optimize", by_params)
-    if record is None or not record["misses"] or config.target != "micro":
-        return
-    s.attempt(f"channels_params_{params:.3f}_ternary_lut", "optimize",
-              {**by_params, "qat": True, "qat_epochs": config.epochs, "qat_weights": "ternary"}, compress=True)
+            return record, True
+        within = not [name for name in budgets if name in record["misses"]]
+        if not _accurate(record) and within and "verification" not in record["misses"]:
+            longer = {**settings, "prune_epochs": 3 * config.epochs}
+            record = s.attempt(f"channels_{short}_{fraction:.3f}{suffix}_long", "optimize", longer, compress=compress)
+            if record is None or not record["misses"]:
+                return record, True
+        if _accurate(record):
+            still = [name for name in budgets if name in record["misses"]]
+            if not still:
+                return record, False
+            good = fraction
+            step = fraction * 0.9 / max(record["over"][name] for name in still)
+            following = _clamp(step if bad is None else max(step, (fraction + bad) / 2))
+        else:
+            bad = fraction
+            following = _clamp((fraction + good) / 2)
+        if following == fraction:
+            break
+        fraction = following
+    return None, False
 
 
 def _accurate(record: dict) -> bool:

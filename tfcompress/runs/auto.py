@@ -394,15 +394,16 @@ def _check_fixed_overhead(config: AutoConfig, loaded, samples: np.ndarray) -> No
 def _load_state(directory: str, config: AutoConfig) -> dict:
     path = os.path.join(directory, STATE_FILENAME)
     fingerprint = config.fingerprint()
+    if config.overwrite:  # start over, as --overwrite says
+        shutil.rmtree(os.path.join(directory, "attempts"), ignore_errors=True)
+        return {"fingerprint": fingerprint, "attempts": []}
     if os.path.exists(path):
         with open(path) as f:
             state = json.load(f)
         if state.get("fingerprint") == fingerprint:
             return state
-        if not config.overwrite:
-            raise TfcompressError(f"{directory} holds a search made with other settings. Pass --overwrite to start "
-                                  "over, or another --output_dir.")
-        shutil.rmtree(os.path.join(directory, "attempts"), ignore_errors=True)
+        raise TfcompressError(f"{directory} holds a search made with other settings. Pass --overwrite to start over, "
+                              "or another --output_dir.")
     return {"fingerprint": fingerprint, "attempts": []}
 
 

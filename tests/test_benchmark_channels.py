@@ -21,7 +21,7 @@ def test_channel_pruned_rows_ship_fewer_macs_and_smaller_flash_and_arena(tmp_pat
     done = subprocess.run([sys.executable, "-m", "pipelines.benchmark_channels", "--models=resnet8",
                            "--target_macs=0.5", "--num_train=1500", "--num_test=500", "--train_epochs=1",
                            "--prune_epochs=1", "--latency_runs=5", "--probe_macs=0.25", f"--output_dir={tmp_path}",
-                           "--noprogress"],
+                           "--channel_multiple=1", "--noprogress"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "benchmark_channels.json").read_text())

@@ -173,8 +173,8 @@ def test_qat_ships_only_when_forced_or_strictly_better_on_validation(qat, ptq, f
 
 
 def test_nothing_to_do_and_bad_split_are_refused(keras_file, train_npz, tmp_path):
-    with pytest.raises(ValueError, match=r"Nothing to optimize: pass --factorize_energy, --prune, --cluster "
-                                         r"and/or --qat"):
+    with pytest.raises(ValueError, match=r"Nothing to optimize: pass --prune_channels, --factorize_energy, --prune, "
+                                         r"--cluster and/or --qat"):
         OptimizeConfig(output_dir=str(tmp_path), train_data=train_npz, keras_model=keras_file)
     with pytest.raises(ValueError, match=r"validation_fraction .* Received: validation_fraction=1.0"):
         OptimizeConfig(output_dir=str(tmp_path), train_data=train_npz, keras_model=keras_file, prune=True,

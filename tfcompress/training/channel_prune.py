@@ -291,7 +291,9 @@ def _channel_kept(plan: ChannelPlan, kept: Mapping[str, np.ndarray]) -> np.ndarr
 
 
 def _mask(slots: np.ndarray, flags: np.ndarray) -> np.ndarray:
-    return np.array([c < 0 or bool(flags[c]) for c in slots.tolist()], dtype=bool)
+    """Which slots stay: those of no group, and the kept channels (one lookup for the whole array)."""
+    slots = np.asarray(slots, dtype=np.int64)
+    return (slots < 0) | flags[np.maximum(slots, 0)]
 
 
 def recalibrate_batch_norm(model, data: np.ndarray, batch_size: int = 512) -> list[str]:

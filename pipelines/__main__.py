@@ -33,6 +33,8 @@ VERBS = {
             "budgets (PTQ, QAT, channel pruning, clustering, low-bit weights, LUT compression).",
     "benchmark_auto": "Benchmark tfcompress auto: LeNet-5 to 64 KiB of flash at 0.3 points, a residual CNN to 0.6x its "
                       "int8 latency at 1 point, against the hand recipes.",
+    "run": "Run a recipe: a convert, optimize or auto run described in a YAML or JSON file (checked against its "
+           "JSON Schema first).",
     "sensitivity": "Prune each layer alone at each ratio (whole channels and unstructured) and measure validation "
                    "accuracy without fine-tuning; optionally solve per-layer channel ratios for a MAC budget.",
     "benchmark_channels": "Benchmark channel pruning (uniform and sensitivity-guided) on LeNet-5 and a residual CNN: "

@@ -72,6 +72,14 @@ def _print_help(main: Callable, argv: Sequence[str]) -> None:
     print(flags.FLAGS.module_help(sys.modules[__name__]))
 
 
+def _takes_value(arg: str) -> bool:
+    """Whether `arg` is a `--flag` written without `=value` whose value is the next argument (`--set a=1`)."""
+    if not arg.startswith("-") or "=" in arg:
+        return False
+    name = arg.lstrip("-")
+    return name in flags.FLAGS and not isinstance(flags.FLAGS[name], flags.BooleanFlag)
+
+
 def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
     """`app.run` with exit code 2 on flag errors and one-line messages for tfcompress errors.
 
@@ -83,8 +91,7 @@ def run(main: Callable[[list[str]], None], argv: list[str] | None = None) -> Non
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     # A script may name one flag that a bare argument fills (`tfcompress inspect model.tflite`).
     positional = getattr(sys.modules[main.__module__], "POSITIONAL_FLAG", None)
-    bare = [arg for i, arg in enumerate(argv[1:], 1)
-            if not arg.startswith("-") and argv[i - 1] not in (f"--{positional}", f"-{positional}")]
+    bare = [arg for i, arg in enumerate(argv[1:], 1) if not arg.startswith("-") and not _takes_value(argv[i - 1])]
     if positional and len(bare) == 1:
         argv = [argv[0], *(a if a is not bare[0] else f"--{positional}={a}" for a in argv[1:])]
     try:

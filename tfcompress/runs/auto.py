@@ -43,6 +43,7 @@ from tfcompress.conversion.verify import run_tflite
 from tfcompress.core.artefacts import output_lock, prepare_output_dir, write_atomic, write_json
 from tfcompress.core.errors import BudgetNotMetError, TfcompressError
 from tfcompress.core.model_io import load_model, model_source
+from tfcompress.runs import recipe_format
 from tfcompress.runs.auto_config import AutoConfig
 from tfcompress.runs.optimize import OptimizeConfig, _translated, run_optimize
 from tfcompress.runs.pipeline import MICRO_DIRNAME, ConvertPipelineConfig, run_convert
@@ -195,7 +196,7 @@ def run_auto(config: AutoConfig) -> AutoResult:
     _check_fixed_overhead(config, loaded, x[:split])
     float_accuracy = float(np.mean(model.predict(x_val, verbose=0, batch_size=256).argmax(-1) == y_val))
     directory, _ = prepare_output_dir(config.output_dir, (MODEL_FILENAME, REPORT_FILENAME), config.overwrite)
-    with output_lock(directory, "tfcompress auto"):
+    with output_lock(directory, "tfcompress auto"), recipe_format.recorded("auto", config, directory):
         state = _load_state(directory, config)
         os.makedirs(os.path.join(directory, "data"), exist_ok=True)
         _write_npz(os.path.join(directory, "data", "validation.npz"),

@@ -49,7 +49,7 @@ from tfcompress.core.errors import CalibrationDataError, ModelLoadError, OutputP
 from tfcompress.training.factorize import FactorizeResult, factorize
 from tfcompress.core.model_io import FloatModel, load_model, model_source
 from tfcompress.core.model_safety import check_model_file
-from tfcompress.runs import candidates
+from tfcompress.runs import candidates, recipe_format
 from tfcompress.runs.pipeline import MICRO_DIRNAME, ConvertPipelineConfig, run_convert
 from tfcompress.training.prune import PruningCallback, prune, strip
 from tfcompress.runs.optimize_config import OptimizeConfig
@@ -127,7 +127,7 @@ def run_optimize(config: OptimizeConfig) -> OptimizeResult:
     inputs = _check_inputs(config)
     output_dir, _ = prepare_output_dir(config.output_dir, (), overwrite=True)
     # One run per directory; the convert runs inside (stages/convert, stages/candidates) are covered by it.
-    with output_lock(output_dir, "tfcompress optimize"):
+    with output_lock(output_dir, "tfcompress optimize"), recipe_format.recorded("optimize", config, output_dir):
         return _optimize(config, inputs, output_dir)
 
 

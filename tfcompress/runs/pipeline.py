@@ -33,6 +33,7 @@ from tfcompress.core.errors import (
 from tfcompress.core.model_io import load_model, model_source
 from tfcompress.core.tflite_model import TfliteModel, weight_sparsity
 from tfcompress.conversion.verify import Check, VerificationResult, verify
+from tfcompress.runs import recipe_format
 
 MODEL_FILENAME = "model.tflite"
 MICRO_DIRNAME = "micro"
@@ -151,7 +152,8 @@ def run_convert(config: ConvertPipelineConfig, converted: TfliteModel | None = N
     artefacts = (MODEL_FILENAME, REPORT_FILENAME, run_report.MARKDOWN) + ((MICRO_DIRNAME,) if config.target else ())
     output_dir, created = prepare_output_dir(config.output_dir, artefacts, config.overwrite)
     try:
-        with output_lock(output_dir, "tfcompress convert"):  # a second run on this directory refuses
+        with output_lock(output_dir, "tfcompress convert"), \
+                recipe_format.recorded("convert", config, output_dir):  # a second run on this directory refuses
             return _convert_and_write(config, convert_config, output_dir, converted)
     except (InputError, ConversionError, ValueError):
         if created:

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,npu]'
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test,npu,onnx]'
 	touch $(STAMP)
 
 demo: $(STAMP)  ## train LeNet-5 on the shipped MNIST, convert, verify, print the report

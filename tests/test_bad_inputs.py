@@ -64,7 +64,24 @@ def files(tmp_path_factory):
     (root / "garbage.tflite").write_bytes(b"\x00" * 64)
     (root / "truncated.tflite").write_bytes(float_tflite[: len(float_tflite) // 3])
     (root / "labels.txt").write_text("a\nb\n")
+    _write_recipes(root)
     return root
+
+
+def _write_recipes(root) -> None:
+    """Bad recipes for `tfcompress run`, each one mistake away from a good one."""
+    good = {"command": "optimize", "model": {"keras_model": "tiny.keras"}, "data": {"train_data": "train.npz"},
+            "stages": [{"prune": {"final_sparsity": 0.5}}, {"qat": {"qat_epochs": 1}}]}
+    bad = {
+        "unknown_key": {**good, "stages": [{"prune": {"final_sparsty": 0.5}}]},
+        "wrong_type": {**good, "stages": [{"prune": {"prune_epochs": "two"}}]},
+        "order": {**good, "stages": [{"qat": None}, {"prune": None}]},
+        "missing_path": {**good, "data": {"train_data": "absent.npz"}},
+        "trust": {**good, "model": {"keras_model": "lambda.h5"}, "trust_model": True},
+    }
+    for name, recipe in bad.items():
+        (root / f"{name}.json").write_text(json.dumps(recipe))
+    (root / "recipe.txt").write_text(json.dumps(good))
 
 
 CAL = [f"--calibration_data={CALIBRATION}", "--calibration_key=x"]
@@ -156,6 +173,17 @@ CASES = {
         ("Lambda layer", ["--keras_model={root}/lambda.h5", "--train_data={root}/train.npz"],
          "Lambda layer(s) 'double'"),
     ],
+    "run": [
+        ("unknown key", ["{root}/unknown_key.json"], "stages[0].prune: unknown key 'final_sparsty' (did you mean "
+                                                     "'final_sparsity'?)"),
+        ("wrong type", ["{root}/wrong_type.json"], "stages[0].prune.prune_epochs: expected a whole number of at "
+                                                   "least 1, found a string (\"two\")"),
+        ("stages in an impossible order", ["{root}/order.json"], "'qat' cannot come before 'prune'"),
+        ("path that does not exist", ["{root}/missing_path.json"], "data.train_data: no such file or folder"),
+        ("trust granted by the recipe", ["{root}/trust.json"], "'trust_model' cannot be set in a recipe"),
+        ("not a recipe file", ["{root}/recipe.txt"], "a recipe is a .yaml, .yml or .json file"),
+        ("no recipe", [], "tfcompress run needs a recipe"),
+    ],
     "sensitivity": [
         ("no model", ["--train_data={root}/train.npz"], "Give exactly one model"),
         ("missing training data", ["--keras_model={root}/tiny.keras", "--train_data={root}/absent.npz"], "not found"),
@@ -229,5 +257,5 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(answers, verb, index):
 
 
 def test_the_table_covers_every_verb_that_reads_user_files():
-    assert set(CASES) == {"convert", "optimize", "export", "inspect", "debug", "sensitivity", "auto"}
+    assert set(CASES) == {"convert", "optimize", "export", "inspect", "debug", "sensitivity", "auto", "run"}
     assert sum(len(cases) for cases in CASES.values()) >= 35

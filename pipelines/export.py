@@ -1,7 +1,7 @@
 r"""Export a verified integer .tflite for microcontrollers: C array, op resolver, arena size, TFLM check.
 
 Example:
-  python pipelines/export.py --tflite=artefacts/demo/int8/model.tflite --target=micro --name=lenet5 \
+  tfcompress export --tflite=artefacts/demo/int8/model.tflite --target=micro --name=lenet5 \
       --eval_data=data/mnist.npz --input_scale=0.00392156862745098 --output_dir=artefacts/micro
 
 Writes <name>_model_data.h/.cc, <name>_op_resolver.h, <name>.tflite and manifest.json (with --vela also
@@ -16,6 +16,7 @@ from absl import flags
 
 from pipelines import _common
 from tfcompress.targets import export
+from tfcompress.conversion import fidelity
 
 _TFLITE = flags.DEFINE_string("tflite", None, "The verified .tflite model to export.", required=True)
 _TARGET = flags.DEFINE_enum("target", "micro", list(export.TARGETS), "What to export for.")
@@ -37,6 +38,18 @@ _VELA = flags.DEFINE_bool("vela", False, "Also compile for Arm Ethos-U55-128 wit
                           ".[npu]) and record its NPU op count, SRAM and estimated time.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for the random check inputs when no --eval_data is given.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing files in --output_dir.")
+_MODEL = flags.DEFINE_string("saved_model_dir", None, "--target=onnx: the float model (SavedModel) to compare "
+                             "with on --eval_data (the accuracy drop is then measured against it).")
+_KERAS_MODEL = flags.DEFINE_string("keras_model", None, "--target=onnx: the float model as a .keras/.h5 file.")
+_TRUST_MODEL = flags.DEFINE_bool("trust_model", False, "Load a model file even if it holds code (Lambda layers, "
+                                 "unregistered custom layers): only for files you trust.")
+_MAX_DROP = flags.DEFINE_float("max_accuracy_drop", 0.01, "--target=onnx: largest allowed top-1 accuracy drop of "
+                               "ONNX Runtime against the float model (or the .tflite without one), a fraction.")
+_MIN_TOP1 = flags.DEFINE_float("min_top1_agreement", fidelity.DEFAULT_MIN_TOP1_AGREEMENT, "--target=onnx: the "
+                               "least top-1 agreement of ONNX Runtime with LiteRT, a fraction.")
+_MIN_SQNR = flags.DEFINE_float("min_output_sqnr_db", fidelity.DEFAULT_MIN_OUTPUT_SQNR_DB, "--target=onnx: the "
+                               "least SQNR (dB) of ONNX Runtime's outputs against LiteRT's.")
+_OPSET = flags.DEFINE_integer("opset", 17, "--target=onnx: the ONNX opset written (13-18).")
 
 
 def main(argv: list[str]) -> None:
@@ -46,9 +59,28 @@ def main(argv: list[str]) -> None:
         labels=_LABELS.value, eval_data=_EVAL.value, eval_key=_EVAL_KEY.value,
         eval_labels_key=_EVAL_LABELS_KEY.value, num_eval_samples=_NUM_EVAL.value,
         input_scale=_SCALE.value, input_offset=_OFFSET.value, compress=_COMPRESS.value, vela=_VELA.value,
-        seed=_SEED.value, overwrite=_OVERWRITE.value,
+        seed=_SEED.value, overwrite=_OVERWRITE.value, saved_model_dir=_MODEL.value, keras_model=_KERAS_MODEL.value,
+        trust_model=_TRUST_MODEL.value, max_accuracy_drop=_MAX_DROP.value, min_top1_agreement=_MIN_TOP1.value,
+        min_output_sqnr_db=_MIN_SQNR.value, opset=_OPSET.value,
     )
-    print(summary(export.run_export(config)))
+    result = export.run_export(config)
+    print(onnx_summary(result) if config.target == "onnx" else summary(result))
+
+
+def onnx_summary(result: export.ExportResult) -> str:
+    r = result.manifest
+    lines = [f"exported {r['onnx_file']} to {result.output_dir}: {r['onnx_bytes']:,} bytes (the .tflite: "
+             f"{r['tflite_bytes']:,}), opset {r['opset']}, {r['input_dtype']} input"]
+    for o in r["vs_tflite"]:
+        agreement = "" if o["top1_agreement"] is None else f", top-1 agreement {o['top1_agreement']:.4f}"
+        lines.append(f"  onnxruntime vs LiteRT, {o['name']}: SQNR {o['sqnr_db']:.1f} dB, max "
+                     f"{o['max_abs_error_steps']} step(s){agreement} on {r['samples']}")
+    if "accuracy" in r:
+        a = r["accuracy"]
+        lines.append(f"  accuracy: onnxruntime {a['onnx']:.4f}, LiteRT {a['tflite']:.4f}"
+                     + (f", float {a['float']:.4f}" if "float" in a else "")
+                     + f"; drop {a['accuracy_drop']:.4f} against {a['reference']}")
+    return "\n".join(lines)
 
 
 def summary(result: export.ExportResult) -> str:

@@ -204,6 +204,12 @@ CASES = {
         ("truncated flatbuffer", ["--tflite={root}/truncated.tflite"], ".tflite"),
         ("float model", ["--tflite={root}/float.tflite"], "float"),
         ("missing labels file", ["--tflite={root}/float.tflite", "--labels={root}/absent.txt"], "absent.txt"),
+        ("float .tflite to ONNX", ["--tflite={root}/float.tflite", "--target=onnx"],
+         "the ONNX export takes a verified full-integer .tflite"),
+        ("micro-only flag with ONNX", ["--tflite={root}/float.tflite", "--target=onnx", "--compress"],
+         "--compress belong(s) to --target=micro"),
+        ("float model with the micro target", ["--tflite={root}/float.tflite", "--keras_model={root}/tiny.keras"],
+         "pass --target=onnx, or drop it"),
     ],
     "inspect": [
         ("missing .tflite", ["--tflite={root}/absent.tflite"], "not found"),

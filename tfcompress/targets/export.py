@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from tfcompress.core.version import __version__
-from tfcompress.conversion import calibration
+from tfcompress.conversion import calibration, fidelity
 from tfcompress.targets import arena_probe, micro, tflm_check
 from tfcompress.core.artefacts import output_lock, prepare_output_dir, remove_if_empty, write_atomic, write_json
 from tfcompress.core import litert_probe
@@ -27,7 +27,7 @@ from tfcompress.core.tflite_model import Tensor, TfliteModel, TfliteSource, read
 from tfcompress.conversion.verify import quantize
 
 MANIFEST_SCHEMA_VERSION = 1
-TARGETS = ("micro",)
+TARGETS = ("micro", "onnx")
 DEFAULT_RANDOM_SAMPLES = 200
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # C and C++ keywords that Python's keyword list lacks; a model array may not be named after one.
@@ -69,10 +69,36 @@ class ExportConfig:
     vela: bool = False
     seed: int = 0
     overwrite: bool = False
+    # --target onnx only: the float model to compare with, the gates (fractions in [0, 1]; dB), the ONNX opset.
+    saved_model_dir: str | None = None
+    keras_model: str | None = None
+    trust_model: bool = False
+    max_accuracy_drop: float = 0.01
+    min_top1_agreement: float = fidelity.DEFAULT_MIN_TOP1_AGREEMENT
+    min_output_sqnr_db: float = fidelity.DEFAULT_MIN_OUTPUT_SQNR_DB
+    opset: int = 17
 
     def __post_init__(self):
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}. Received: target={self.target!r}")
+        if self.target == "onnx":
+            given = [f"--{n}" for n in ("compress", "vela", "labels") if getattr(self, n)]
+            if given:
+                raise ValueError(f"{', '.join(given)} belong(s) to --target=micro; the ONNX export takes neither. "
+                                 f"Drop {', '.join(given)}, or export with --target=micro.")
+            if self.saved_model_dir and self.keras_model:
+                raise ValueError("Give at most one float model: --saved_model_dir or --keras_model. Received both.")
+            for name in ("max_accuracy_drop", "min_top1_agreement"):
+                if not 0.0 <= getattr(self, name) <= 1.0:
+                    raise ValueError(f"{name} is a fraction in [0, 1] (0.005 is half a point). "
+                                     f"Received: {name}={getattr(self, name)}")
+            if not 13 <= self.opset <= 18:
+                raise ValueError(f"opset is an ONNX opset tf2onnx 1.17 writes, 13 to 18. Received: opset={self.opset}")
+        else:
+            given = [f"--{n}" for n in ("saved_model_dir", "keras_model") if getattr(self, n)]
+            if given:
+                raise ValueError(f"{', '.join(given)} is the float model the ONNX export compares with: pass "
+                                 "--target=onnx, or drop it (the micro export checks TFLM against LiteRT).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +279,12 @@ def write_micro_export(export: MicroExport, output_dir: str, overwrite: bool = F
 
 
 def run_export(config: ExportConfig) -> ExportResult:
-    """`tfcompress export`: reads `config.tflite`, checks it in TFLM, writes the firmware files."""
+    """`tfcompress export`: reads `config.tflite`, checks it in TFLM, writes the firmware files (with
+    `target="onnx"`: converts it to ONNX, checks it in onnxruntime, writes `<name>.onnx`)."""
+    if config.target == "onnx":
+        from tfcompress.targets import onnx_export
+
+        return ExportResult(*onnx_export.run_onnx_export(config))
     # A clear ModelLoadError for a missing, non-flatbuffer or corrupt file, and for one that crashes LiteRT
     # or TFLM: both run it once in a child process before this process does.
     model = litert_probe.read_user_tflite(config.tflite)

@@ -35,6 +35,8 @@ VERBS = {
                       "int8 latency at 1 point, against the hand recipes.",
     "run": "Run a recipe: a convert, optimize or auto run described in a YAML or JSON file (checked against its "
            "JSON Schema first).",
+    "benchmark_onnx": "Benchmark the ONNX export: ONNX Runtime int8 against LiteRT int8 on LeNet-5 and a residual CNN "
+                      "(accuracy, agreement, bytes, single-thread latency).",
     "sensitivity": "Prune each layer alone at each ratio (whole channels and unstructured) and measure validation "
                    "accuracy without fine-tuning; optionally solve per-layer channel ratios for a MAC budget.",
     "benchmark_channels": "Benchmark channel pruning (uniform and sensitivity-guided) on LeNet-5 and a residual CNN: "

@@ -8,6 +8,13 @@ Writes <name>_model_data.h/.cc, <name>_op_resolver.h, <name>.tflite and manifest
 <name>_vela.tflite). The model is first run in TFLite Micro's interpreter with the reported arena and
 compared with LiteRT. Exit codes: 0 exported, 1 a check failed (nothing written), 2 bad arguments or
 input (nothing written).
+
+--target=onnx (the onnx extra: pip install '.[onnx]') writes <name>.onnx and onnx_report.json instead: the int8
+model for ONNX Runtime (tf2onnx), run in onnxruntime against LiteRT and, with --saved_model_dir/--keras_model and
+--eval_data, the float model; written only when the gates pass (exit 1 otherwise, the report kept):
+  tfcompress export --tflite=artefacts/demo/int8/model.tflite --target=onnx \
+      --saved_model_dir=artefacts/demo/float_savedmodel --eval_data=data/mnist.npz \
+      --input_scale=0.00392156862745098 --output_dir=artefacts/onnx
 """
 
 from __future__ import annotations

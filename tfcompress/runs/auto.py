@@ -100,8 +100,8 @@ class _Search:
         try:
             model_path = self._run(kind, settings, path)
             record |= self._measure(model_path, path, compress)
-        except (TfcompressError, ValueError) as e:
-            record |= {"model": None, "error": str(e).splitlines()[0][:500]}
+        except (TfcompressError, ValueError, RuntimeError) as e:  # RuntimeError: a latency measurement that failed
+            record |= {"model": None, "error": (str(e).splitlines() or [type(e).__name__])[0][:500]}
         record["seconds"] = round(time.perf_counter() - start, 2)
         record |= self.judge(record)
         self.state["attempts"].append(record)

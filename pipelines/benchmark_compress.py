@@ -422,7 +422,7 @@ def _render_record(summary: dict) -> list[str]:
     met = summary["targets"][f"(e) ≥ {RECORD_RATIO:g}x at ≤ {RECORD_POINTS:g} pt (ratio)"]["passed"]
     return [
         "", f"(e) the record: channels auto (target_params {record['target_params']:g}; {kept}) → "
-        f"{record['prune_epochs']} epochs → {record['qat_weights']} QAT ({record['qat_epochs']} epochs, "
+        f"fine-tune {record['prune_epochs']} epochs → {record['qat_weights']} QAT ({record['qat_epochs']} epochs, "
         f"{', '.join(record['keep_int8']) or 'no layer'} kept int8{', self-distilled' if record['qat_distill'] else ''}"
         ") → "
         f"`export --compress`; shipped: {row['shipped']}; TFLM on {row['tflm_samples']:,} test images", "",
@@ -439,7 +439,8 @@ def _render_record(summary: dict) -> list[str]:
         f"| {row['delta_points']:+.2f} |",
         f"| test, TFLM ({row['tflm_samples']:,} images) | | {row['tflm_accuracy']:.4f} | |",
         "", f"TFLM top-1 agreement with LiteRT {row['tflm_top1_agreement']:.4f} (max "
-        f"{row['tflm_max_step_difference']} steps); LUT-compressed outputs identical to uncompressed in TFLM: "
+        f"step difference {row['tflm_max_step_difference']}); LUT-compressed outputs identical to uncompressed in "
+        f"TFLM: "
         f"{'yes' if row['compressed_identical_in_tflm'] else 'no'}; arena {row['arena_bytes']:,} → "
         f"{row['arena_bytes_compressed']:,} bytes (DECODE expands the tables into it).",
         f"≥ {RECORD_RATIO:g}x at ≤ {RECORD_POINTS:g} pt: {'met' if met else 'missed'} ({row['shipped_ratio']:.1f}x at "

@@ -194,6 +194,10 @@ def _run_path(output_dir, saved_model_dir, name, settings, seed, train_data) -> 
 
 
 def _optimize(output_dir, saved_model_dir, name, settings, seed, train_data) -> optimize.OptimizeResult:
+    # Keras numbers layer names per session (quantize_layer, quantize_layer_4, ...) and the converter writes them
+    # into the tensor names: without a fresh session a path's bytes depend on the paths run before it (measured:
+    # the record's shipped file was 6 bytes longer after (a)-(c) than with --paths=record, same weights).
+    keras.backend.clear_session()
     return optimize.run_optimize(optimize.OptimizeConfig(
         output_dir=os.path.join(output_dir, _benchmark.slug(name)), train_data=train_data,
         eval_data=str(baseline.MNIST_PATH), input_scale=baseline.MNIST_SCALE, calibration_data=CALIBRATION,

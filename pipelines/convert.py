@@ -18,6 +18,7 @@ from pipelines import _common
 from tfcompress.runs import pipeline
 from tfcompress.conversion import fidelity
 from tfcompress.conversion.convert import IO_DTYPES, Mode
+from tfcompress.targets import export
 
 _MODEL = flags.DEFINE_string("saved_model_dir", None, "SavedModel directory of the float model.")
 _KERAS_MODEL = flags.DEFINE_string("keras_model", None, "A .keras or .h5 model file, tf_keras or Keras 3 "
@@ -65,6 +66,9 @@ _LATENCY_RUNS = flags.DEFINE_integer("latency_runs", 200, "Single-thread invokes
 _DEBUG_LAYERS = flags.DEFINE_bool("debug_layers", True, "Measure per-tensor quantization error with TF's "
                                   "QuantizationDebugger for the report (post-training int8 only).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing model.tflite and report.json.")
+_TFLM_SAMPLES = flags.DEFINE_string("tflm_samples", str(export.DEFAULT_TFLM_SAMPLES), "With --target=micro: "
+                                    "samples the TFLM check runs, N drawn with --seed (report.json's "
+                                    "micro.tflm_subset says which), or 'all'.")
 
 
 def main(argv: list[str]) -> None:
@@ -94,6 +98,7 @@ def main(argv: list[str]) -> None:
         latency_runs=_LATENCY_RUNS.value,
         debug_layers=_DEBUG_LAYERS.value,
         overwrite=_OVERWRITE.value,
+        tflm_samples=export.parse_tflm_samples(_TFLM_SAMPLES.value),
     )
     result = pipeline.run_convert(config)
     print(summary(result))

@@ -37,6 +37,8 @@ _VELA = flags.DEFINE_bool("vela", False, "Also compile for Arm Ethos-U55-128 wit
                           ".[npu]) and record its NPU op count, SRAM and estimated time.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for the random check inputs when no --eval_data is given.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing files in --output_dir.")
+_TFLM_SAMPLES = flags.DEFINE_string("tflm_samples", str(export.DEFAULT_TFLM_SAMPLES), "Samples the TFLM check runs: "
+                                    "N drawn with --seed (the manifest's tflm_subset says which), or 'all'.")
 
 
 def main(argv: list[str]) -> None:
@@ -46,7 +48,7 @@ def main(argv: list[str]) -> None:
         labels=_LABELS.value, eval_data=_EVAL.value, eval_key=_EVAL_KEY.value,
         eval_labels_key=_EVAL_LABELS_KEY.value, num_eval_samples=_NUM_EVAL.value,
         input_scale=_SCALE.value, input_offset=_OFFSET.value, compress=_COMPRESS.value, vela=_VELA.value,
-        seed=_SEED.value, overwrite=_OVERWRITE.value,
+        seed=_SEED.value, overwrite=_OVERWRITE.value, tflm_samples=export.parse_tflm_samples(_TFLM_SAMPLES.value),
     )
     print(summary(export.run_export(config)))
 

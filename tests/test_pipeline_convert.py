@@ -29,6 +29,8 @@ from tfcompress.core.errors import (
 from tfcompress.runs.pipeline import ConvertPipelineConfig, run_convert
 from tfcompress.core import tflite_model
 from tfcompress.core.tflite_model import read_tflite
+from tfcompress.core.model_io import load_model
+from tfcompress.targets import export as micro_export
 
 
 def _config(saved_model_dir, eval_npz, output_dir, **overrides) -> ConvertPipelineConfig:
@@ -249,6 +251,24 @@ def test_target_micro_ends_with_firmware_checked_in_tflm(saved_model_dir, eval_n
     # One parse of the shipped flatbuffer for the whole run: convert's guard, verify, the TFLM export and
     # the report all take the parsed model (the debugger parses only its own models).
     assert parses[report["model"]["sha256"]] == 1, parses
+
+
+def test_target_micro_checks_a_seeded_subset_with_float_accuracy_on_the_same_samples(saved_model_dir, eval_npz,
+                                                                                      tmp_path):
+    config = _config(saved_model_dir, eval_npz, tmp_path / "out", target="micro", tflm_samples=300, latency_runs=0,
+                     debug_layers=False)
+    micro = run_convert(config).report["micro"]
+    assert micro["tflm_subset"]["num_samples"] == 300 and micro["tflm_subset"]["of"] == 1000
+    assert micro["tflm_check"]["num_samples"] == micro["tflm_accuracy"]["num_samples"] == 300
+    assert micro["tflm_check"]["samples"].startswith("300 of 1000 evaluation samples, drawn with seed 0")
+    # The TFLM accuracy gate compares like with like: the float model's accuracy on those 300 images.
+    indices = micro_export.tflm_subset(1000, 300, seed=0)
+    with np.load(eval_npz) as d:
+        images, labels = d["x_test"][indices].astype(np.float32)[..., None] * SCALE, d["y_test"][indices]
+    expected = np.mean(load_model(saved_model_dir).predict(images).argmax(1) == labels)
+    assert micro["tflm_accuracy"]["float_accuracy"] == pytest.approx(expected, abs=1e-9)
+    with pytest.raises(ValueError, match=r"Received: tflm_samples=0"):
+        _config(saved_model_dir, eval_npz, tmp_path / "bad", target="micro", tflm_samples=0)
 
 
 def test_target_micro_refuses_a_float_mode_before_any_work(saved_model_dir, tmp_path, capsys):

@@ -88,6 +88,8 @@ class ConvertPipelineConfig:
     latency_runs: int = 200
     debug_layers: bool = True
     overwrite: bool = False
+    # Samples the TFLM check of --target micro runs (drawn with `seed`); None: every one.
+    tflm_samples: int | None = micro_export.DEFAULT_TFLM_SAMPLES
 
     def __post_init__(self):
         model_source(self.saved_model_dir, self.keras_model)
@@ -114,6 +116,7 @@ class ConvertPipelineConfig:
                 f"num_eval_samples must be at least 1. Received: num_eval_samples={self.num_eval_samples}"
             )
         ConvertConfig(self.mode, self.io_dtype)  # validates mode and io_dtype
+        micro_export.check_tflm_samples(self.tflm_samples)
 
     @property
     def model_source(self) -> str:
@@ -226,7 +229,7 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
     if result.passed and config.target == "micro":
         start = time.perf_counter()
         try:
-            firmware = _micro_export(parsed, eval_x, eval_y, samples, result, config)
+            firmware = _micro_export(parsed, eval_x, eval_y, samples, result, config, model)
         except VerificationError as e:
             result = dataclasses.replace(result, checks=result.checks + tuple(
                 Check(f.split(":")[0], False, f.split(":", 1)[-1].strip()) for f in e.failures))
@@ -291,14 +294,15 @@ def _write_debug(config, convert_config, model, samples, output_dir: str) -> Non
 
 
 def _micro_export(parsed: TfliteModel, eval_x, eval_y, calibration_samples, result: VerificationResult,
-                  config: ConvertPipelineConfig) -> micro_export.MicroExport:
+                  config: ConvertPipelineConfig, float_model) -> micro_export.MicroExport:
     """Checks the verified model in TFLite Micro and renders its firmware files (written by the caller).
 
     The check runs on the evaluation samples; without them on the calibration samples, inputs like those
     the model will see (measured on the zoo's two-output model: its digit softmax 9 steps off with 200
     random inputs, over its tolerance of 7; 0 with its calibration samples), and on random inputs only
     where there are neither. With labelled evaluation data, TFLM's accuracy is gated
-    against the float model's like LiteRT's.
+    against the float model's like LiteRT's, on the same samples: where `config.tflm_samples` draws a subset,
+    the float model's accuracy is measured again on it.
     """
     if config.eval_data is None and calibration_samples is not None:
         inputs, described = micro_export.micro_inputs(parsed, calibration_samples, kind="calibration")
@@ -312,10 +316,17 @@ def _micro_export(parsed: TfliteModel, eval_x, eval_y, calibration_samples, resu
         classes = np.asarray(eval_y)
         if classes.ndim == 2:
             classes = classes[:, 0] if classes.shape[1] == 1 else classes.argmax(axis=1)
+    float_accuracy = None if accuracy is None else accuracy.float_accuracy
+    indices = micro_export.tflm_subset(len(inputs), config.tflm_samples, config.seed)
+    inputs, classes, described, subset = micro_export.take_tflm_subset(inputs, classes, described,
+                                                                       config.tflm_samples, config.seed)
+    if subset is not None and classes is not None:
+        float_outputs = float_model.predict(eval_x[indices])
+        float_accuracy = float(np.mean(fidelity.predicted_classes(float_outputs) == classes))
     return micro_export.build_micro_export(
         parsed, inputs, described, name="model", source=MODEL_FILENAME, eval_labels=classes,
-        float_accuracy=None if accuracy is None else accuracy.float_accuracy,
-        max_accuracy_drop=config.max_accuracy_drop if classes is not None else None)
+        float_accuracy=float_accuracy, max_accuracy_drop=config.max_accuracy_drop if classes is not None else None,
+        subset=subset)
 
 
 def _report(config, convert_config, parsed: TfliteModel, result, samples, timings) -> dict:

@@ -63,8 +63,9 @@ _TARGET = flags.DEFINE_enum("target", None, ["micro"], "Also export for microcon
                             "TFLite Micro and writes <output_dir>/micro/ (C array, op resolver, manifest).")
 _LATENCY_RUNS = flags.DEFINE_integer("latency_runs", 200, "Single-thread invokes timed for report.md (in a "
                                      "fresh process); 0 skips the latency measurement.", lower_bound=0)
-_DEBUG_LAYERS = flags.DEFINE_bool("debug_layers", True, "Measure per-tensor quantization error with TF's "
-                                  "QuantizationDebugger for the report (post-training int8 only).")
+_DEBUG_LAYERS = flags.DEFINE_bool("debug_layers", False, "Measure per-tensor quantization error with TF's "
+                                  "QuantizationDebugger for the report (post-training int8 only; it converts the "
+                                  "model twice more). Off unless asked; a run whose checks fail measures it anyway.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing model.tflite and report.json.")
 _TFLM_SAMPLES = flags.DEFINE_string("tflm_samples", str(export.DEFAULT_TFLM_SAMPLES), "With --target=micro: "
                                     "samples the TFLM check runs, N drawn with --seed (report.json's "

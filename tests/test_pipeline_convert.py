@@ -56,7 +56,7 @@ def test_script_writes_verified_uint8_model_and_report(saved_model_dir, eval_npz
     out = tmp_path / "out"
     code = _run_cli([f"--saved_model_dir={saved_model_dir}", f"--calibration_data={CALIBRATION}",
                      "--calibration_key=x", f"--input_scale={SCALE}", f"--eval_data={eval_npz}",
-                     f"--output_dir={out}", "--max_accuracy_drop=0.01"])
+                     f"--output_dir={out}", "--max_accuracy_drop=0.01", "--debug_layers"])
     assert code == 0, capsys.readouterr().err
     assert sorted(os.listdir(out)) == ["accuracy_vs_size.png", "debug.json", "layer_sparsity.png", "model.tflite",
                                        "quantization_error.png", "report.json", "report.md"]
@@ -82,6 +82,13 @@ def test_same_inputs_and_seed_give_identical_files(saved_model_dir, eval_npz, tm
     first = run_convert(_config(saved_model_dir, eval_npz, tmp_path / "a", seed=3))
     second = run_convert(_config(saved_model_dir, eval_npz, tmp_path / "b", seed=3))
     assert open(first.model_path, "rb").read() == open(second.model_path, "rb").read()
+    # Without --debug_layers the QuantizationDebugger does not run, and the report says so.
+    assert not os.path.exists(tmp_path / "a" / "debug.json")
+    assert first.report["not_run"] == ["per-tensor quantization error (QuantizationDebugger): not asked; "
+                                       "--debug_layers runs it (it converts the model twice more)"]
+    assert "Not run: per-tensor quantization error (QuantizationDebugger): not asked" in (
+        tmp_path / "a" / "report.md").read_text()
+    assert set(first.report["timings"]) == {"load_seconds", "convert_seconds", "verify_seconds", "report_seconds"}
 
 
 @pytest.mark.parametrize("mode, io_dtype", [
@@ -110,6 +117,9 @@ def test_failed_verification_exits_1_and_leaves_no_model(saved_model_dir, eval_n
     assert not (out / "model.tflite").exists()
     report = json.loads((out / "report.json").read_text())
     assert report["verified"] is False and report["model"]["file"] is None
+    # A failed gate runs the QuantizationDebugger: debug.json shows which tensors lost the most.
+    assert report["debug"] == "debug.json: per-tensor quantization error, measured because a check failed"
+    assert json.loads((out / "debug.json").read_text())["layers"]
 
 
 def _bad(tmp_path, name, array=None, content=None):

@@ -86,7 +86,9 @@ class ConvertPipelineConfig:
     seed: int = 0
     target: str | None = None
     latency_runs: int = 200
-    debug_layers: bool = True
+    # The QuantizationDebugger converts the model twice more: run when asked, and when a gate fails (its
+    # per-tensor error then shows where the int8 model lost).
+    debug_layers: bool = False
     overwrite: bool = False
     # Samples the TFLM check of --target micro runs (drawn with `seed`); None: every one.
     tflm_samples: int | None = micro_export.DEFAULT_TFLM_SAMPLES
@@ -242,13 +244,21 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
         if firmware is not None:
             micro_export.write_micro_export(firmware, os.path.join(output_dir, MICRO_DIRNAME), overwrite=True)
             report["micro"] = firmware.manifest
+        start = time.perf_counter()
+        debugged = _write_debug(config, convert_config, model, samples, output_dir, asked=config.debug_layers)
+        if debugged:
+            timings["debug_seconds"] = time.perf_counter() - start
+        report["not_run"] = _not_run(config, debugged)
         write_json(report_path, report)
-        _write_debug(config, convert_config, model, samples, output_dir)
+        start = time.perf_counter()
         summary = run_report.compute_report(output_dir, latency_runs=config.latency_runs,
                                             parsed={MODEL_FILENAME: parsed})
         run_report.write_report(summary)
+        timings["report_seconds"] = time.perf_counter() - start
         with open(report_path) as f:
             report = json.load(f)
+        report["timings"] = {k: round(v, 3) for k, v in timings.items()}
+        write_json(report_path, report)
         return ConvertPipelineResult(model_path, report_path, result, parsed.num_bytes, report, parsed)
     # A stale model.tflite (or firmware) from an earlier run must not sit beside a report that says this
     # one failed.
@@ -258,6 +268,9 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
     for name in (run_report.MARKDOWN, run_report.DEBUG_JSON, *run_report.PLOTS):
         if os.path.exists(os.path.join(output_dir, name)):
             os.unlink(os.path.join(output_dir, name))
+    # A gate failed: the per-tensor quantization error shows where (debug.json, `tfcompress debug`'s form).
+    if _write_debug(config, convert_config, model, samples, output_dir, asked=True):
+        report["debug"] = f"{run_report.DEBUG_JSON}: per-tensor quantization error, measured because a check failed"
     write_json(report_path, report)
     raise VerificationError(result.failures, result)
 
@@ -274,8 +287,9 @@ DEBUG_SAMPLES = 100
 HELD_OUT_SAMPLES = 200
 
 
-def _write_debug(config, convert_config, model, samples, output_dir: str) -> None:
-    """Per-tensor quantization error (QuantizationDebugger) for the report, where it applies.
+def _write_debug(config, convert_config, model, samples, output_dir: str, asked: bool) -> bool:
+    """Per-tensor quantization error (QuantizationDebugger) for the report, where it applies and is `asked`;
+    True where debug.json was written.
 
     Only post-training int8 with calibration samples: a QAT model has nothing for the debugger to compare.
     A model the debugger cannot handle gets no debug.json; the run itself already passed verification.
@@ -283,14 +297,30 @@ def _write_debug(config, convert_config, model, samples, output_dir: str) -> Non
     path = os.path.join(output_dir, run_report.DEBUG_JSON)
     if os.path.exists(path):
         os.unlink(path)
-    if (not config.debug_layers or convert_config.mode is not Mode.INT8 or samples is None
-            or model.is_quantization_aware):
-        return
+    if not asked or not _debuggable(convert_config, model, samples):
+        return False
     try:
         result = debug.debug_quantization(model, samples[:DEBUG_SAMPLES])
     except TfcompressError:
-        return
+        return False
     write_json(path, debug.to_json(result))
+    return True
+
+
+def _debuggable(convert_config, model, samples) -> bool:
+    return convert_config.mode is Mode.INT8 and samples is not None and not model.is_quantization_aware
+
+
+def _not_run(config: ConvertPipelineConfig, debugged: bool) -> list[str]:
+    """What this run left out, for the report to say so."""
+    missing = []
+    if not debugged:
+        missing.append("per-tensor quantization error (QuantizationDebugger): " + (
+            "not asked; --debug_layers runs it (it converts the model twice more)" if not config.debug_layers
+            else "asked, but it applies only to post-training int8 with calibration data, or the debugger failed"))
+    if config.latency_runs == 0:
+        missing.append("latency: --latency_runs=0")
+    return missing
 
 
 def _micro_export(parsed: TfliteModel, eval_x, eval_y, calibration_samples, result: VerificationResult,

@@ -88,7 +88,10 @@ def test_same_inputs_and_seed_give_identical_files(saved_model_dir, eval_npz, tm
                                        "--debug_layers runs it (it converts the model twice more)"]
     assert "Not run: per-tensor quantization error (QuantizationDebugger): not asked" in (
         tmp_path / "a" / "report.md").read_text()
-    assert set(first.report["timings"]) == {"load_seconds", "convert_seconds", "verify_seconds", "report_seconds"}
+    timings = first.report["timings"]
+    assert set(timings) == {"load_seconds", "convert_seconds", "calibration_seconds", "verify_seconds",
+                            "report_seconds"}
+    assert 0 < timings["calibration_seconds"] < timings["convert_seconds"]
 
 
 @pytest.mark.parametrize("mode, io_dtype", [

@@ -214,7 +214,8 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
     parsed = converted
     if parsed is None:
         start = time.perf_counter()
-        parsed = convert_and_read(model, convert_config, samples)  # parsed once; every later stage takes it
+        # Parsed once; every later stage takes it. calibration_seconds is part of convert_seconds.
+        parsed = convert_and_read(model, convert_config, samples, timings)
         timings["convert_seconds"] = time.perf_counter() - start
 
     start = time.perf_counter()

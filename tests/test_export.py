@@ -375,6 +375,11 @@ def test_parallel_tflm_check_gives_the_serial_outputs_byte_for_byte(int8_path, e
         assert len(parallel) == len(serial) == 1
         assert parallel[0].dtype == serial[0].dtype and parallel[0].shape == (NUM_CHECK, 10)
         assert parallel[0].tobytes() == serial[0].tobytes()
+    # The whole check: TFLM in worker processes while LiteRT runs here, the same as one after the other.
+    outputs, comparison = micro.check_against_litert(model, inputs, arena, "300 images")
+    serial_outputs, serial_comparison = micro.check_against_litert(model, inputs, arena, "300 images", workers=1)
+    assert outputs[0].tobytes() == serial_outputs[0].tobytes() == serial[0].tobytes()
+    assert comparison == serial_comparison and comparison.checks[0].num_samples == NUM_CHECK
     # Fewer inputs than MIN_INPUTS_PER_WORKER a worker: one process, the same outputs.
     few = micro.run_tflm_outputs(model, inputs[:10], arena, workers=2)
     assert few[0].tobytes() == serial[0][:10].tobytes()

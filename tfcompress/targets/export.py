@@ -213,9 +213,9 @@ def build_micro_export(flatbuffer: TfliteSource, inputs: np.ndarray, samples: st
     _check_single_input(model, source)
     labels = _check_labels(labels, model)
     arena = micro.measure_arena(model, inputs[:1])
-    tflm_outputs = micro.run_tflm_outputs(model, inputs, arena.arena_bytes)  # run with the reported arena
     classifiers = tflm_check.classifier_outputs(model, labelled=eval_labels is not None or labels is not None)
-    comparison = tflm_check.compare_with_litert(model, inputs, tflm_outputs, samples, classifiers)
+    # Run with the reported arena, in worker processes on every core while LiteRT runs here.
+    tflm_outputs, comparison = micro.check_against_litert(model, inputs, arena.arena_bytes, samples, classifiers)
     failures = list(comparison.failures)
     tflm_accuracy = None
     if eval_labels is not None:  # class labels of the first output

@@ -89,9 +89,11 @@ def test_same_inputs_and_seed_give_identical_files(saved_model_dir, eval_npz, tm
     assert "Not run: per-tensor quantization error (QuantizationDebugger): not asked" in (
         tmp_path / "a" / "report.md").read_text()
     timings = first.report["timings"]
-    assert set(timings) == {"load_seconds", "convert_seconds", "calibration_seconds", "verify_seconds",
-                            "report_seconds"}
+    assert set(timings) == {"load_seconds", "convert_seconds", "calibration_seconds", "float_reference_seconds",
+                            "float_reference_wait_seconds", "verify_seconds", "report_seconds"}
     assert 0 < timings["calibration_seconds"] < timings["convert_seconds"]
+    # The float model ran on the evaluation data while the converter ran, and verify used those outputs.
+    assert first.verification.accuracy.num_samples == 1000 and timings["float_reference_seconds"] > 0
 
 
 @pytest.mark.parametrize("mode, io_dtype", [

@@ -281,12 +281,15 @@ def render(summary: dict) -> str:
             f"{row['handwritten_convert_seconds']:.2f} | {row['handwritten_evaluate_seconds']:.2f} | "
             f"{row['tfcompress_seconds'] / row['handwritten_total_seconds']:.2f} |")
     lines += ["", "LiteRT throughput, verification (`run_litert`) against LiteRT's own invoke loop, same model, batch "
-              "and threads (best of 3):", "", "| model | samples | batch | threads | verification samples/s | "
-              "invoke loop samples/s | ratio |", "|---|---|---|---|---|---|---|"]
+              "and threads (best of 3); the loop from the model's bytes (new interpreter, resize, allocate: what the "
+              "verification does) and on an interpreter allocated and invoked before (warm):", "",
+              "| model | samples | batch | threads | verification samples/s | invoke loop samples/s | ratio | "
+              "warm loop samples/s | warm ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for name, tp in (("LeNet-5", summary["throughput"]), ("MobileNetV2 1.0", mn["throughput"])):
         lines.append(f"| {name} | {tp['samples']:,} | {tp['batch_size']} | {tp['num_threads']} | "
                      f"{tp['verification_samples_per_second']:,.1f} | {tp['invoke_loop_samples_per_second']:,.1f} | "
-                     f"{tp['ratio']:.3f} |")
+                     f"{tp['ratio']:.3f} | {tp['warm_invoke_loop_samples_per_second']:,.1f} | "
+                     f"{tp['warm_ratio']:.3f} |")
     tc = summary["tflm_check"]
     lines += ["", f"TFLM check (TFLM + LiteRT comparison) on {tc['samples']:,} LeNet-5 test images: serial "
               f"{tc['serial_seconds']:.2f} s, {tc['workers']} worker processes {tc['parallel_seconds']:.2f} s "
@@ -304,12 +307,16 @@ def render(summary: dict) -> str:
                          f"{'–' if calibration is None else f'{calibration:.2f}'} | "
                          f"{row['convert_seconds']:.2f} | {row['verify_seconds']:.2f} | "
                          f"{_tflm_cell(row)} | {row['report_seconds']:.2f} | "
-                         f"{row['process_seconds']:.2f} | {row['peak_rss_mib']:,.0f} |")
+                         f"{row['process_seconds']:.2f} | {_fmt(row['peak_rss_mib'])} |")
         lines += [f"{row['model']}: {row['tflm_failure']}; its other stages are from a run without --target=micro."
                   for row in summary["scaling"] if row.get("tflm_failure")]
     lines += ["", f"Load average at the start: {', '.join(f'{v:.2f}' for v in m['load_average_at_start'])}. "
               f"Total run {summary['total_seconds']:.1f} s."]
     return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:,.0f}"
 
 
 def _tflm_cell(row: dict) -> str:

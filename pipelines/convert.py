@@ -127,7 +127,7 @@ def summary(result: pipeline.ConvertPipelineResult) -> str:
     if micro:
         lines.append(f"  micro: flash {micro['flash_bytes']:,} bytes, arena {micro['arena']['arena_bytes']:,} "
                      f"bytes, TFLM vs LiteRT reference kernels top-1 agreement "
-                     f"{micro['tflm_check']['top1_agreement']:.4f}")
+                     f"{micro['tflm_check']['top1_agreement']:.4f} on {micro['tflm_check']['samples']}")
         lines += [f"  micro note: {note}" for note in micro.get("notes", [])]
     lines.append(f"  report {result.report_path} (and report.md, plots)")
     return "\n".join(lines)

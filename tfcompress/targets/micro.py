@@ -347,10 +347,12 @@ def run_tflm_alongside(flatbuffer: TfliteSource, inputs: np.ndarray, arena_bytes
         for k in range(1 if first_here else 0, workers):
             share = os.path.join(tmp, f"inputs{k}.npy")
             np.save(share, np.ascontiguousarray(inputs[bounds[k] : bounds[k + 1]]), allow_pickle=False)
-            processes.append((k, subprocess.Popen(
-                [sys.executable, tflm_worker.__file__, model_path, share, str(int(arena_bytes)),
-                 str(len(model.outputs)), os.path.join(tmp, f"outputs{k}.npz")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+            # stderr to a file: a pipe nobody reads until the end could fill and stall the worker.
+            with open(os.path.join(tmp, f"stderr{k}.txt"), "w") as stderr:
+                processes.append((k, subprocess.Popen(
+                    [sys.executable, tflm_worker.__file__, model_path, share, str(int(arena_bytes)),
+                     str(len(model.outputs)), os.path.join(tmp, f"outputs{k}.npz")],
+                    stdout=subprocess.DEVNULL, stderr=stderr)))
         shares, other = [], None
         try:
             if first_here:
@@ -358,8 +360,11 @@ def run_tflm_alongside(flatbuffer: TfliteSource, inputs: np.ndarray, arena_bytes
             else:
                 other = meanwhile()
         finally:
-            answers = [(k, process, process.communicate()[1]) for k, process in processes]
-        for k, process, error in answers:
+            for _, process in processes:
+                process.wait()
+        for k, process in processes:
+            with open(os.path.join(tmp, f"stderr{k}.txt")) as f:
+                error = f.read()
             if process.returncode != 0:
                 lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
                 how = f"signal {-process.returncode}" if process.returncode < 0 else (

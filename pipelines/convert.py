@@ -18,6 +18,7 @@ from pipelines import _common
 from tfcompress.runs import pipeline
 from tfcompress.conversion import fidelity
 from tfcompress.conversion.convert import IO_DTYPES, Mode
+from tfcompress.targets import export
 
 _MODEL = flags.DEFINE_string("saved_model_dir", None, "SavedModel directory of the float model.")
 _KERAS_MODEL = flags.DEFINE_string("keras_model", None, "A .keras or .h5 model file, tf_keras or Keras 3 "
@@ -62,9 +63,13 @@ _TARGET = flags.DEFINE_enum("target", None, ["micro"], "Also export for microcon
                             "TFLite Micro and writes <output_dir>/micro/ (C array, op resolver, manifest).")
 _LATENCY_RUNS = flags.DEFINE_integer("latency_runs", 200, "Single-thread invokes timed for report.md (in a "
                                      "fresh process); 0 skips the latency measurement.", lower_bound=0)
-_DEBUG_LAYERS = flags.DEFINE_bool("debug_layers", True, "Measure per-tensor quantization error with TF's "
-                                  "QuantizationDebugger for the report (post-training int8 only).")
+_DEBUG_LAYERS = flags.DEFINE_bool("debug_layers", False, "Measure per-tensor quantization error with TF's "
+                                  "QuantizationDebugger for the report (post-training int8 only; it converts the "
+                                  "model twice more). Off unless asked; a run whose checks fail measures it anyway.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing model.tflite and report.json.")
+_TFLM_SAMPLES = flags.DEFINE_string("tflm_samples", str(export.DEFAULT_TFLM_SAMPLES), "With --target=micro: "
+                                    "samples the TFLM check runs, N drawn with --seed (report.json's "
+                                    "micro.tflm_subset says which), or 'all'.")
 
 
 def main(argv: list[str]) -> None:
@@ -94,6 +99,7 @@ def main(argv: list[str]) -> None:
         latency_runs=_LATENCY_RUNS.value,
         debug_layers=_DEBUG_LAYERS.value,
         overwrite=_OVERWRITE.value,
+        tflm_samples=export.parse_tflm_samples(_TFLM_SAMPLES.value),
     )
     result = pipeline.run_convert(config)
     print(summary(result))
@@ -121,7 +127,7 @@ def summary(result: pipeline.ConvertPipelineResult) -> str:
     if micro:
         lines.append(f"  micro: flash {micro['flash_bytes']:,} bytes, arena {micro['arena']['arena_bytes']:,} "
                      f"bytes, TFLM vs LiteRT reference kernels top-1 agreement "
-                     f"{micro['tflm_check']['top1_agreement']:.4f}")
+                     f"{micro['tflm_check']['top1_agreement']:.4f} on {micro['tflm_check']['samples']}")
         lines += [f"  micro note: {note}" for note in micro.get("notes", [])]
     lines.append(f"  report {result.report_path} (and report.md, plots)")
     return "\n".join(lines)

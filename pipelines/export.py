@@ -57,6 +57,8 @@ _MIN_TOP1 = flags.DEFINE_float("min_top1_agreement", fidelity.DEFAULT_MIN_TOP1_A
 _MIN_SQNR = flags.DEFINE_float("min_output_sqnr_db", fidelity.DEFAULT_MIN_OUTPUT_SQNR_DB, "--target=onnx: the "
                                "least SQNR (dB) of ONNX Runtime's outputs against LiteRT's.")
 _OPSET = flags.DEFINE_integer("opset", 17, "--target=onnx: the ONNX opset written (13-18).")
+_TFLM_SAMPLES = flags.DEFINE_string("tflm_samples", str(export.DEFAULT_TFLM_SAMPLES), "Samples the TFLM check runs: "
+                                    "N drawn with --seed (the manifest's tflm_subset says which), or 'all'.")
 
 
 def main(argv: list[str]) -> None:
@@ -69,6 +71,7 @@ def main(argv: list[str]) -> None:
         seed=_SEED.value, overwrite=_OVERWRITE.value, saved_model_dir=_MODEL.value, keras_model=_KERAS_MODEL.value,
         trust_model=_TRUST_MODEL.value, max_accuracy_drop=_MAX_DROP.value, min_top1_agreement=_MIN_TOP1.value,
         min_output_sqnr_db=_MIN_SQNR.value, opset=_OPSET.value,
+        tflm_samples=export.parse_tflm_samples(_TFLM_SAMPLES.value),
     )
     result = export.run_export(config)
     print(onnx_summary(result) if config.target == "onnx" else summary(result))

@@ -26,6 +26,7 @@ from absl import flags
 
 from pipelines import _common
 from tfcompress.runs import optimize, optimize_config
+from tfcompress.targets import export
 
 _MODEL = flags.DEFINE_string("saved_model_dir", None, "Keras SavedModel of the float model.")
 _KERAS_MODEL = flags.DEFINE_string("keras_model", None, "A .keras or .h5 model, tf_keras or Keras 3 (instead of "
@@ -128,6 +129,8 @@ _TARGET = flags.DEFINE_enum("target", None, ["micro"], "Also export the final mo
 _LATENCY_RUNS = flags.DEFINE_integer("latency_runs", 200, "Single-thread invokes of the final model timed for "
                                      "report.md (fresh process); 0 skips.", lower_bound=0)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Start over instead of resuming.")
+_TFLM_SAMPLES = flags.DEFINE_string("tflm_samples", str(export.DEFAULT_TFLM_SAMPLES), "With --target=micro: "
+                                    "samples the TFLM check runs, N drawn with --seed, or 'all'.")
 
 
 def main(argv: list[str]) -> None:
@@ -157,6 +160,7 @@ def main(argv: list[str]) -> None:
         calibration_data=_CALIBRATION.value, calibration_key=_CALIBRATION_KEY.value,
         num_calibration_samples=_NUM_CALIBRATION.value, max_accuracy_drop=_MAX_DROP.value,
         seed=_SEED.value, target=_TARGET.value, latency_runs=_LATENCY_RUNS.value, overwrite=_OVERWRITE.value,
+        tflm_samples=export.parse_tflm_samples(_TFLM_SAMPLES.value),
     ))
     if result.resumed_after:
         print(f"resumed after stage {result.resumed_after}")

@@ -123,6 +123,11 @@ CASES = {
         ("output dir is a file", ["--keras_model={root}/tiny.keras", *CAL, "--output_dir={root}/notes.txt"],
          "is a file, not a directory"),
         ("unexpected argument", ["--keras_model={root}/tiny.keras", *CAL, "extra"], "unexpected arguments"),
+        ("no TFLM samples", ["--keras_model={root}/tiny.keras", *CAL, "--target=micro", "--tflm_samples=0"],
+         "tflm_samples is how many samples the TFLM check runs: a whole number of at least 1, or 'all'. "
+         "Received: tflm_samples='0'"),
+        ("TFLM samples not a number", ["--keras_model={root}/tiny.keras", *CAL, "--target=micro",
+                                       "--tflm_samples=abc"], "Received: tflm_samples='abc'"),
     ],
     "optimize": [
         ("nothing to optimize", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz"],
@@ -156,6 +161,9 @@ CASES = {
          "model keeps 0.250"),
         ("channels with factorize", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz",
                                      "--prune_channels=0.5", "--factorize_energy=0.9"], "both reshape the layers"),
+        ("TFLM samples not a number", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz", "--qat",
+                                       "--target=micro", "--tflm_samples=some"],
+         "tflm_samples is how many samples the TFLM check runs"),
     ],
     "auto": [
         ("no model", ["--train_data={root}/train.npz"], "Give exactly one model"),
@@ -210,6 +218,9 @@ CASES = {
          "--compress belong(s) to --target=micro"),
         ("float model with the micro target", ["--tflite={root}/float.tflite", "--keras_model={root}/tiny.keras"],
          "pass --target=onnx, or drop it"),
+        ("no TFLM samples", ["--tflite={root}/float.tflite", "--tflm_samples=0"],
+         "a whole number of at least 1, or 'all'. Received: tflm_samples='0'"),
+        ("negative TFLM samples", ["--tflite={root}/float.tflite", "--tflm_samples=-5"], "Received: tflm_samples='-5'"),
     ],
     "inspect": [
         ("missing .tflite", ["--tflite={root}/absent.tflite"], "not found"),

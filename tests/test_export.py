@@ -361,3 +361,73 @@ def test_tflm_accuracy_is_measured_with_labels_and_gated_against_float(int8_path
                                                 r"0\.\d{4} \(limit 0\.0000\) on 100 samples"):
         export.build_micro_export(model, inputs, described, name="m", eval_labels=labels,
                                   float_accuracy=1.0, max_accuracy_drop=0.0)
+
+
+def test_parallel_tflm_check_gives_the_serial_outputs_byte_for_byte(int8_path, eval_npz):
+    with np.load(eval_npz) as d:
+        images = d["x_test"][:NUM_CHECK].astype(np.float32)[..., None] * SCALE
+    model = read_tflite(int8_path)
+    inputs, _ = export.micro_inputs(model, images)
+    arena = micro.measure_arena(model, inputs[:1]).arena_bytes
+    serial = micro.run_tflm_outputs(model, inputs, arena, workers=1)
+    for workers in (2, 3):  # this process runs the first share, worker processes the others
+        parallel = micro.run_tflm_outputs(model, inputs, arena, workers=workers)
+        assert len(parallel) == len(serial) == 1
+        assert parallel[0].dtype == serial[0].dtype and parallel[0].shape == (NUM_CHECK, 10)
+        assert parallel[0].tobytes() == serial[0].tobytes()
+    # The whole check: TFLM in worker processes while LiteRT runs here, the same as one after the other.
+    outputs, comparison = micro.check_against_litert(model, inputs, arena, "300 images")
+    serial_outputs, serial_comparison = micro.check_against_litert(model, inputs, arena, "300 images", workers=1)
+    assert outputs[0].tobytes() == serial_outputs[0].tobytes() == serial[0].tobytes()
+    assert comparison == serial_comparison and comparison.checks[0].num_samples == NUM_CHECK
+    # Fewer inputs than MIN_INPUTS_PER_WORKER a worker: one process, the same outputs.
+    few = micro.run_tflm_outputs(model, inputs[:10], arena, workers=2)
+    assert few[0].tobytes() == serial[0][:10].tobytes()
+    with pytest.raises(ValueError, match=r"workers must be at least 1\. Received: workers=0"):
+        micro.run_tflm_outputs(model, inputs, arena, workers=0)
+
+
+def test_tflm_samples_checks_a_stated_seeded_subset(int8_path, eval_npz, tmp_path):
+    def run(out: str, tflm_samples, seed: int = 0):
+        return export.run_export(export.ExportConfig(
+            tflite=int8_path, output_dir=str(tmp_path / out), eval_data=eval_npz, input_scale=SCALE,
+            tflm_samples=tflm_samples, seed=seed))
+
+    subset = run("subset", 250).manifest
+    assert subset["tflm_check"]["num_samples"] == 250 and subset["tflm_accuracy"]["num_samples"] == 250
+    assert subset["tflm_subset"] == {
+        "num_samples": 250, "of": 1000, "seed": 0, "top1_agreement_resolution": 0.004,
+        "how": "drawn without replacement with the seed, in index order; --tflm_samples=all runs every one"}
+    assert subset["tflm_check"]["samples"] == ("250 of 1000 evaluation samples, drawn with seed 0 (top-1 agreement "
+                                               "resolution 0.004)")
+    indices = export.tflm_subset(1000, 250, seed=0)
+    assert len(set(indices.tolist())) == 250 and list(indices) == sorted(indices)
+    assert np.array_equal(indices, export.tflm_subset(1000, 250, seed=0))
+    assert not np.array_equal(indices, export.tflm_subset(1000, 250, seed=1))
+    # The subset's TFLM accuracy is the accuracy on exactly those images.
+    with np.load(eval_npz) as d:
+        images, labels = d["x_test"].astype(np.float32)[..., None] * SCALE, d["y_test"]
+    model = read_tflite(int8_path)
+    inputs, _ = export.micro_inputs(model, images[indices])
+    arena = micro.measure_arena(model, inputs[:1]).arena_bytes
+    expected = np.mean(micro.run_tflm(model, inputs, arena, workers=1).argmax(1) == labels[indices])
+    assert subset["tflm_accuracy"]["tflm_accuracy"] == pytest.approx(expected, abs=0)
+    # The same run again gives the same manifest's check; "all" (None) checks every sample.
+    assert run("again", 250).manifest["tflm_check"] == subset["tflm_check"]
+    every = run("all", None).manifest
+    assert every["tflm_subset"] is None and every["tflm_check"]["num_samples"] == 1000
+    assert every["tflm_check"]["samples"] == "1000 evaluation samples"
+
+
+@pytest.mark.parametrize("text, value", [("1000", 1000), ("1", 1), ("all", None), ("ALL", None)])
+def test_tflm_samples_flag_values(text, value):
+    assert export.parse_tflm_samples(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "abc", "1.5", ""])
+def test_tflm_samples_flag_refuses_anything_but_a_count_or_all(text):
+    with pytest.raises(ValueError, match=r"tflm_samples is how many samples the TFLM check runs: a whole number of "
+                                         r"at least 1, or 'all'\. Received: tflm_samples="):
+        export.parse_tflm_samples(text)
+    with pytest.raises(ValueError, match=r"Received: tflm_samples=0"):
+        export.ExportConfig(tflite="m.tflite", output_dir="o", tflm_samples=0)

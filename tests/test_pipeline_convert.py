@@ -29,6 +29,8 @@ from tfcompress.core.errors import (
 from tfcompress.runs.pipeline import ConvertPipelineConfig, run_convert
 from tfcompress.core import tflite_model
 from tfcompress.core.tflite_model import read_tflite
+from tfcompress.core.model_io import load_model
+from tfcompress.targets import export as micro_export
 
 
 def _config(saved_model_dir, eval_npz, output_dir, **overrides) -> ConvertPipelineConfig:
@@ -54,7 +56,7 @@ def test_script_writes_verified_uint8_model_and_report(saved_model_dir, eval_npz
     out = tmp_path / "out"
     code = _run_cli([f"--saved_model_dir={saved_model_dir}", f"--calibration_data={CALIBRATION}",
                      "--calibration_key=x", f"--input_scale={SCALE}", f"--eval_data={eval_npz}",
-                     f"--output_dir={out}", "--max_accuracy_drop=0.01"])
+                     f"--output_dir={out}", "--max_accuracy_drop=0.01", "--debug_layers"])
     assert code == 0, capsys.readouterr().err
     assert sorted(os.listdir(out)) == ["accuracy_vs_size.png", "debug.json", "layer_sparsity.png", "model.tflite",
                                        "quantization_error.png", "report.json", "report.md"]
@@ -80,6 +82,18 @@ def test_same_inputs_and_seed_give_identical_files(saved_model_dir, eval_npz, tm
     first = run_convert(_config(saved_model_dir, eval_npz, tmp_path / "a", seed=3))
     second = run_convert(_config(saved_model_dir, eval_npz, tmp_path / "b", seed=3))
     assert open(first.model_path, "rb").read() == open(second.model_path, "rb").read()
+    # Without --debug_layers the QuantizationDebugger does not run, and the report says so.
+    assert not os.path.exists(tmp_path / "a" / "debug.json")
+    assert first.report["not_run"] == ["per-tensor quantization error (QuantizationDebugger): not asked; "
+                                       "--debug_layers runs it (it converts the model twice more)"]
+    assert "Not run: per-tensor quantization error (QuantizationDebugger): not asked" in (
+        tmp_path / "a" / "report.md").read_text()
+    timings = first.report["timings"]
+    assert set(timings) == {"load_seconds", "convert_seconds", "calibration_seconds", "float_reference_seconds",
+                            "float_reference_wait_seconds", "verify_seconds", "report_seconds"}
+    assert 0 < timings["calibration_seconds"] < timings["convert_seconds"]
+    # The float model ran on the evaluation data while the converter ran, and verify used those outputs.
+    assert first.verification.accuracy.num_samples == 1000 and timings["float_reference_seconds"] > 0
 
 
 @pytest.mark.parametrize("mode, io_dtype", [
@@ -108,6 +122,9 @@ def test_failed_verification_exits_1_and_leaves_no_model(saved_model_dir, eval_n
     assert not (out / "model.tflite").exists()
     report = json.loads((out / "report.json").read_text())
     assert report["verified"] is False and report["model"]["file"] is None
+    # A failed gate runs the QuantizationDebugger: debug.json shows which tensors lost the most.
+    assert report["debug"] == "debug.json: per-tensor quantization error, measured because a check failed"
+    assert json.loads((out / "debug.json").read_text())["layers"]
 
 
 def _bad(tmp_path, name, array=None, content=None):
@@ -249,6 +266,24 @@ def test_target_micro_ends_with_firmware_checked_in_tflm(saved_model_dir, eval_n
     # One parse of the shipped flatbuffer for the whole run: convert's guard, verify, the TFLM export and
     # the report all take the parsed model (the debugger parses only its own models).
     assert parses[report["model"]["sha256"]] == 1, parses
+
+
+def test_target_micro_checks_a_seeded_subset_with_float_accuracy_on_the_same_samples(saved_model_dir, eval_npz,
+                                                                                      tmp_path):
+    config = _config(saved_model_dir, eval_npz, tmp_path / "out", target="micro", tflm_samples=300, latency_runs=0,
+                     debug_layers=False)
+    micro = run_convert(config).report["micro"]
+    assert micro["tflm_subset"]["num_samples"] == 300 and micro["tflm_subset"]["of"] == 1000
+    assert micro["tflm_check"]["num_samples"] == micro["tflm_accuracy"]["num_samples"] == 300
+    assert micro["tflm_check"]["samples"].startswith("300 of 1000 evaluation samples, drawn with seed 0")
+    # The TFLM accuracy gate compares like with like: the float model's accuracy on those 300 images.
+    indices = micro_export.tflm_subset(1000, 300, seed=0)
+    with np.load(eval_npz) as d:
+        images, labels = d["x_test"][indices].astype(np.float32)[..., None] * SCALE, d["y_test"][indices]
+    expected = np.mean(load_model(saved_model_dir).predict(images).argmax(1) == labels)
+    assert micro["tflm_accuracy"]["float_accuracy"] == pytest.approx(expected, abs=1e-9)
+    with pytest.raises(ValueError, match=r"Received: tflm_samples=0"):
+        _config(saved_model_dir, eval_npz, tmp_path / "bad", target="micro", tflm_samples=0)
 
 
 def test_target_micro_refuses_a_float_mode_before_any_work(saved_model_dir, tmp_path, capsys):

@@ -30,7 +30,7 @@ def run_dir(saved_model_dir, eval_npz, tmp_path_factory) -> str:
     run_convert(ConvertPipelineConfig(
         output_dir=str(out), saved_model_dir=saved_model_dir, calibration_data=str(CALIBRATION),
         calibration_key="x", eval_data=eval_npz, input_scale=SCALE, num_calibration_samples=200,
-        latency_runs=50))
+        latency_runs=50, debug_layers=True))  # asks for the QuantizationDebugger's per-tensor error
     return str(out)
 
 
@@ -89,6 +89,7 @@ def test_markdown_and_plots_are_written(run_dir):
     markdown = open(os.path.join(run_dir, "report.md")).read()
     assert "| int8 (.tflite) | tflite |" in markdown and f"{HAND_MACS:,}" in markdown
     assert "Worst quantized tensors" in markdown  # debug.json from the QuantizationDebugger
+    assert "Not run:" not in markdown  # everything was asked for
     assert "## Fidelity against the float model (" in markdown
     for name in report.PLOTS:
         png = open(os.path.join(run_dir, name), "rb").read()

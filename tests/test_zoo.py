@@ -165,12 +165,12 @@ def test_command_line_converts_a_zoo_model(trained, tmp_path, capsys):
                 "tfcompress convert", f"--keras_model={files.keras_model}",
                 f"--calibration_data={files.calibration_data}", "--calibration_key=x",
                 f"--eval_data={files.eval_data}", f"--output_dir={out}", f"--max_accuracy_drop={MAX_DROP}",
-                f"--num_calibration_samples={NUM_CALIBRATION}", "--latency_runs=0"])
+                f"--num_calibration_samples={NUM_CALIBRATION}", "--latency_runs=0", "--debug_layers"])
     assert (exit_.value.code or 0) == 0, capsys.readouterr().err
     _assert_uint8_integer_only(out / "model.tflite")
     report = json.loads((out / "report.json").read_text())
     assert report["verified"] and report["accuracy"]["accuracy_drop"] <= MAX_DROP
-    assert (out / "debug.json").exists()  # the per-tensor quantization error, on by default
+    assert (out / "debug.json").exists()  # the per-tensor quantization error, asked for
 
 
 def test_gru_without_unroll_is_rejected_by_the_converter(tmp_path):

@@ -81,6 +81,7 @@ class Report:
     input_model: dict | None = None  # what the run started from: source, kind ("Keras 3 model (.keras file)"), ...
     channels: dict | None = None  # channel pruning: how ratios were chosen, the per-layer table, the int8 probes
     low_bit: dict | None = None  # low-bit QAT weights: what the shipped flatbuffer holds per layer, what stayed int8
+    not_run: tuple[str, ...] = ()  # what the run left out (report.json's not_run), said in report.md
 
 
 def compute_report(run_dir: str, latency_runs: int = 200,
@@ -108,7 +109,7 @@ def compute_report(run_dir: str, latency_runs: int = 200,
         fidelity = record["stages"][-1].get("fidelity")
     return Report(SCHEMA_VERSION, run_dir, kind, rows, layers, _worst_tensors(run_dir), latency_threads=1,
                   fidelity=fidelity, input_model=record.get("input_model"), low_bit=_low_bit(record),
-                  channels=_channels(record))
+                  channels=_channels(record), not_run=tuple(record.get("not_run") or ()))
 
 
 def _channels(record: dict) -> dict | None:
@@ -344,6 +345,8 @@ def render_markdown(report: Report) -> str:
         for layer in report.layers:
             lines.append(f"| {_short(layer.name, 60)} | {layer.op} | {layer.weight_bytes:,} | "
                          f"{_fmt(layer.zero_fraction, '.1%')} | {layer.macs:,} |")
+    if report.not_run:
+        lines += ["", "Not run: " + "; ".join(report.not_run) + "."]
     if report.worst_tensors:
         lines += ["", f"## Worst quantized tensors (QuantizationDebugger, lowest SQNR first, top {WORST_TENSORS})",
                   "", "| op | tensor | RMSE / scale | SQNR (dB) |", "|---|---|---|---|"]

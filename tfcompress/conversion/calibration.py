@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 import pathlib
 from collections.abc import Callable, Iterator, Sequence
 
@@ -331,11 +332,14 @@ def select(samples: np.ndarray, num_samples: int, seed: int) -> np.ndarray:
     return samples[_select_indices(len(samples), num_samples, seed)]
 
 
-def representative_dataset(samples: np.ndarray) -> Callable[[], Iterator[list[np.ndarray]]]:
+def representative_dataset(samples: np.ndarray,
+                           timings: dict | None = None) -> Callable[[], Iterator[list[np.ndarray]]]:
     """Wraps samples (shaped like the model input) as a `TFLiteConverter.representative_dataset`.
 
     Returns a generator function yielding `[sample[None]]` as float32, one sample at a time and always
     in the same order, so repeated conversions see the same data. Raises `ValueError` for no samples.
+    With `timings`, adds to its `calibration_seconds` the time from the first sample asked for to the
+    last one consumed: the converter's calibration runs the float model on each as it asks.
     """
     samples = np.asarray(samples, dtype=np.float32)
     if samples.ndim == 0 or len(samples) == 0:
@@ -345,8 +349,11 @@ def representative_dataset(samples: np.ndarray) -> Callable[[], Iterator[list[np
         )
 
     def generate() -> Iterator[list[np.ndarray]]:
+        start = time.perf_counter()
         for sample in progress(samples, total=len(samples), desc="calibrating"):
             yield [sample[np.newaxis]]
+        if timings is not None:
+            timings["calibration_seconds"] = timings.get("calibration_seconds", 0.0) + time.perf_counter() - start
 
     return generate
 

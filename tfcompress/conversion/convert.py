@@ -100,7 +100,8 @@ def convert(model: FloatModel, config: ConvertConfig, calibration_samples: np.nd
     return convert_and_read(model, config, calibration_samples).data
 
 
-def _convert(model: FloatModel, config: ConvertConfig, calibration_samples: np.ndarray | None) -> bytes:
+def _convert(model: FloatModel, config: ConvertConfig, calibration_samples: np.ndarray | None,
+             timings: dict | None = None) -> bytes:
     """The converter run itself; `convert_and_read` adds the integer-only check."""
     mode = config.mode
     if mode in INTEGER_MODES and calibration_samples is None and not model.is_quantization_aware:
@@ -117,7 +118,7 @@ def _convert(model: FloatModel, config: ConvertConfig, calibration_samples: np.n
     elif mode in INTEGER_MODES:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         if calibration_samples is not None:
-            converter.representative_dataset = calibration.representative_dataset(calibration_samples)
+            converter.representative_dataset = calibration.representative_dataset(calibration_samples, timings)
             # Restricting to integer kernels without a representative dataset makes the converter raise,
             # so a QAT model converted from its own ranges takes the unrestricted path and the float-op
             # check below enforces the same promise.
@@ -142,10 +143,13 @@ def _convert(model: FloatModel, config: ConvertConfig, calibration_samples: np.n
     return flatbuffer
 
 
-def convert_and_read(model: FloatModel, config: ConvertConfig,
-                     calibration_samples: np.ndarray | None = None) -> TfliteModel:
-    """`convert`, returning the parsed flatbuffer: a run parses it here once and passes it along."""
-    parsed = read_tflite(_convert(model, config, calibration_samples))
+def convert_and_read(model: FloatModel, config: ConvertConfig, calibration_samples: np.ndarray | None = None,
+                     timings: dict | None = None) -> TfliteModel:
+    """`convert`, returning the parsed flatbuffer: a run parses it here once and passes it along.
+
+    With `timings`, the converter's calibration time is added to its `calibration_seconds`.
+    """
+    parsed = read_tflite(_convert(model, config, calibration_samples, timings))
     if config.mode in INTEGER_MODES:
         check_integer_only(parsed, config.mode, allow_float_io=config.io_dtype == "float32")
     return parsed

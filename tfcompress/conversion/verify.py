@@ -86,7 +86,7 @@ def verify(
     max_accuracy_drop: float | None = None,
     batch_size: int = 500,
     raise_on_failure: bool = True,
-    float_outputs: np.ndarray | None = None,
+    float_outputs: np.ndarray | dict[str, np.ndarray] | None = None,
     *,
     eval_output: str | None = None,
     samples_source: str = "evaluation data",
@@ -108,7 +108,8 @@ def verify(
         max_accuracy_drop: largest allowed float-minus-TFLite top-1 accuracy drop, a fraction in [0, 1].
         batch_size: samples per interpreter call.
         raise_on_failure: raise `VerificationError` listing every failed check.
-        float_outputs: the float model's outputs on `eval_samples`, if already computed (one output).
+        float_outputs: the float model's outputs on `eval_samples`, if already computed: one output's array,
+            or every output by name (`FloatModel.predict_all`).
         eval_output: which output the labels are for (needed when the model has several).
         samples_source: where `eval_samples` come from, for the report.
         min_top1_agreement, min_output_sqnr_db: the fidelity gates of outputs without class labels.
@@ -150,7 +151,9 @@ def verify(
         run = None
     if run is not None:
         tflite_all = _named_outputs(parsed, run)
-        if float_outputs is not None:
+        if isinstance(float_outputs, dict):  # every output by name, as `FloatModel.predict_all` returns them
+            float_all = {name: np.asarray(values) for name, values in float_outputs.items()}
+        elif float_outputs is not None:
             float_all = {next(iter(tflite_all)): np.asarray(float_outputs)} if len(tflite_all) == 1 else None
             if float_all is None:
                 raise ValueError("float_outputs holds one output, but the model has several: pass float_model.")

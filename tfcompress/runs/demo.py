@@ -43,6 +43,8 @@ def run_demo(output_dir: str, epochs: int = 5, seed: int = 0, max_accuracy_drop:
             input_scale=baseline.MNIST_SCALE,
             mode=mode,
             target="micro" if mode == "int8" else None,
+            tflm_samples=None,  # the demo checks all 10,000 test images in TFLM (across both cores)
+            debug_layers=True,  # and shows the per-tensor quantization error in its report
             max_accuracy_drop=max_accuracy_drop,
             seed=seed,
             overwrite=True,

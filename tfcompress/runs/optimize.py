@@ -215,7 +215,7 @@ def _convert_stage(inputs: _Inputs, state: dict, stages_dir: str, output_dir: st
         eval_output=config.eval_output, input_scale=config.input_scale, input_offset=config.input_offset,
         num_calibration_samples=config.num_calibration_samples,
         max_accuracy_drop=config.max_accuracy_drop, seed=config.seed, target=config.target, overwrite=True,
-        latency_runs=0,  # the run's own report times the final model once
+        tflm_samples=config.tflm_samples, latency_runs=0,  # the run's own report times the final model once
     ), converted=tflite)
     low_bit = _low_bit_shipped(converted.tflite, state, choice)  # before model.tflite: a broken promise fails
     model_path = os.path.join(output_dir, "model.tflite")

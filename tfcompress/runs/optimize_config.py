@@ -16,6 +16,7 @@ import numpy as np
 from tfcompress.training.cluster import MAX_CLUSTERS, MIN_CLUSTERS
 from tfcompress.core.model_io import model_source
 from tfcompress.runs.pipeline import check_target
+from tfcompress.targets.export import DEFAULT_TFLM_SAMPLES, check_tflm_samples
 from tfcompress.training.losses import LOSSES
 
 
@@ -100,9 +101,11 @@ class OptimizeConfig:
     target: str | None = None
     latency_runs: int = 200
     overwrite: bool = False
+    tflm_samples: int | None = DEFAULT_TFLM_SAMPLES  # the TFLM check of --target micro; None: every sample
 
     def __post_init__(self):
         model_source(self.saved_model_dir, self.keras_model)
+        check_tflm_samples(self.tflm_samples)
         if self.loss not in LOSSES:
             raise ValueError(
                 f"loss is one of {', '.join(LOSSES)} ('auto' picks from the model's output: softmax or "
@@ -292,7 +295,7 @@ class OptimizeConfig:
             values["keep_int8"] = sorted(values["keep_int8"])
         for name in ("output_dir", "overwrite", "mode", "target", "latency_runs", "max_accuracy_drop",
                      "calibration_data", "calibration_key", "num_calibration_samples", "eval_data", "eval_key",
-                     "eval_labels_key", "eval_output", "force_qat"):
+                     "eval_labels_key", "eval_output", "force_qat", "tflm_samples"):
             values.pop(name)
         unused = {"prune_channels": ("prune_channels", "target_macs", "target_params", "target_latency",
                                      "channel_criterion", "channel_multiple"),

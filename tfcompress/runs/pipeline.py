@@ -7,6 +7,7 @@ convert, verify, then write. A model that fails verification is never written as
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
 import json
@@ -87,8 +88,12 @@ class ConvertPipelineConfig:
     seed: int = 0
     target: str | None = None
     latency_runs: int = 200
-    debug_layers: bool = True
+    # The QuantizationDebugger converts the model twice more: run when asked, and when a gate fails (its
+    # per-tensor error then shows where the int8 model lost).
+    debug_layers: bool = False
     overwrite: bool = False
+    # Samples the TFLM check of --target micro runs (drawn with `seed`); None: every one.
+    tflm_samples: int | None = micro_export.DEFAULT_TFLM_SAMPLES
 
     def __post_init__(self):
         model_source(self.saved_model_dir, self.keras_model)
@@ -115,6 +120,7 @@ class ConvertPipelineConfig:
                 f"num_eval_samples must be at least 1. Received: num_eval_samples={self.num_eval_samples}"
             )
         ConvertConfig(self.mode, self.io_dtype)  # validates mode and io_dtype
+        micro_export.check_tflm_samples(self.tflm_samples)
 
     @property
     def model_source(self) -> str:
@@ -208,15 +214,26 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
                           f"({config.calibration_data})")
     timings["load_seconds"] = time.perf_counter() - start
 
-    parsed = converted
-    if parsed is None:
-        start = time.perf_counter()
-        parsed = convert_and_read(model, convert_config, samples)  # parsed once; every later stage takes it
-        timings["convert_seconds"] = time.perf_counter() - start
+    # The float model's outputs on the evaluation samples do not depend on the conversion: computed in a thread
+    # while the converter runs (the converter and its calibration keep one core busy, the float model the other).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        reference = (pool.submit(_float_reference, model, eval_x)
+                     if eval_x is not None and len(eval_x) >= fidelity.MIN_FIDELITY_SAMPLES else None)
+        parsed = converted
+        if parsed is None:
+            start = time.perf_counter()
+            # Parsed once; every later stage takes it. calibration_seconds is part of convert_seconds.
+            parsed = convert_and_read(model, convert_config, samples, timings)
+            timings["convert_seconds"] = time.perf_counter() - start
+        float_outputs = None
+        if reference is not None:
+            start = time.perf_counter()
+            float_outputs, timings["float_reference_seconds"] = reference.result()
+            timings["float_reference_wait_seconds"] = time.perf_counter() - start  # what the converter did not hide
 
     start = time.perf_counter()
     result = verify(
-        parsed, convert_config.mode, convert_config.io_dtype, float_model=model,
+        parsed, convert_config.mode, convert_config.io_dtype, float_model=model, float_outputs=float_outputs,
         eval_samples=eval_x, eval_labels=eval_y,
         max_accuracy_drop=config.max_accuracy_drop if eval_y is not None else None,
         raise_on_failure=False, eval_output=config.eval_output, samples_source=samples_source,
@@ -228,7 +245,7 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
     if result.passed and config.target == "micro":
         start = time.perf_counter()
         try:
-            firmware = _micro_export(parsed, eval_x, eval_y, samples, result, config)
+            firmware = _micro_export(parsed, eval_x, eval_y, samples, result, config, model)
         except VerificationError as e:
             result = dataclasses.replace(result, checks=result.checks + tuple(
                 Check(f.split(":")[0], False, f.split(":", 1)[-1].strip()) for f in e.failures))
@@ -241,13 +258,21 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
         if firmware is not None:
             micro_export.write_micro_export(firmware, os.path.join(output_dir, MICRO_DIRNAME), overwrite=True)
             report["micro"] = firmware.manifest
+        start = time.perf_counter()
+        debugged = _write_debug(config, convert_config, model, samples, output_dir, asked=config.debug_layers)
+        if debugged:
+            timings["debug_seconds"] = time.perf_counter() - start
+        report["not_run"] = _not_run(config, debugged)
         write_json(report_path, report)
-        _write_debug(config, convert_config, model, samples, output_dir)
+        start = time.perf_counter()
         summary = run_report.compute_report(output_dir, latency_runs=config.latency_runs,
                                             parsed={MODEL_FILENAME: parsed})
         run_report.write_report(summary)
+        timings["report_seconds"] = time.perf_counter() - start
         with open(report_path) as f:
             report = json.load(f)
+        report["timings"] = {k: round(v, 3) for k, v in timings.items()}
+        write_json(report_path, report)
         return ConvertPipelineResult(model_path, report_path, result, parsed.num_bytes, report, parsed)
     # A stale model.tflite (or firmware) from an earlier run must not sit beside a report that says this
     # one failed.
@@ -257,8 +282,17 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
     for name in (run_report.MARKDOWN, run_report.DEBUG_JSON, *run_report.PLOTS):
         if os.path.exists(os.path.join(output_dir, name)):
             os.unlink(os.path.join(output_dir, name))
+    # A gate failed: the per-tensor quantization error shows where (debug.json, `tfcompress debug`'s form).
+    if _write_debug(config, convert_config, model, samples, output_dir, asked=True):
+        report["debug"] = f"{run_report.DEBUG_JSON}: per-tensor quantization error, measured because a check failed"
     write_json(report_path, report)
     raise VerificationError(result.failures, result)
+
+
+def _float_reference(model, samples: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
+    """Every float output on `samples` by name, and the seconds it took (in the converter's shadow)."""
+    start = time.perf_counter()
+    return model.predict_all(samples), time.perf_counter() - start
 
 
 def _num_held_out(config: ConvertPipelineConfig) -> int:
@@ -273,8 +307,9 @@ DEBUG_SAMPLES = 100
 HELD_OUT_SAMPLES = 200
 
 
-def _write_debug(config, convert_config, model, samples, output_dir: str) -> None:
-    """Per-tensor quantization error (QuantizationDebugger) for the report, where it applies.
+def _write_debug(config, convert_config, model, samples, output_dir: str, asked: bool) -> bool:
+    """Per-tensor quantization error (QuantizationDebugger) for the report, where it applies and is `asked`;
+    True where debug.json was written.
 
     Only post-training int8 with calibration samples: a QAT model has nothing for the debugger to compare.
     A model the debugger cannot handle gets no debug.json; the run itself already passed verification.
@@ -282,25 +317,42 @@ def _write_debug(config, convert_config, model, samples, output_dir: str) -> Non
     path = os.path.join(output_dir, run_report.DEBUG_JSON)
     if os.path.exists(path):
         os.unlink(path)
-    if (not config.debug_layers or convert_config.mode is not Mode.INT8 or samples is None
-            or model.is_quantization_aware):
-        return
+    if not asked or not _debuggable(convert_config, model, samples):
+        return False
     try:
         result = debug.debug_quantization(model, samples[:DEBUG_SAMPLES])
     except TfcompressError:
-        return
+        return False
     write_json(path, debug.to_json(result))
+    return True
+
+
+def _debuggable(convert_config, model, samples) -> bool:
+    return convert_config.mode is Mode.INT8 and samples is not None and not model.is_quantization_aware
+
+
+def _not_run(config: ConvertPipelineConfig, debugged: bool) -> list[str]:
+    """What this run left out, for the report to say so."""
+    missing = []
+    if not debugged:
+        missing.append("per-tensor quantization error (QuantizationDebugger): " + (
+            "not asked; --debug_layers runs it (it converts the model twice more)" if not config.debug_layers
+            else "asked, but it applies only to post-training int8 with calibration data, or the debugger failed"))
+    if config.latency_runs == 0:
+        missing.append("latency: --latency_runs=0")
+    return missing
 
 
 def _micro_export(parsed: TfliteModel, eval_x, eval_y, calibration_samples, result: VerificationResult,
-                  config: ConvertPipelineConfig) -> micro_export.MicroExport:
+                  config: ConvertPipelineConfig, float_model) -> micro_export.MicroExport:
     """Checks the verified model in TFLite Micro and renders its firmware files (written by the caller).
 
     The check runs on the evaluation samples; without them on the calibration samples, inputs like those
     the model will see (measured on the zoo's two-output model: its digit softmax 9 steps off with 200
     random inputs, over its tolerance of 7; 0 with its calibration samples), and on random inputs only
     where there are neither. With labelled evaluation data, TFLM's accuracy is gated
-    against the float model's like LiteRT's.
+    against the float model's like LiteRT's, on the same samples: where `config.tflm_samples` draws a subset,
+    the float model's accuracy is measured again on it.
     """
     if config.eval_data is None and calibration_samples is not None:
         inputs, described = micro_export.micro_inputs(parsed, calibration_samples, kind="calibration")
@@ -314,10 +366,17 @@ def _micro_export(parsed: TfliteModel, eval_x, eval_y, calibration_samples, resu
         classes = np.asarray(eval_y)
         if classes.ndim == 2:
             classes = classes[:, 0] if classes.shape[1] == 1 else classes.argmax(axis=1)
+    float_accuracy = None if accuracy is None else accuracy.float_accuracy
+    indices = micro_export.tflm_subset(len(inputs), config.tflm_samples, config.seed)
+    inputs, classes, described, subset = micro_export.take_tflm_subset(inputs, classes, described,
+                                                                       config.tflm_samples, config.seed)
+    if subset is not None and classes is not None:
+        float_outputs = float_model.predict(eval_x[indices])
+        float_accuracy = float(np.mean(fidelity.predicted_classes(float_outputs) == classes))
     return micro_export.build_micro_export(
         parsed, inputs, described, name="model", source=MODEL_FILENAME, eval_labels=classes,
-        float_accuracy=None if accuracy is None else accuracy.float_accuracy,
-        max_accuracy_drop=config.max_accuracy_drop if classes is not None else None)
+        float_accuracy=float_accuracy, max_accuracy_drop=config.max_accuracy_drop if classes is not None else None,
+        subset=subset)
 
 
 def _report(config, convert_config, parsed: TfliteModel, result, samples, timings) -> dict:

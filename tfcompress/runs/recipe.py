@@ -74,7 +74,8 @@ class Recipe:
         """The command's config, exactly as its flags would build it (`ValueError` for what the config refuses)."""
         cls = CONFIGS[self.command]
         hints = typing.get_type_hints(cls)
-        values = {name: _coerce(value, hints[name]) for name, value in self.settings.items()}
+        values = {name: None if (name, value) == ("tflm_samples", "all") else _coerce(value, hints[name])
+                  for name, value in self.settings.items()}
         return cls(**values, overwrite=overwrite, trust_model=trust_model)
 
 
@@ -215,6 +216,9 @@ def _field_schema(name: str, hint) -> dict:
     if name == "prune_channels":
         return {"anyOf": [{"type": "number", "minimum": 0, "exclusiveMaximum": 1}, {"const": "auto"}],
                 "x-expected": "a fraction in [0, 1) or 'auto'"}
+    if name == "tflm_samples":  # None, or "all" as on the command line: every sample
+        return {"anyOf": [{"type": "integer", "minimum": 1}, {"enum": ["all", None]}],
+                "x-expected": "a whole number of at least 1, or 'all'"}
     if name in _ENUMS:
         values = _ENUMS[name] + ([None] if nullable else [])
         return {"enum": values, "x-expected": "one of " + ", ".join(str(v) for v in _ENUMS[name])

@@ -29,6 +29,9 @@ from tfcompress.conversion.verify import quantize
 MANIFEST_SCHEMA_VERSION = 1
 TARGETS = ("micro", "onnx")
 DEFAULT_RANDOM_SAMPLES = 200
+# The TFLM check's default sample count: 1,000 resolves top-1 agreement to 0.001 (one sample), the
+# resolution of its 0.999 gate; `tflm_samples=None` ("all" on the command line) checks every sample.
+DEFAULT_TFLM_SAMPLES = 1000
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # C and C++ keywords that Python's keyword list lacks; a model array may not be named after one.
 _CPP_KEYWORDS = frozenset(
@@ -77,6 +80,7 @@ class ExportConfig:
     min_top1_agreement: float = fidelity.DEFAULT_MIN_TOP1_AGREEMENT
     min_output_sqnr_db: float = fidelity.DEFAULT_MIN_OUTPUT_SQNR_DB
     opset: int = 17
+    tflm_samples: int | None = DEFAULT_TFLM_SAMPLES  # None: every sample
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -99,6 +103,7 @@ class ExportConfig:
             if given:
                 raise ValueError(f"{', '.join(given)} is the float model the ONNX export compares with: pass "
                                  "--target=onnx, or drop it (the micro export checks TFLM against LiteRT).")
+        check_tflm_samples(self.tflm_samples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +142,51 @@ def _sanitise(text: str) -> str:
     return name
 
 
+def parse_tflm_samples(text: str) -> int | None:
+    """`--tflm_samples`: a count of at least 1, or "all" (None)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError("tflm_samples is how many samples the TFLM check runs: a whole number of at least 1, or "
+                         f"'all'. Received: tflm_samples={text!r}")
+    return value
+
+
+def check_tflm_samples(value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError("tflm_samples is how many samples the TFLM check runs: a whole number of at least 1, or "
+                         f"None (--tflm_samples=all) for every sample. Received: tflm_samples={value!r}")
+
+
+def tflm_subset(num_samples: int, tflm_samples: int | None, seed: int = 0) -> np.ndarray | None:
+    """The indices (sorted) of the samples the TFLM check runs: `tflm_samples` of `num_samples` drawn without
+    replacement with `seed`; None where that is every sample."""
+    check_tflm_samples(tflm_samples)
+    if tflm_samples is None or tflm_samples >= num_samples:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(num_samples, size=tflm_samples, replace=False))
+
+
+def take_tflm_subset(inputs: np.ndarray, labels: np.ndarray | None, described: str, tflm_samples: int | None,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray | None, str, dict | None]:
+    """The check's inputs (and labels) cut to `tflm_subset`, the description saying so, and the subset's
+    record for the manifest (None where every sample runs)."""
+    indices = tflm_subset(len(inputs), tflm_samples, seed)
+    if indices is None:
+        return inputs, labels, described, None
+    resolution = 1.0 / len(indices)
+    subset = {"num_samples": int(len(indices)), "of": int(len(inputs)), "seed": seed,
+              "top1_agreement_resolution": resolution,
+              "how": "drawn without replacement with the seed, in index order; --tflm_samples=all runs every one"}
+    described = (f"{len(indices)} of {described}, drawn with seed {seed} (top-1 agreement resolution "
+                 f"{resolution:g})")
+    return inputs[indices], None if labels is None else np.asarray(labels)[indices], described, subset
+
+
 def micro_inputs(model: TfliteModel, samples: np.ndarray | None, seed: int = 0,
                  num_random: int = DEFAULT_RANDOM_SAMPLES, kind: str = "evaluation") -> tuple[np.ndarray, str]:
     """Inputs in the model's input dtype for the TFLM check, and how they were made.
@@ -166,7 +216,7 @@ def build_micro_export(flatbuffer: TfliteSource, inputs: np.ndarray, samples: st
                        labels: list[str] | None = None, compress: bool = False,
                        source: str = "the model", eval_labels: np.ndarray | None = None,
                        float_accuracy: float | None = None,
-                       max_accuracy_drop: float | None = None) -> MicroExport:
+                       max_accuracy_drop: float | None = None, subset: dict | None = None) -> MicroExport:
     """Checks the model in TFLM and renders the firmware files (nothing is written here).
 
     Every output is compared with LiteRT's reference kernels in its own quantized steps; top-1 agreement
@@ -189,9 +239,9 @@ def build_micro_export(flatbuffer: TfliteSource, inputs: np.ndarray, samples: st
     _check_single_input(model, source)
     labels = _check_labels(labels, model)
     arena = micro.measure_arena(model, inputs[:1])
-    tflm_outputs = micro.run_tflm_outputs(model, inputs, arena.arena_bytes)  # run with the reported arena
     classifiers = tflm_check.classifier_outputs(model, labelled=eval_labels is not None or labels is not None)
-    comparison = tflm_check.compare_with_litert(model, inputs, tflm_outputs, samples, classifiers)
+    # Run with the reported arena, in worker processes on every core while LiteRT runs here.
+    tflm_outputs, comparison = micro.check_against_litert(model, inputs, arena.arena_bytes, samples, classifiers)
     failures = list(comparison.failures)
     tflm_accuracy = None
     if eval_labels is not None:  # class labels of the first output
@@ -250,6 +300,7 @@ def build_micro_export(flatbuffer: TfliteSource, inputs: np.ndarray, samples: st
                               zip(model.outputs, comparison.checks, comparison.phone))],
         "notes": list(comparison.notes),
         "tflm_accuracy": tflm_accuracy,
+        "tflm_subset": subset,
         "compression": compression,
         "tflite_micro_version": _tflm_version(),
     }
@@ -313,8 +364,11 @@ def _export(config: ExportConfig, model: TfliteModel, name: str, note: str | Non
             config.eval_data, shape, key=config.eval_key, labels_key=config.eval_labels_key,
             scale=config.input_scale, offset=config.input_offset, limit=config.num_eval_samples)
     inputs, described = micro_inputs(model, samples, config.seed)
+    inputs, sample_labels, described, subset = take_tflm_subset(inputs, sample_labels, described,
+                                                                config.tflm_samples, config.seed)
     export = build_micro_export(model, inputs, described, name=name, labels=labels,
-                                compress=config.compress, source=config.tflite, eval_labels=sample_labels)
+                                compress=config.compress, source=config.tflite, eval_labels=sample_labels,
+                                subset=subset)
     extra = {"notes": export.manifest["notes"] + ([note] if note else [])}
     if config.vela:
         from tfcompress.targets import vela

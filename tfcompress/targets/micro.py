@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+import subprocess
+import sys
+import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
@@ -23,8 +28,15 @@ from tfcompress.core._native import native_output_captured
 from tfcompress.core.errors import MicroTargetError, VerificationError
 from tfcompress.core.progress import progress
 from tfcompress.core.tflite_model import TfliteModel, TfliteSource, model_bytes, read_tflite, weight_tensors
-from tfcompress.targets import arena_probe
-from tfcompress.targets.tflm_check import TflmComparison, ancestors, compare_outputs
+from tfcompress.targets import arena_probe, tflm_worker
+from tfcompress.targets.tflm_check import (
+    LitertComparison,
+    TflmComparison,
+    ancestors,
+    compare_outputs,
+    compare_with_litert,
+    litert_runs,
+)
 
 # Builtin op -> its MicroMutableOpResolver method, as declared in TFLM's micro_mutable_op_resolver.h.
 # Every op here has a registration in the pinned tflite-micro package's interpreter.
@@ -273,12 +285,114 @@ def _smallest_arena(data: bytes, sample: np.ndarray, failing: int, working: int)
     return working, probes
 
 
-def run_tflm_outputs(flatbuffer: TfliteSource, inputs: np.ndarray, arena_bytes: int) -> tuple[np.ndarray, ...]:
+T = TypeVar("T")
+# Ops that keep state from one invoke to the next: a model with them must see its inputs in order, in one
+# interpreter, so its check is never split between processes.
+_STATEFUL_OPS = frozenset({"VAR_HANDLE", "ASSIGN_VARIABLE", "READ_VARIABLE", "CALL_ONCE"})
+# Fewer inputs than this per worker are not worth a process (a worker starts in about 0.2 s; LeNet-5 takes
+# 2.6 ms an input on TFLM's reference kernels).
+MIN_INPUTS_PER_WORKER = 64
+
+
+def default_workers() -> int:
+    """The cores this process may use (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def run_tflm_outputs(flatbuffer: TfliteSource, inputs: np.ndarray, arena_bytes: int,
+                     workers: int | None = None) -> tuple[np.ndarray, ...]:
     """Runs `inputs` (model input dtype, batch axis first) one by one in TFLM; every output, raw, stacked,
-    in the model's output order (TFLM's `get_output(i)`)."""
+    in the model's output order (TFLM's `get_output(i)`).
+
+    The inputs are split into `workers` contiguous shares (default `default_workers()`): this process runs the
+    first, a worker process (`tflm_worker`) each other one, at the same time. Every input is still one invoke
+    of its own, so the outputs are identical to `workers=1`'s. A model whose ops keep state between invokes
+    (variables), or fewer than `MIN_INPUTS_PER_WORKER` inputs a worker, runs here alone.
+
+    Raises:
+        MicroTargetError: a worker process failed (its first line of error, or the signal that ended it).
+    """
+    return run_tflm_alongside(flatbuffer, inputs, arena_bytes, None, workers)[0]
+
+
+def run_tflm_alongside(flatbuffer: TfliteSource, inputs: np.ndarray, arena_bytes: int,
+                       meanwhile: Callable[[], T] | None, workers: int | None = None
+                       ) -> tuple[tuple[np.ndarray, ...], T | None]:
+    """`run_tflm_outputs`, with `meanwhile()` run in this process while worker processes run every share of the
+    inputs (without `meanwhile`, this process runs the first share itself); (TFLM's outputs, what `meanwhile`
+    returned). Where the inputs are not split (one worker, a stateful model, few inputs), `meanwhile` runs first,
+    then TFLM here.
+    """
     model = read_tflite(flatbuffer)
-    interpreter = _interpreter(model, arena_bytes)
-    outputs: list[list[np.ndarray]] = [[] for _ in model.outputs]
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1. Received: workers={workers}")
+    workers = min(workers, max(1, len(inputs) // MIN_INPUTS_PER_WORKER))
+    if workers > 1 and _STATEFUL_OPS & {op.op for op in model.operators}:
+        workers = 1
+    interpreter = _interpreter(model, arena_bytes)  # a model TFLM refuses is refused here, in one line
+    if workers == 1:
+        other = meanwhile() if meanwhile is not None else None
+        return _run_share(interpreter, inputs, len(model.outputs)), other
+    bounds = np.linspace(0, len(inputs), workers + 1).astype(int)
+    first_here = meanwhile is None
+    with tempfile.TemporaryDirectory(prefix="tfcompress-tflm-") as tmp:
+        model_path = os.path.join(tmp, "model.tflite")
+        with open(model_path, "wb") as f:
+            f.write(model.data)
+        processes = []
+        for k in range(1 if first_here else 0, workers):
+            share = os.path.join(tmp, f"inputs{k}.npy")
+            np.save(share, np.ascontiguousarray(inputs[bounds[k] : bounds[k + 1]]), allow_pickle=False)
+            # stderr to a file: a pipe nobody reads until the end could fill and stall the worker.
+            with open(os.path.join(tmp, f"stderr{k}.txt"), "w") as stderr:
+                processes.append((k, subprocess.Popen(
+                    [sys.executable, tflm_worker.__file__, model_path, share, str(int(arena_bytes)),
+                     str(len(model.outputs)), os.path.join(tmp, f"outputs{k}.npz")],
+                    stdout=subprocess.DEVNULL, stderr=stderr)))
+        shares, other = [], None
+        try:
+            if first_here:
+                shares.append(_run_share(interpreter, inputs[bounds[0] : bounds[1]], len(model.outputs)))
+            else:
+                other = meanwhile()
+        finally:
+            for _, process in processes:
+                process.wait()
+        for k, process in processes:
+            with open(os.path.join(tmp, f"stderr{k}.txt")) as f:
+                error = f.read()
+            if process.returncode != 0:
+                lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
+                how = f"signal {-process.returncode}" if process.returncode < 0 else (
+                    lines[-1] if lines else f"exit status {process.returncode}")
+                raise MicroTargetError(f"TFLM failed in the worker process that ran inputs {bounds[k]} to "
+                                       f"{bounds[k + 1] - 1} ({how}). Run with workers=1 to see it here.")
+            with np.load(os.path.join(tmp, f"outputs{k}.npz"), allow_pickle=False) as saved:
+                shares.append(tuple(saved[f"arr_{i}"] for i in range(len(model.outputs))))
+    outputs = tuple(np.concatenate([share[i] for share in shares], axis=0) for i in range(len(model.outputs)))
+    return outputs, other
+
+
+def check_against_litert(flatbuffer: TfliteSource, inputs: np.ndarray, arena_bytes: int, samples: str,
+                         classifiers: frozenset[int] | None = None, workers: int | None = None
+                         ) -> tuple[tuple[np.ndarray, ...], LitertComparison]:
+    """The TFLM check: TFLM's outputs (`run_tflm_alongside`) and their comparison with LiteRT's
+    (`tflm_check.compare_with_litert`), LiteRT's runs made in this process while worker processes run TFLM.
+
+    Returns:
+        TFLM's outputs and the comparison; both identical to a serial run's (`workers=1`).
+    """
+    model = read_tflite(flatbuffer)
+    outputs, litert = run_tflm_alongside(model, inputs, arena_bytes, lambda: litert_runs(model, inputs), workers)
+    return outputs, compare_with_litert(model, inputs, outputs, samples, classifiers, litert=litert)
+
+
+def _run_share(interpreter, inputs: np.ndarray, num_outputs: int) -> tuple[np.ndarray, ...]:
+    outputs: list[list[np.ndarray]] = [[] for _ in range(num_outputs)]
     for i in progress(range(len(inputs)), total=len(inputs), desc="running in TFLM"):
         interpreter.set_input(inputs[i : i + 1], 0)
         interpreter.invoke()
@@ -287,9 +401,9 @@ def run_tflm_outputs(flatbuffer: TfliteSource, inputs: np.ndarray, arena_bytes: 
     return tuple(np.concatenate(collected, axis=0) for collected in outputs)
 
 
-def run_tflm(flatbuffer: TfliteSource, inputs: np.ndarray, arena_bytes: int) -> np.ndarray:
+def run_tflm(flatbuffer: TfliteSource, inputs: np.ndarray, arena_bytes: int, workers: int | None = None) -> np.ndarray:
     """`run_tflm_outputs`' first output: for single-output models."""
-    return run_tflm_outputs(flatbuffer, inputs, arena_bytes)[0]
+    return run_tflm_outputs(flatbuffer, inputs, arena_bytes, workers)[0]
 
 
 def compare_tflm_exact(compressed: TfliteSource, inputs: np.ndarray, arena_bytes: int,

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tfcompress.core.tflite_model import Operator, TfliteModel, TfliteSource, output_names, read_tflite
-from tfcompress.conversion.verify import run_litert
+from tfcompress.conversion.verify import LiteRTRun, run_litert
 
 # TFLM's reference kernels and LiteRT's optimized kernels may round a requantization differently, by one
 # step of that op's output; a step lost early can move later outputs by a step more. So the tolerance is
@@ -120,8 +120,20 @@ def classifier_outputs(model: TfliteModel, labelled: bool = False) -> frozenset[
 REFERENCE = "LiteRT reference kernels"
 
 
+def litert_runs(flatbuffer: TfliteSource, inputs: np.ndarray) -> tuple[LiteRTRun, LiteRTRun]:
+    """LiteRT's two runs the comparison needs: its reference kernels (TFLM's arithmetic) and its default
+    optimized kernels, on the same inputs.
+
+    Raises:
+        InterpreterRunError: LiteRT cannot run the model with its reference kernels.
+    """
+    model = read_tflite(flatbuffer)
+    return run_litert(model, inputs, reference_kernels=True), run_litert(model, inputs)
+
+
 def compare_with_litert(flatbuffer: TfliteSource, inputs: np.ndarray, tflm_outputs: Sequence[np.ndarray],
-                        samples: str, classifiers: frozenset[int] | None = None) -> LitertComparison:
+                        samples: str, classifiers: frozenset[int] | None = None,
+                        litert: tuple[LiteRTRun, LiteRTRun] | None = None) -> LitertComparison:
     """TFLM's outputs (from `run_tflm_outputs`) against LiteRT's on the same inputs, output by output.
 
     `checks` compares TFLM with LiteRT's reference kernels, the same arithmetic TFLM runs, in steps of each
@@ -129,7 +141,8 @@ def compare_with_litert(flatbuffer: TfliteSource, inputs: np.ndarray, tflm_outpu
     (default `classifier_outputs(model)`) and reported on the rest. `phone` compares LiteRT's default
     optimized (XNNPACK) kernels with its reference kernels: what a phone runs against what a
     microcontroller runs. Both runtimes are right, yet on deep int8 nets they round differently by several
-    steps and flip some top-1 decisions, so `phone` is reported, never failed.
+    steps and flip some top-1 decisions, so `phone` is reported, never failed. `litert`: `litert_runs` on these
+    inputs, where the caller made them already (while TFLM ran).
 
     Raises:
         InterpreterRunError: LiteRT cannot run the model with its reference kernels.
@@ -141,8 +154,7 @@ def compare_with_litert(flatbuffer: TfliteSource, inputs: np.ndarray, tflm_outpu
         raise ValueError(f"tflm_outputs must hold one array per model output ({len(model.outputs)}). "
                          f"Received: {len(tflm_outputs)} arrays")
     classifiers = classifier_outputs(model) if classifiers is None else classifiers
-    reference = run_litert(model, inputs, reference_kernels=True)
-    optimized = run_litert(model, inputs)
+    reference, optimized = litert_runs(model, inputs) if litert is None else litert
     phone_name = "LiteRT (XNNPACK)" if optimized.kernels == "optimized" else "LiteRT (builtin, XNNPACK failed)"
     names = output_names(model)
     checks, phone = [], []

@@ -59,7 +59,7 @@ def test_script_writes_verified_uint8_model_and_report(saved_model_dir, eval_npz
                      f"--output_dir={out}", "--max_accuracy_drop=0.01", "--debug_layers"])
     assert code == 0, capsys.readouterr().err
     assert sorted(os.listdir(out)) == ["accuracy_vs_size.png", "debug.json", "layer_sparsity.png", "model.tflite",
-                                       "quantization_error.png", "report.json", "report.md"]
+                                       "quantization_error.png", "recipe.yaml", "report.json", "report.md"]
     parsed = read_tflite(out / "model.tflite")
     assert {parsed.tensors[i].dtype for i in parsed.inputs + parsed.outputs} == {"uint8"}
     io = set(parsed.inputs) | set(parsed.outputs)

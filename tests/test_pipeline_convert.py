@@ -23,6 +23,7 @@ from pipelines import _common
 from pipelines import convert as convert_script
 from tfcompress.core.errors import (
     CalibrationDataError,
+    MicroTargetError,
     ModelLoadError,
     OutputPathError,
 )
@@ -323,3 +324,25 @@ def test_unlabelled_fidelity_with_too_few_held_out_samples_is_refused(saved_mode
                                                    r"data with more samples\."):
         run_convert(_config(saved_model_dir, None, tmp_path / "out", eval_data=None, calibration_data=str(small)))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_model_that_crashes_tflite_micro_is_refused_in_one_line(tmp_path):
+    """MobileNetV2 (0.35, 96x96, random weights) makes this tflite-micro build abort in its Interpreter
+    constructor (SIGABRT); LiteRT runs it. `convert --target=micro` must refuse it, not die with it."""
+    from tfcompress.core._keras import keras
+
+    keras.utils.set_random_seed(0)
+    path = tmp_path / "mobilenet_v2.keras"
+    keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=0.35, weights=None, classes=10).save(path)
+    np.savez(tmp_path / "cal.npz", x=np.random.default_rng(0).random((100, 96, 96, 3), dtype=np.float32))
+    out = tmp_path / "out"
+    with pytest.raises(MicroTargetError, match=r"The converted model made the TFLite Micro interpreter crash \("
+                                               r"signal 6, SIGABRT\).*drop --target=micro") as e:
+        run_convert(ConvertPipelineConfig(output_dir=str(out), keras_model=str(path),
+                                          calibration_data=str(tmp_path / "cal.npz"), calibration_key="x",
+                                          num_calibration_samples=20, target="micro", latency_runs=0,
+                                          # random weights: the fidelity gates are not what is tested here
+                                          min_top1_agreement=0.0, min_output_sqnr_db=-200.0))
+    assert "\n" not in str(e.value) and e.value.exit_code == 2
+    assert not out.exists()

@@ -28,6 +28,7 @@ from tfcompress.core.errors import (
     CalibrationDataError,
     ConversionError,
     InputError,
+    MicroTargetError,
     TfcompressError,
     VerificationError,
 )
@@ -354,6 +355,12 @@ def _micro_export(parsed: TfliteModel, eval_x, eval_y, calibration_samples, resu
     against the float model's like LiteRT's, on the same samples: where `config.tflm_samples` draws a subset,
     the float model's accuracy is measured again on it.
     """
+    # tflite-micro aborts its process on some models LiteRT runs (MobileNetV2: SIGABRT in its Interpreter
+    # constructor): a child process allocates the model first, so such a model is refused in one line.
+    micro_export.check_user_file_in_tflm(
+        parsed, "The converted model", error=MicroTargetError,
+        fix=f"this tflite-micro build ({micro_export.tflm_version()}) cannot run it; the LiteRT model is verified: "
+            "drop --target=micro, or check the model on the device's own TFLM build.")
     if config.eval_data is None and calibration_samples is not None:
         inputs, described = micro_export.micro_inputs(parsed, calibration_samples, kind="calibration")
     elif config.eval_data is None and eval_x is not None:  # held-out calibration-source samples

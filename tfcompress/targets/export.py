@@ -302,7 +302,7 @@ def build_micro_export(flatbuffer: TfliteSource, inputs: np.ndarray, samples: st
         "tflm_accuracy": tflm_accuracy,
         "tflm_subset": subset,
         "compression": compression,
-        "tflite_micro_version": _tflm_version(),
+        "tflite_micro_version": tflm_version(),
     }
     files = {
         f"{name}_model_data.h": _model_header(name, shipped_model, arena, labels).encode(),
@@ -399,15 +399,20 @@ def _check_input_shape(model: TfliteModel, source: str) -> None:
                                "a smaller input, or check that the file is not corrupt.")
 
 
-def check_user_file_in_tflm(model: TfliteModel, source: str, timeout_s: float = 60.0) -> None:
+_USER_FILE_FIX = "the file is corrupt or uses an op this runtime cannot run: convert the model again."
+
+
+def check_user_file_in_tflm(model: TfliteModel, source: str, timeout_s: float = 60.0, fix: str = _USER_FILE_FIX,
+                            error: type[InputError] = ModelLoadError) -> None:
     """Allocates and invokes a user's model once on zeros in TFLM in a child process (`arena_probe`).
 
     TFLM's interpreter checks less than LiteRT's, and a crash would take this process with it; a model TFLM
     merely refuses is left to the in-process run, whose error names the kernel. Models that are not for
     TFLM at all (float, hybrid, several inputs) are left to `build_micro_export`'s own one-line refusals.
+    `fix` ends the message and `error` is raised: a model the convert pipeline just made is not a corrupt file.
 
     Raises:
-        ModelLoadError: the child died by a signal or took longer than `timeout_s`.
+        ModelLoadError (or `error`): the child died by a signal or took longer than `timeout_s`.
     """
     try:
         micro.check_micro_compatible(model, source)
@@ -421,14 +426,10 @@ def check_user_file_in_tflm(model: TfliteModel, source: str, timeout_s: float = 
         return
     probe = arena_probe.probe_arena(model.data, sample, max(10 * len(model.data), 1 << 20), timeout_s)
     if probe.signal is not None:
-        raise ModelLoadError(
-            f"{source} made the TFLite Micro interpreter crash ({litert_probe.describe_crash(probe.signal)}) on "
-            "its first allocation and invoke, run in a child process: the file is corrupt or uses an op this "
-            "runtime cannot run: convert the model again."
-        )
+        raise error(f"{source} made the TFLite Micro interpreter crash ({litert_probe.describe_crash(probe.signal)}) "
+                    f"on its first allocation and invoke, run in a child process: {fix}")
     if probe.detail.startswith("no answer"):
-        raise ModelLoadError(f"{source}'s first TFLite Micro allocation and invoke gave {probe.detail}: the file is "
-                             "corrupt or uses an op this runtime cannot run: convert the model again.")
+        raise error(f"{source}'s first TFLite Micro allocation and invoke gave {probe.detail}: {fix}")
 
 
 def _read_labels(path: str) -> list[str]:
@@ -460,7 +461,7 @@ def _tensor_info(t: Tensor) -> dict:
             "zero_point": list(t.zero_point)}
 
 
-def _tflm_version() -> str:
+def tflm_version() -> str:
     from tflite_micro import __version__ as version
 
     return str(version)

@@ -168,16 +168,19 @@ def tflm_check_speedup(model_path: str, inputs: np.ndarray, repeats: int = 2) ->
 
 def scaling_row(name: str, files: dict, output_dir: str, tflm_samples: int | None, extra: tuple[str, ...] = ()) -> dict:
     """One `tfcompress convert --target=micro` in a child process: the report's seconds per stage and the child's
-    peak resident memory (`wait4`'s ru_maxrss). Where TFLM kills the child (measured: SIGABRT in tflite_micro's
-    Interpreter constructor on MobileNetV2), the row says so and the other stages come from a run without
-    --target=micro."""
+    peak resident memory (`wait4`'s ru_maxrss). Where TFLM cannot run the model (measured: SIGABRT in tflite_micro's
+    Interpreter constructor on MobileNetV2, which convert's child-process probe now refuses with exit 2), the row
+    says so and the other stages come from a run without --target=micro."""
     args = [sys.executable, "-m", "pipelines", "convert", f"--output_dir={output_dir}", "--overwrite", "--noprogress",
             *(f"--{key}={value}" for key, value in files.items() if key != "parameters"), *extra]
     micro_args = ["--target=micro", f"--tflm_samples={'all' if tflm_samples is None else tflm_samples}"]
     returncode, stderr, wall, usage = _child(args + micro_args)
     tflm_failure = None
-    if returncode < 0:
-        tflm_failure = f"the convert --target=micro process died by signal {-returncode} (in TFLM)"
+    refused = returncode == 2 and "made the TFLite Micro interpreter crash" in stderr
+    if returncode < 0 or refused:  # convert now probes TFLM in a child first and refuses such a model (exit 2)
+        tflm_failure = (f"the convert --target=micro process died by signal {-returncode} (in TFLM)" if not refused
+                        else "convert --target=micro refused it: TFLM crashed allocating it in a child process ("
+                        + stderr.split("crash (", 1)[1].split(")", 1)[0] + ")")
         returncode, stderr, wall, usage = _child(args)
     if returncode != 0:
         raise RuntimeError(f"convert of {name} exited {returncode}: {stderr.strip()[-500:]}")

@@ -104,9 +104,13 @@ def _canonical_names(proto) -> None:
     attributes and the hashes of its inputs; constants by content); nodes are sorted topologically, ties broken by
     that hash, and renamed `<op>_<position>`; constants `const_<first use>`, unknown dimensions `dim_<k>`. Nodes
     that compute the same op on the same inputs become one. The graph's inputs and outputs keep their names (the
-    `.tflite`'s tensor names).
+    `.tflite`'s tensor names). A graph with control flow (Loop, If, Scan) is left as tf2onnx wrote it.
     """
+    import onnx
+
     graph = proto.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return  # control flow: its subgraphs name outer values, which renaming would cut; tf2onnx's graph stays
     keep = {v.name for v in (*graph.input, *graph.output)}
     value_hash = {v.name: _digest(b"input", v.name.encode()) for v in graph.input}
     for tensor in graph.initializer:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import gzip
 import os
+import pathlib
 import tempfile
 import time
 
@@ -95,7 +96,7 @@ def _measure(name: str, directory: str, convert: dict, export: dict) -> dict:
     for _ in range(3):  # interleaved, so a busy moment on the machine hits both runtimes alike
         rounds["litert"].append(measure_latency(converted.model_path, _LATENCY_RUNS.value).median_ms)
         rounds["onnx"].append(measure_latency(onnx_path, _LATENCY_RUNS.value).median_ms)
-    tflite, onnx_bytes = open(converted.model_path, "rb").read(), open(onnx_path, "rb").read()
+    tflite, onnx_bytes = pathlib.Path(converted.model_path).read_bytes(), pathlib.Path(onnx_path).read_bytes()
     output = report["vs_tflite"][0]
     return {
         "accuracy": {k: report["accuracy"][k] for k in ("float", "tflite", "onnx")},

@@ -31,6 +31,7 @@ from tfcompress.core.tflite_model import TfliteModel, output_names
 from tfcompress.core.version import __version__
 from tfcompress.conversion import calibration, fidelity
 from tfcompress.conversion.verify import Check, run_litert
+from tfcompress.targets.export import micro_inputs
 
 DEFAULT_OPSET = 17
 REPORT_FILENAME = "onnx_report.json"
@@ -352,18 +353,11 @@ def _check_inputs(config, model: TfliteModel, float_model):
             labels = labels.argmax(axis=1)  # one-hot rows
         elif labels is not None and (labels.ndim != 1 or labels.dtype.kind not in "iu"):
             labels = None  # regression targets: the fidelity gates judge the outputs
-        inputs = fidelity.quantize(samples_float, _input_detail(model))
-        samples = f"{len(inputs)} samples of {config.eval_data}"
-    else:
-        if float_model is not None:
-            raise InputError("Comparing with the float model (--saved_model_dir/--keras_model) needs its inputs: pass "
-                             "--eval_data as well.")
-        rng = np.random.default_rng(config.seed)
-        detail = _input_detail(model)
-        info = np.iinfo(detail["dtype"])
-        inputs = rng.integers(info.min, info.max, size=(200, *model.tensors[model.inputs[0]].shape[1:]),
-                              endpoint=True).astype(detail["dtype"])
-        samples = f"200 random inputs (seed {config.seed}); no evaluation data given"
+    elif float_model is not None:
+        raise InputError("Comparing with the float model (--saved_model_dir/--keras_model) needs its inputs: pass "
+                         "--eval_data as well.")
+    # The micro export's check inputs: the samples quantized with the input's parameters, else seeded random ones.
+    inputs, samples = micro_inputs(model, samples_float, config.seed)
     float_outputs = None if float_model is None else float_model.predict_all(samples_float)
     return inputs, samples, labels, float_outputs
 
@@ -415,10 +409,6 @@ def _opset(proto) -> int:
 
 def _accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(fidelity.predicted_classes(outputs) == labels))
-
-
-def _input_detail(model: TfliteModel) -> dict:
-    return _detail_of(model.tensors[model.inputs[0]])
 
 
 def _detail(model: TfliteModel, position: int) -> dict:

@@ -129,6 +129,11 @@ _TARGET = flags.DEFINE_enum("target", None, ["micro"], "Also export the final mo
 _LATENCY_RUNS = flags.DEFINE_integer("latency_runs", 200, "Single-thread invokes of the final model timed for "
                                      "report.md (fresh process); 0 skips.", lower_bound=0)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Start over instead of resuming.")
+_STRATEGY = flags.DEFINE_enum("strategy", "none", ["none", "mirrored", "multi_worker"], "Where the fine-tunes "
+                              "train: this process, every local device (mirrored), or the workers of a cluster "
+                              "(multi_worker, from TF_CONFIG or --cluster_resolver); --batch_size is the global batch.")
+_CLUSTER_RESOLVER = flags.DEFINE_enum("cluster_resolver", "tf_config", ["tf_config", "slurm"], "With "
+                                      "--strategy=multi_worker: the cluster from TF_CONFIG or from the Slurm job step.")
 _TFLM_SAMPLES = flags.DEFINE_string("tflm_samples", str(export.DEFAULT_TFLM_SAMPLES), "With --target=micro: "
                                     "samples the TFLM check runs, N drawn with --seed, or 'all'.")
 
@@ -161,6 +166,7 @@ def main(argv: list[str]) -> None:
         num_calibration_samples=_NUM_CALIBRATION.value, max_accuracy_drop=_MAX_DROP.value,
         seed=_SEED.value, target=_TARGET.value, latency_runs=_LATENCY_RUNS.value, overwrite=_OVERWRITE.value,
         tflm_samples=export.parse_tflm_samples(_TFLM_SAMPLES.value),
+        strategy=_STRATEGY.value, cluster_resolver=_CLUSTER_RESOLVER.value,
     ))
     if result.resumed_after:
         print(f"resumed after stage {result.resumed_after}")
@@ -170,6 +176,9 @@ def main(argv: list[str]) -> None:
         print(f"  {stage['stage']:<9} MACs {'-' if macs is None else f'{macs:,}'}  "
               f"eval accuracy {'-' if acc is None else f'{acc:.4f}'}  "
               f"sparsity {'-' if zeros is None else f'{zeros:.3f}'}  {stage['seconds']:.1f} s")
+    if result.model_path is None:
+        print("trained as a worker; the chief writes the model and the report")
+        return
     if result.shipped:
         print(f"shipped {result.shipped['candidate']}: {result.shipped['reason']}")
     print(f"verified {result.model_path}; report {result.report_path}")

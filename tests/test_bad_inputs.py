@@ -164,6 +164,14 @@ CASES = {
         ("TFLM samples not a number", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz", "--qat",
                                        "--target=micro", "--tflm_samples=some"],
          "tflm_samples is how many samples the TFLM check runs"),
+        ("multi_worker without a cluster", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz",
+                                            "--prune", "--strategy=multi_worker"],
+         "--strategy=multi_worker needs the cluster: set TF_CONFIG on every worker"),
+        ("cluster resolver without workers", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz",
+                                              "--prune", "--cluster_resolver=slurm"],
+         "cluster_resolver='slurm' describes a cluster of workers; it needs strategy='multi_worker'"),
+        ("unknown strategy", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz", "--prune",
+                              "--strategy=tpu"], "--strategy"),
     ],
     "auto": [
         ("no model", ["--train_data={root}/train.npz"], "Give exactly one model"),
@@ -250,7 +258,8 @@ def answers(files, tmp_path_factory):
         path = work / f"{verb}.json"
         path.write_text(json.dumps(argument_lists))
         processes[verb] = subprocess.Popen([sys.executable, "tests/bad_input_driver.py", verb, str(path)], cwd=ROOT,
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                           env={k: v for k, v in os.environ.items() if k != "TF_CONFIG"})
     for verb, process in processes.items():
         out, err = process.communicate(timeout=600)
         assert process.returncode == 0, err[-3000:]

@@ -57,14 +57,15 @@ from tfcompress.training.losses import TrainingLoss, training_loss, training_tar
 from tfcompress.training.lowbit import max_distinct
 from tfcompress.training.quantize import low_bit_layers, quantize_aware
 from tfcompress.training.channel_graph import model_macs
+from tfcompress.training import distribute
 from tfcompress.runs import channel_stage
 
 STATE_FILENAME = "state.json"
 REPORT_SCHEMA_VERSION = 1
 @dataclasses.dataclass(frozen=True)
 class OptimizeResult:
-    model_path: str
-    report_path: str
+    model_path: str | None  # None on a worker that is not the chief: it trains, the chief writes
+    report_path: str | None
     stages: tuple[dict, ...]
     resumed_after: str | None
     shipped: dict | None = None
@@ -89,6 +90,7 @@ class _Inputs:
     heads: tuple[candidates.Head, ...]
     source: FloatModel | None = None  # the model as loaded (a Keras 3 one is translated into float_model)
     translation: keras3_io.Translation | None = None
+    backup_dir: str | None = None  # multi-worker: where each fine-tune's BackupAndRestore checkpoints go
 
     def input_model(self) -> dict:
         """What the run started from, for report.json (`"input_model"`)."""
@@ -112,8 +114,13 @@ class _Inputs:
         return "; ".join(f"{head.name}: {loss.describe()}" for head, loss in zip(self.heads, self.losses))
 
 
-def run_optimize(config: OptimizeConfig) -> OptimizeResult:
+def run_optimize(config: OptimizeConfig, strategy=None) -> OptimizeResult:
     """Runs the chosen stages, resuming after the last completed one when the settings match.
+
+    The fine-tunes train under `config.strategy` (or `strategy`, a `tf.distribute.Strategy`, which wins). On
+    several workers every one runs this with the same config; the chief writes the run's files, the others
+    train in a scratch folder (`<output_dir>/.workers/<task>`, removed when they finish) and return a result
+    without paths.
 
     Raises:
         InputError: bad model, data or output location.
@@ -123,17 +130,51 @@ def run_optimize(config: OptimizeConfig) -> OptimizeResult:
         OutputPathError: another run holds `output_dir`, stages made with other settings sit there, or the disk
             is full (no partial file is left at a final path).
     """
-    # Inputs and settings first, so that bad input leaves nothing behind; then the output location.
+    # The strategy before any TensorFlow op (MultiWorkerMirroredStrategy must come first in a process); then
+    # inputs and settings, so that bad input leaves nothing behind; then the output location.
+    distribution = distribute.plan(config.strategy, config.cluster_resolver, config.batch_size, strategy)
     inputs = _check_inputs(config)
+    if distribution.workers > 1:
+        inputs = dataclasses.replace(inputs, backup_dir=os.path.join(os.path.abspath(config.output_dir), "stages",
+                                                                     BACKUP_DIRNAME))
+    if not distribution.is_chief:
+        return _run_worker(config, inputs, distribution)
     output_dir, _ = prepare_output_dir(config.output_dir, (), overwrite=True)
     # One run per directory; the convert runs inside (stages/convert, stages/candidates) are covered by it.
     with output_lock(output_dir, "tfcompress optimize"), recipe_format.recorded("optimize", config, output_dir):
-        return _optimize(config, inputs, output_dir)
+        return _optimize(config, inputs, output_dir, distribution)
 
 
-def _optimize(config: OptimizeConfig, inputs: _Inputs, output_dir: str) -> OptimizeResult:
+BACKUP_DIRNAME = "backup"
+WORKERS_DIRNAME = ".workers"
+
+
+def _run_worker(config: OptimizeConfig, inputs: _Inputs, distribution: distribute.Distribution) -> OptimizeResult:
+    """A worker other than the chief: the same stages in its scratch folder, removed once they are done."""
+    scratch = os.path.join(config.output_dir, WORKERS_DIRNAME, distribution.task.replace(" ", "-"))
+    os.makedirs(scratch, exist_ok=True)
+    with output_lock(scratch, "tfcompress optimize (worker)"):
+        result = _optimize(config, inputs, scratch, distribution)
+    shutil.rmtree(scratch, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the last worker out removes the folder they shared
+        os.rmdir(os.path.dirname(scratch))
+    return result
+
+
+def _remove_empty_dirs(top: str) -> None:
+    """Removes the empty folders under `top` (`<output_dir>/stages/backup`), `top`, and `stages` if empty."""
+    for folder in sorted((entry[0] for entry in os.walk(top)), key=len, reverse=True) + [os.path.dirname(top)]:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+def _optimize(config: OptimizeConfig, inputs: _Inputs, output_dir: str,
+              distribution: distribute.Distribution) -> OptimizeResult:
     stages_dir = os.path.join(output_dir, "stages")
     state = _load_state(stages_dir, config)
+    if distribution.workers > 1:  # every worker resumes after the same stage, or their collectives never meet
+        agreed = distribute.agreed_count(distribution, len(state["completed"]), len(config.stages) + 1)
+        state = {**state, "completed": state["completed"][:agreed]}
     resumed_after = state["completed"][-1]["stage"] if state["completed"] else None
     model = _resume_model(state, config.trust_model)
     if model is None:
@@ -145,9 +186,17 @@ def _optimize(config: OptimizeConfig, inputs: _Inputs, output_dir: str) -> Optim
             continue
         start = time.perf_counter()
         keras.utils.set_random_seed(config.seed)
-        model, details = _STAGES[stage](model, inputs)
-        _complete(state, stages_dir, stage, model, inputs, seconds=time.perf_counter() - start,
-                  details=details)
+        if stage == "factorize":  # factorized once up front, from the float model
+            model = inputs.factorized.model
+        with distribution.scope():
+            model, stage_inputs = _in_scope(model, inputs, distribution, stage, stages_dir)
+            model, details = _STAGES[stage](model, stage_inputs)
+        model = _complete(state, stages_dir, stage, model, inputs, seconds=time.perf_counter() - start,
+                          details=details, distribution=distribution)
+    if inputs.backup_dir is not None:  # the fine-tunes are over: their (emptied) checkpoint folders go
+        _remove_empty_dirs(inputs.backup_dir)
+    if not distribution.is_chief:
+        return OptimizeResult(None, None, tuple(state["completed"]), resumed_after)
 
     start = time.perf_counter()
     choice = _choose_candidate(state, stages_dir, inputs)
@@ -157,6 +206,7 @@ def _optimize(config: OptimizeConfig, inputs: _Inputs, output_dir: str) -> Optim
     keras3_model = _hand_back_keras3(inputs, state, output_dir)
     report_path = os.path.join(output_dir, "report.json")
     write_json(report_path, {"schema_version": REPORT_SCHEMA_VERSION, "config": dataclasses.asdict(config),
+                             "distribution": distribution.describe(config.batch_size),
                              "input_model": inputs.input_model(), "keras3_model": keras3_model,
                              "resumed_after": resumed_after, "loss": inputs.describe_loss(), "shipped": shipped,
                              "stages": stages})
@@ -288,11 +338,10 @@ def _head_position(inputs: _Inputs) -> int:
 
 
 def _factorize_stage(model, inputs: _Inputs):
-    del model  # the first training stage: its input is the float model, factorized once up front
     config = inputs.config
-    result = inputs.factorized
-    _fine_tune(result.model, inputs, config.factorize_epochs)
-    return result.model, {"factorization": [dataclasses.asdict(layer) for layer in result.layers],
+    result = inputs.factorized  # `model` is its model (made again in the strategy's scope when distributed)
+    _fine_tune(model, inputs, config.factorize_epochs)
+    return model, {"factorization": [dataclasses.asdict(layer) for layer in result.layers],
                           "factorized_parameters": {"before": result.params_before,
                                                     "after": result.params_after}}
 
@@ -330,7 +379,7 @@ def _qat_stage(model, inputs: _Inputs):
         else:
             _compile(qat, inputs)
         trainer.fit(inputs.x_train, inputs.targets(inputs.y_train), batch_size=config.batch_size,
-                    epochs=config.qat_epochs, shuffle=True,
+                    epochs=config.qat_epochs, shuffle=True, callbacks=_backup(inputs),
                     validation_data=(inputs.x_val, inputs.targets(inputs.y_val)), verbose=progress.keras_verbose())
     _unfreeze(qat, frozen)
     if config.qat_scheme == "cluster_preserving":
@@ -482,8 +531,35 @@ def _fine_tune(model, inputs: _Inputs, epochs: int, callbacks=()) -> None:
     else:
         _compile(model, inputs)
     trainer.fit(inputs.x_train, inputs.targets(inputs.y_train), batch_size=config.batch_size, epochs=epochs,
-                shuffle=True, validation_data=(inputs.x_val, inputs.targets(inputs.y_val)), callbacks=list(callbacks),
-                verbose=progress.keras_verbose())
+                shuffle=True, validation_data=(inputs.x_val, inputs.targets(inputs.y_val)),
+                callbacks=[*callbacks, *_backup(inputs)], verbose=progress.keras_verbose())
+
+
+def _backup(inputs: _Inputs) -> list:
+    """On several workers: BackupAndRestore, so that workers restarted after one was killed resume the fine-tune
+    at the epoch it reached (its checkpoints live in the output directory, which the workers must share)."""
+    if inputs.backup_dir is None:
+        return []
+    return [keras.callbacks.BackupAndRestore(inputs.backup_dir)]
+
+
+def _in_scope(model, inputs: _Inputs, distribution: distribute.Distribution, stage: str, stages_dir: str):
+    """Under a strategy: the stage's model (and teacher) made again inside its scope, whose variables the
+    replicas mirror, and the stage's own backup folder; without one, both as they are."""
+    if not distribution.distributed:
+        return model, inputs
+    copies = []
+    for each in (model, inputs.teacher):
+        if each is None:
+            copies.append(None)
+            continue
+        path = os.path.join(stages_dir, f".{stage}-in-scope.h5")
+        with _quiet_save():
+            each.save(path, include_optimizer=False)
+        copies.append(_to_keras(load_model(path, trust_model=True)))  # written just now, by this run
+        os.remove(path)
+    backup = None if inputs.backup_dir is None else os.path.join(inputs.backup_dir, stage)
+    return copies[0], dataclasses.replace(inputs, teacher=copies[1], backup_dir=backup)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -777,7 +853,10 @@ def _kernel_sparsity(model) -> float:
     return float(sum(np.sum(k == 0) for k in kernels) / total) if total else 0.0
 
 
-def _complete(state, stages_dir, stage, model, inputs: _Inputs, seconds, details: dict | None = None) -> None:
+def _complete(state, stages_dir, stage, model, inputs: _Inputs, seconds, details: dict | None = None,
+              distribution: distribute.Distribution | None = None):
+    """Saves the stage's model and records its numbers; returns the model the next steps use (under a
+    strategy, the saved file loaded again outside its scope: measured on this process alone)."""
     # HDF5: tfmot QAT models do not reload from the .keras format (quantize_layer variables go missing).
     # Without the optimizer: every stage compiles afresh, and the slots of layers rebuilt from a config
     # (factorize) can share a name, which HDF5 refuses.
@@ -785,6 +864,8 @@ def _complete(state, stages_dir, stage, model, inputs: _Inputs, seconds, details
     with atomic_path(path) as partial, _quiet_save():  # whole or not at all: no truncated stage file
         model.save(partial, include_optimizer=False)
     sha256, size = _checksum(path)
+    if distribution is not None and distribution.distributed:
+        model = _to_keras(load_model(path, trust_model=True))  # written just now, by this run
     distilled = inputs.teacher is not None and stage in ("factorize", "prune", "cluster")
     state["completed"].append({
         "stage": stage, "artefact": path, "artefact_sha256": sha256, "artefact_bytes": size,
@@ -798,3 +879,4 @@ def _complete(state, stages_dir, stage, model, inputs: _Inputs, seconds, details
         "seconds": round(seconds, 3),
     })
     write_json(os.path.join(stages_dir, STATE_FILENAME), state)
+    return model

@@ -17,6 +17,7 @@ from tfcompress.training.cluster import MAX_CLUSTERS, MIN_CLUSTERS
 from tfcompress.core.model_io import model_source
 from tfcompress.runs.pipeline import check_target
 from tfcompress.targets.export import DEFAULT_TFLM_SAMPLES, check_tflm_samples
+from tfcompress.training.distribute import check_names
 from tfcompress.training.losses import LOSSES
 
 
@@ -102,10 +103,16 @@ class OptimizeConfig:
     latency_runs: int = 200
     overwrite: bool = False
     tflm_samples: int | None = DEFAULT_TFLM_SAMPLES  # the TFLM check of --target micro; None: every sample
+    strategy: str = "none"
+    """Where the fine-tunes train: "none" (this process), "mirrored" (every local device) or "multi_worker"
+    (the workers of the cluster `cluster_resolver` describes); `batch_size` is the global batch either way."""
+    cluster_resolver: str = "tf_config"
+    """With strategy="multi_worker": the cluster from TF_CONFIG ("tf_config") or from the Slurm job ("slurm")."""
 
     def __post_init__(self):
         model_source(self.saved_model_dir, self.keras_model)
         check_tflm_samples(self.tflm_samples)
+        check_names(self.strategy, self.cluster_resolver)
         if self.loss not in LOSSES:
             raise ValueError(
                 f"loss is one of {', '.join(LOSSES)} ('auto' picks from the model's output: softmax or "
@@ -283,6 +290,9 @@ class OptimizeConfig:
         if self.loss == "auto":  # the default: fingerprints of runs made before --loss existed still match
             values.pop("loss")
         values.pop("trust_model")  # says whether files may be loaded, not how stages are made
+        # Where the fine-tunes run, not what they compute (the batch is global): a run may resume on more workers.
+        values.pop("strategy")
+        values.pop("cluster_resolver")
         for name in ("qat_distill", "qat_freeze_bn"):  # likewise for the QAT options, when off
             if not values[name]:
                 values.pop(name)

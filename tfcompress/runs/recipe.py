@@ -36,6 +36,7 @@ from tfcompress.runs import recipe_format
 from tfcompress.runs.auto_config import AutoConfig
 from tfcompress.runs.optimize_config import CHANNEL_CRITERIA, QAT_WEIGHTS, TRAINING_STAGES, OptimizeConfig
 from tfcompress.runs.pipeline import ConvertPipelineConfig
+from tfcompress.training.distribute import RESOLVERS, STRATEGIES
 from tfcompress.training.losses import LOSSES
 
 CONFIGS = {"convert": ConvertPipelineConfig, "optimize": OptimizeConfig, "auto": AutoConfig}
@@ -49,6 +50,8 @@ _ENUMS = {
     "prune_structure": ["2:4"],
     "loss": list(LOSSES),
     "target": ["micro"],
+    "strategy": list(STRATEGIES),
+    "cluster_resolver": list(RESOLVERS),
 }
 _FRACTIONS = ("max_accuracy_drop", "final_sparsity", "min_top1_agreement")
 _POSITIVE = ("epochs", "batch_size", "factorize_epochs", "prune_epochs", "cluster_epochs", "qat_epochs",

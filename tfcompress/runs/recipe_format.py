@@ -32,7 +32,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
              "eval_data", "eval_key", "eval_labels_key", "eval_output", "num_eval_samples",
              "input_scale", "input_offset"),
     "training": ("epochs", "batch_size", "learning_rate", "loss", "distill_from", "distill_temperature",
-                 "distill_alpha"),
+                 "distill_alpha", "strategy", "cluster_resolver"),
     "convert": ("mode", "io_dtype", "target", "latency_runs", "debug_layers", "tflm_samples"),
     "gates": ("max_accuracy_drop", "min_top1_agreement", "min_output_sqnr_db"),
     "budgets": ("max_flash_bytes", "max_arena_bytes", "max_latency_ms", "max_minutes"),

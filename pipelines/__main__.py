@@ -39,6 +39,8 @@ VERBS = {
                       "(accuracy, agreement, bytes, single-thread latency).",
     "sensitivity": "Prune each layer alone at each ratio (whole channels and unstructured) and measure validation "
                    "accuracy without fine-tuning; optionally solve per-layer channel ratios for a MAC budget.",
+    "benchmark_distribute": "Benchmark the prune + QAT fine-tune on one worker against two (tf.distribute "
+                            "MultiWorkerMirroredStrategy, one core each), with the scaling to expect on a cluster.",
     "benchmark_channels": "Benchmark channel pruning (uniform and sensitivity-guided) on LeNet-5 and a residual CNN: "
                           "accuracy, MACs, flash, arena, LiteRT and TFLM latency.",
 }

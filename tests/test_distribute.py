@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -51,8 +52,17 @@ def _stage(report: dict, name: str) -> dict:
 
 @pytest.mark.slow
 def test_two_workers_match_one_worker_and_only_the_chief_writes(keras_file, train_npz, eval_npz, tmp_path):
-    """The same prune + QAT fine-tune at the same global batch (64) on one process and on two workers (32 each)."""
-    two, one = tmp_path / "two", tmp_path / "one"
+    """The same prune + QAT fine-tune at the same global batch (64) on one process, then on two workers (32 each).
+
+    The two workers start from a copy of the one-worker run as the chief's output directory, with every stage
+    done, and nothing in the other worker's: they must agree to start from the first stage (a chief resuming
+    alone would leave the worker waiting in its first fine-tune, and the test would time out)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    alone = run_optimize(OptimizeConfig(
+        output_dir=str(one), keras_model=keras_file, train_data=train_npz, eval_data=eval_npz, input_scale=SCALE,
+        prune=True, final_sparsity=0.5, prune_epochs=2, qat=True, batch_size=64, latency_runs=0))
+    shutil.copytree(one, two)
+    copied = (two / "model.tflite").stat().st_mtime_ns
     hosts = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     workers = []
     for index in range(2):
@@ -63,9 +73,6 @@ def test_two_workers_match_one_worker_and_only_the_chief_writes(keras_file, trai
              "--strategy=multi_worker"], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE))
     try:
-        alone = run_optimize(OptimizeConfig(
-            output_dir=str(one), keras_model=keras_file, train_data=train_npz, eval_data=eval_npz, input_scale=SCALE,
-            prune=True, final_sparsity=0.5, prune_epochs=2, qat=True, batch_size=64, latency_runs=0))
         outputs = [worker.communicate(timeout=WORKER_TIMEOUT_S) for worker in workers]
     finally:
         for worker in workers:  # bounded: a worker still waiting for its peer is killed, not left behind
@@ -75,12 +82,14 @@ def test_two_workers_match_one_worker_and_only_the_chief_writes(keras_file, trai
     for worker, (_, err) in zip(workers, outputs):
         assert worker.returncode == 0, err[-3000:]
     assert "trained as a worker; the chief writes the model and the report" in outputs[1][0]
-    assert "verified" in outputs[0][0]
+    assert "verified" in outputs[0][0] and "resumed after" not in outputs[0][0]
 
-    # The chief wrote the run; the worker's scratch folder and the fine-tunes' checkpoints are gone.
+    # The chief wrote the run again; the worker's scratch folder and the fine-tunes' checkpoints are gone.
+    assert (two / "model.tflite").stat().st_mtime_ns > copied
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     assert not (two / ".workers").exists() and not (two / "stages" / "backup").exists()
     report, single = _report(two), _report(one)
+    assert report["resumed_after"] is None
     assert report["distribution"] == {"strategy": "multi_worker", "replicas": 2, "workers": 2, "global_batch": 64,
                                       "per_replica_batch": 32, "written_by": "worker 0"}
     assert single["distribution"]["replicas"] == 1 and single["distribution"]["global_batch"] == 64

@@ -141,12 +141,15 @@ def test_a_cluster_that_does_not_hold_this_worker_is_refused(tf_config, message)
         distribute.check_cluster("multi_worker", "tf_config", environ)
 
 
-def test_slurm_outside_a_job_and_a_resolver_without_workers_are_refused():
+def test_slurm_outside_a_job_a_resolver_without_workers_and_measured_channels_are_refused():
     with pytest.raises(InputError, match="is not in one .no SLURM_PROCID"):
         distribute.check_cluster("multi_worker", "slurm", {})
     with pytest.raises(ValueError, match="it needs strategy='multi_worker'"):
         OptimizeConfig(output_dir="out", train_data="train.npz", keras_model="m.keras", prune=True,
                        cluster_resolver="slurm")
+    with pytest.raises(ValueError, match="each worker would time it differently"):
+        OptimizeConfig(output_dir="out", train_data="train.npz", keras_model="m.keras", prune_channels="auto",
+                       target_latency=0.5, strategy="multi_worker")
 
 
 def test_a_batch_that_does_not_split_over_the_workers_exits_2_before_waiting_for_them(keras_file, train_npz,

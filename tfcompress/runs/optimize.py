@@ -342,8 +342,7 @@ def _factorize_stage(model, inputs: _Inputs):
     result = inputs.factorized  # `model` is its model (made again in the strategy's scope when distributed)
     _fine_tune(model, inputs, config.factorize_epochs)
     return model, {"factorization": [dataclasses.asdict(layer) for layer in result.layers],
-                          "factorized_parameters": {"before": result.params_before,
-                                                    "after": result.params_after}}
+                   "factorized_parameters": {"before": result.params_before, "after": result.params_after}}
 
 
 def _prune_stage(model, inputs: _Inputs):
@@ -554,10 +553,13 @@ def _in_scope(model, inputs: _Inputs, distribution: distribute.Distribution, sta
             copies.append(None)
             continue
         path = os.path.join(stages_dir, f".{stage}-in-scope.h5")
-        with _quiet_save():
-            each.save(path, include_optimizer=False)
-        copies.append(_to_keras(load_model(path, trust_model=True)))  # written just now, by this run
-        os.remove(path)
+        try:
+            with _quiet_save():
+                each.save(path, include_optimizer=False)
+            copies.append(_to_keras(load_model(path, trust_model=True)))  # written just now, by this run
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
     backup = None if inputs.backup_dir is None else os.path.join(inputs.backup_dir, stage)
     return copies[0], dataclasses.replace(inputs, teacher=copies[1], backup_dir=backup)
 

@@ -113,6 +113,11 @@ class OptimizeConfig:
         model_source(self.saved_model_dir, self.keras_model)
         check_tflm_samples(self.tflm_samples)
         check_names(self.strategy, self.cluster_resolver)
+        if self.strategy == "multi_worker" and self.target_latency is not None:
+            raise ValueError("--target_latency chooses the channels by timing the model on this machine, and each "
+                             "worker would time it differently and prune other channels: use --target_macs or "
+                             "--target_params with --strategy=multi_worker, or find the ratios on one machine first. "
+                             f"Received: target_latency={self.target_latency}, strategy='multi_worker'")
         if self.loss not in LOSSES:
             raise ValueError(
                 f"loss is one of {', '.join(LOSSES)} ('auto' picks from the model's output: softmax or "

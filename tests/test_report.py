@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import concurrent.futures
 import os
 import pty
 import subprocess
@@ -107,13 +108,14 @@ def test_progress_bars_only_on_a_terminal():
     assert not progress.enabled()  # pytest captures stderr: no terminal, no bar
     code = ("import time\nfrom tfcompress.core import progress\n"
             "for _ in progress.progress(range(40), 40, 'working'): time.sleep(0.02)\n")
-    for enabled, expected in ((True, True), (False, False)):
-        snippet = code if enabled else code.replace("import time\n", "import time\nfrom tfcompress.core import "
-                                                                     "progress as p\np.set_enabled(False)\n")
-        output = _run_in_pty([sys.executable, "-c", snippet])
-        assert ("working:" in output) is expected
-    piped = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert piped.returncode == 0 and piped.stderr == ""
+    switched_off = code.replace("import time\n", "import time\nfrom tfcompress.core import progress as p\n"
+                                                 "p.set_enabled(False)\n")
+    # The three processes at once (each imports TensorFlow): two on a terminal, one piped.
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        on, off = (pool.submit(_run_in_pty, [sys.executable, "-c", snippet]) for snippet in (code, switched_off))
+        piped = pool.submit(subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+        assert "working:" in on.result() and "working:" not in off.result()
+        assert piped.result().returncode == 0 and piped.result().stderr == ""
 
 
 def _run_in_pty(command: list[str]) -> str:

@@ -69,6 +69,12 @@ class BudgetNotMetError(TfcompressError):
     exit_code = EXIT_VERIFICATION_FAILED
 
 
+class WorkerLostError(TfcompressError):
+    """A worker of a multi-worker fine-tune lost its peers (one was killed or cut off); restart them all (exit 1)."""
+
+    exit_code = EXIT_VERIFICATION_FAILED
+
+
 class InterpreterRunError(VerificationError):
     """LiteRT could not allocate or invoke the model, even without its default (XNNPACK) delegate."""
 

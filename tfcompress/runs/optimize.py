@@ -190,7 +190,8 @@ def _optimize(config: OptimizeConfig, inputs: _Inputs, output_dir: str,
             model = inputs.factorized.model
         with distribution.scope():
             model, stage_inputs = _in_scope(model, inputs, distribution, stage, stages_dir)
-            model, details = _STAGES[stage](model, stage_inputs)
+            with distribute.peers_lost_reported(distribution, f"the {stage} fine-tune", stage_inputs.backup_dir):
+                model, details = _STAGES[stage](model, stage_inputs)
         model = _complete(state, stages_dir, stage, model, inputs, seconds=time.perf_counter() - start,
                           details=details, distribution=distribution)
     if inputs.backup_dir is not None:  # the fine-tunes are over: their (emptied) checkpoint folders go

@@ -25,7 +25,7 @@ import shutil
 from collections.abc import Mapping
 
 from tfcompress.core._keras import tf
-from tfcompress.core.errors import InputError
+from tfcompress.core.errors import InputError, WorkerLostError
 
 STRATEGIES = ("none", "mirrored", "multi_worker")
 RESOLVERS = ("tf_config", "slurm")
@@ -196,6 +196,37 @@ def agreed_count(distribution: Distribution, count: int, most: int) -> int:
         return count
     strategy = distribution.strategy
     reached = tf.constant([1.0 if count >= step else 0.0 for step in range(most + 1)])
-    total = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(reached)), axis=None)
-    everywhere = [step for step, n in enumerate(total.numpy()) if round(float(n)) == distribution.replicas]
+
+    @tf.function  # in a graph: run eagerly, collectives warn of their overhead
+    def total():
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.identity(reached)), axis=None)
+
+    with peers_lost_reported(distribution, "the start (agreeing where to resume)"):
+        summed = total().numpy()
+    everywhere = [step for step, n in enumerate(summed) if round(float(n)) == distribution.replicas]
     return max(everywhere)
+
+
+# What TensorFlow's collectives raise when a peer is gone: reset connections (UNAVAILABLE), aborted or cancelled
+# collectives, a peer that stopped answering.
+_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+                tf.errors.DeadlineExceededError)
+
+
+@contextlib.contextmanager
+def peers_lost_reported(distribution: Distribution, during: str, backup_dir: str | None = None):
+    """On several workers: a peer lost during the block becomes one `WorkerLostError` line saying what to do."""
+    if distribution.workers == 1:
+        yield
+        return
+    try:
+        yield
+    except _PEER_ERRORS as e:
+        lines = [line.strip() for line in str(getattr(e, "message", e)).splitlines() if line.strip()]
+        cause = next((line for line in lines if "aborted by" in line or "peer" in line), lines[0] if lines else "")
+        resume = (f"the fine-tune resumes at the last epoch it completed (checkpoints in {backup_dir})" if backup_dir
+                  else "the run resumes after the last stage every worker completed")
+        raise WorkerLostError(
+            f"{distribution.task} lost the other workers during {during} ({type(e).__name__}: {cause[:200]}): "
+            f"restart every worker with the same command; {resume}."
+        ) from None

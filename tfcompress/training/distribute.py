@@ -105,9 +105,7 @@ def _check_tf_config(raw: str | None) -> None:
         raise InputError(f"TF_CONFIG is not JSON ({e.msg} at character {e.pos}): set it to "
                          '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": N}}.'
                          ) from None
-    cluster, task = config.get("cluster") if isinstance(config, dict) else None, None
-    if isinstance(config, dict):
-        task = config.get("task")
+    cluster, task = (config.get("cluster"), config.get("task")) if isinstance(config, dict) else (None, None)
     if not isinstance(cluster, dict) or not cluster or not isinstance(task, dict):
         raise InputError("TF_CONFIG needs a 'cluster' (task type → list of host:port) and this worker's 'task' "
                          '({"type": "worker", "index": N}); fix TF_CONFIG on this worker.')

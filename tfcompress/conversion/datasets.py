@@ -62,15 +62,19 @@ def parse_data_spec(text: str | None) -> DataSpec:
     return DataSpec(**values)
 
 
-def is_streamed(path) -> bool:
-    """Whether `path` is a source this module reads: a `tf.data.Dataset`, TFRecord file(s) or a class tree."""
+def is_streamed(path, labelled: bool = False) -> bool:
+    """Whether `path` is a source this module reads: a `tf.data.Dataset`, TFRecord file(s) or a class tree.
+
+    With `labelled`, any folder is (a flat folder of images has no labels: `ImageTree` says so); without, a flat
+    folder of images stays with `calibration` (unlabelled calibration samples, read as before).
+    """
     if isinstance(path, tf.data.Dataset):
         return True
     path = pathlib.Path(path)
     if path.is_file():
         return path.suffix.lower() in TFRECORD_SUFFIXES
     if path.is_dir():
-        return any(p.is_dir() for p in path.iterdir()) or bool(_tfrecord_files(path))
+        return labelled or any(p.is_dir() for p in path.iterdir()) or bool(_tfrecord_files(path))
     return False
 
 
@@ -524,7 +528,7 @@ def load_labelled_data(path, input_shape: Sequence[int | None], *, key: str, lab
     too large for memory is streamed by `open_source` instead. Streamed labels are class indices (a tree's folder
     index, a record's label feature).
     """
-    if not is_streamed(path):
+    if not is_streamed(path, labelled=bool(labels_key)):
         if not labels_key:
             return calibration.load_eval_data(path, input_shape, key=key, labels_key=None, scale=scale,
                                               offset=offset, limit=limit)

@@ -13,6 +13,7 @@ import numbers
 
 import numpy as np
 
+from tfcompress.conversion.datasets import parse_data_spec
 from tfcompress.training.cluster import MAX_CLUSTERS, MIN_CLUSTERS
 from tfcompress.core.model_io import model_source
 from tfcompress.runs.pipeline import check_target
@@ -95,6 +96,8 @@ class OptimizeConfig:
     loss: str = "auto"
     calibration_data: str | None = None
     calibration_key: str | None = None
+    # TFRecord sources: the features holding the input and the label ("image=KEY,label=KEY")
+    data_spec: str | None = None
     num_calibration_samples: int = 500
     max_accuracy_drop: float = 0.01
     seed: int = 0
@@ -106,6 +109,7 @@ class OptimizeConfig:
     def __post_init__(self):
         model_source(self.saved_model_dir, self.keras_model)
         check_tflm_samples(self.tflm_samples)
+        parse_data_spec(self.data_spec)
         if self.loss not in LOSSES:
             raise ValueError(
                 f"loss is one of {', '.join(LOSSES)} ('auto' picks from the model's output: softmax or "
@@ -283,6 +287,8 @@ class OptimizeConfig:
         if self.loss == "auto":  # the default: fingerprints of runs made before --loss existed still match
             values.pop("loss")
         values.pop("trust_model")  # says whether files may be loaded, not how stages are made
+        if self.data_spec is None:  # the default: runs made before streamed sources existed still match
+            values.pop("data_spec")
         for name in ("qat_distill", "qat_freeze_bn"):  # likewise for the QAT options, when off
             if not values[name]:
                 values.pop(name)

@@ -198,7 +198,7 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
         )
     eval_x = eval_y = eval_batches = None
     samples_source = "evaluation data"
-    if config.eval_data is not None and datasets.is_streamed(config.eval_data):
+    if config.eval_data is not None and datasets.is_streamed(config.eval_data, labelled=bool(config.eval_labels_key)):
         eval_batches = _eval_stream(config, model)
         samples_source = f"evaluation data {config.eval_data}"
     elif config.eval_data is not None:

@@ -230,11 +230,21 @@ def _stream(parsed: TfliteModel, float_model: FloatModel, batches, batch_size: i
     """Every output of the .tflite and of the float model, and the labels, over streamed batches."""
     tflite_parts: dict[str, list[np.ndarray]] = {}
     float_parts: dict[str, list[np.ndarray]] = {}
-    labels, note = [], None
+    labels, note, interpreter = [], None, None
     detail = _input_detail(parsed)
     for x, y in batches:
-        run = run_litert(parsed, quantize(x, detail), batch_size=batch_size)
-        note = note or run.note
+        inputs = quantize(x, detail)
+        if interpreter is None:  # the first batch finds the kernels that run the model; one interpreter for the rest
+            run = run_litert(parsed, inputs, batch_size=batch_size)
+            note = run.note
+            interpreter = _interpreter(parsed, None, OpResolverType.AUTO if run.kernels == "optimized"
+                                       else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        else:
+            try:
+                run = LiteRTRun(_run_batches(interpreter, inputs, batch_size), "optimized")
+            except (RuntimeError, ValueError) as e:
+                raise InterpreterRunError([f"litert_runtime: LiteRT cannot run the model ({_one_line(e)}). "
+                                           f"{_RUNTIME_FIX}"]) from None
         for name, values in _named_outputs(parsed, run).items():
             tflite_parts.setdefault(name, []).append(values)
         for name, values in float_model.predict_all(x, batch_size=batch_size).items():

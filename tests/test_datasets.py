@@ -78,6 +78,10 @@ def test_reservoir_sampling_is_one_seeded_pass(sources, mnist):
     assert max(picked) >= NUM // 2  # drawn from the whole source, not its first 50
     everything, _, _ = datasets.reservoir_sample(source, 500, seed=0)  # more asked than held: every sample
     assert len(everything) == NUM
+    # Calibration from the API's tf.data.Dataset (inputs alone) draws the same samples as from the same records.
+    dataset = tf.data.Dataset.from_tensor_slices(mnist[0][..., None])
+    from_api = datasets.load_calibration_data(dataset, SHAPE, num_samples=50, seed=3)
+    assert from_api.num_available == NUM and from_api.samples.tobytes() == a.tobytes()
 
 
 def test_training_dataset_is_seeded_and_covers_its_range(sources):

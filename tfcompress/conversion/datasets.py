@@ -29,7 +29,10 @@ TFRECORD_SUFFIXES = (".tfrecord", ".tfrecords", ".tfr")
 # The tree's files are listed in one fixed shuffled order, so that an index range (the validation split) holds
 # every class, as image_dataset_from_directory shuffles before it splits.
 TREE_ORDER_SEED = 0
-BATCH_SIZE = 256
+# Streamed batches hold at most this many bytes of float32 inputs (and at most MAX_BATCH samples): 1,000 MNIST
+# images, 111 at 224x224x3. Memory is bounded by this, not by the data.
+BATCH_BYTES = 64 << 20
+MAX_BATCH = 1000
 SHUFFLE_BUFFER = 10_000  # encoded records or file paths, not decoded images
 _SPEC_FIX = "pass --data_spec=image=KEY,label=KEY with the record's feature names"
 
@@ -116,9 +119,16 @@ class Source:
         return self._count
 
     # What every source offers ---------------------------------------------------------------------------
-    def batches(self, batch_size: int = BATCH_SIZE, start: int = 0,
+    @property
+    def batch_size(self) -> int:
+        """Samples per streamed batch: `BATCH_BYTES` of float32 inputs, at most `MAX_BATCH`."""
+        per_sample = 4 * int(np.prod([d or 1 for d in self.input_shape[1:]]))
+        return max(1, min(MAX_BATCH, BATCH_BYTES // per_sample))
+
+    def batches(self, batch_size: int | None = None, start: int = 0,
                 stop: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         """Validated `(float32 samples fitted to the input, int64 labels or None)` batches of [start, stop)."""
+        batch_size = batch_size or self.batch_size
         dataset = self._elements(start, stop, None).batch(batch_size).prefetch(tf.data.AUTOTUNE)
         position = start
         iterator = iter(dataset.as_numpy_iterator())
@@ -376,7 +386,7 @@ def open_source(data, input_shape: Sequence[int | None], *, labelled: bool, what
     return ImageTree(path, input_shape, **common)
 
 
-def reservoir_sample(source: Source, num_samples: int, seed: int, batch_size: int = BATCH_SIZE,
+def reservoir_sample(source: Source, num_samples: int, seed: int, batch_size: int | None = None,
                      stop: int | None = None) -> tuple[np.ndarray, np.ndarray | None, int]:
     """`min(num_samples, N)` samples of [0, stop) drawn uniformly in one pass (Algorithm R), in source order.
 

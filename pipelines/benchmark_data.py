@@ -14,6 +14,7 @@ Writes benchmark_data.{json,md} to --output_dir. A failed run is reported; it do
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 
@@ -54,6 +55,7 @@ def main(argv: list[str]) -> None:
             for command in ("convert", "optimize") if _OPTIMIZE.value else ("convert",):
                 name = f"{command} {source} {scale}x"
                 run_dir = os.path.join(output_dir, "runs", _benchmark.slug(name))
+                shutil.rmtree(run_dir, ignore_errors=True)  # optimize would resume an earlier run's stages
                 code, err, wall, peak = _child(_arguments(command, source, paths[source], model_dir, run_dir))
                 rows[name] = {"command": command, "source": source, "scale": scale, "images": scale * _BASE.value,
                               "seconds": round(wall, 2), "peak_rss_mib": None if peak is None else round(peak, 1)}

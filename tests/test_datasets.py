@@ -117,12 +117,12 @@ def test_convert_takes_trees_and_tfrecords(sources, keras_file, tmp_path):
 
 def test_optimize_streams_its_training_data(sources, keras_file, tmp_path):
     result = run_optimize(OptimizeConfig(
-        output_dir=str(tmp_path / "out"), keras_model=keras_file, train_data=str(sources / "tree"), prune=True,
+        output_dir=str(tmp_path / "out"), keras_model=keras_file, train_data=str(sources / "png.tfrecord"), prune=True,
         final_sparsity=0.5, prune_epochs=1, batch_size=32, calibration_data=str(sources / "tree"),
         num_calibration_samples=100, input_scale=SCALE, latency_runs=0))
     prune = next(stage for stage in result.stages if stage["stage"] == "prune")
     assert prune["sparsity"] == pytest.approx(0.5, abs=0.02)
-    assert prune["validation_accuracy"] >= 0.7  # 40 validation images (the tree's last index range), 160 trained on
+    assert prune["validation_accuracy"] >= 0.7  # 40 validation images (the records' last index range), 160 trained on
 
 
 @pytest.fixture(scope="module")

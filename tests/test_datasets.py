@@ -141,6 +141,8 @@ def bad(tmp_path_factory, mnist):
     datasets.write_image_tree(x[:24], np.arange(24) % 12, root / "twelve")
     datasets.write_tfrecords(x[:20], y[:20], root / "d.tfrecord")
     (root / "junk.tfrecord").write_bytes(b"not a record file at all")
+    with tf.io.TFRecordWriter(str(root / "empty.tfrecord")):
+        pass
     return root
 
 
@@ -155,6 +157,7 @@ def bad(tmp_path_factory, mnist):
                                    r"features are image, label: pass --data_spec=image=KEY,label=KEY"),
     ("d.tfrecord", "label=y", r"has no feature 'y' \(the label key"),
     ("junk.tfrecord", None, r"junk\.tfrecord cannot be read as TFRecord"),
+    ("empty.tfrecord", None, r"empty\.tfrecord holds no records"),
 ])
 def test_bad_sources_are_one_line_errors(bad, name, spec, match):
     with pytest.raises(CalibrationDataError, match=match) as caught:
@@ -177,3 +180,14 @@ def test_data_spec_is_checked():
         datasets.parse_data_spec("pixels")
     with pytest.raises(ValueError, match="Received: data_spec='image=a,image=b'"):
         ConvertPipelineConfig(output_dir="unused", keras_model="m.keras", data_spec="image=a,image=b")
+
+
+def test_streamed_training_needs_one_output_of_class_scores(bad, tmp_path):
+    from tfcompress.core._keras import keras
+
+    keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(1)]).save(
+        tmp_path / "one_unit.keras")
+    with pytest.raises(CalibrationDataError, match=r"d\.tfrecord is streamed with class labels .* that are not one "
+                                                   r"output of class scores: pass an \.npz"):
+        run_optimize(OptimizeConfig(output_dir=str(tmp_path / "out"), keras_model=str(tmp_path / "one_unit.keras"),
+                                    train_data=str(bad / "d.tfrecord"), prune=True))

@@ -25,12 +25,16 @@ _KERAS_MODEL = flags.DEFINE_string("keras_model", None, "A .keras or .h5 model f
                                    "(instead of --saved_model_dir).")
 _TRUST_MODEL = flags.DEFINE_bool("trust_model", False, "Load a model file even if it holds code (Lambda layers, "
                                   "unregistered custom layers): only for files you trust.")
-_CALIBRATION = flags.DEFINE_string("calibration_data", None, "Representative samples: .npz, .npy or a folder "
-                                   "of PNG/JPEG images, drawn from the training split (see "
+_CALIBRATION = flags.DEFINE_string("calibration_data", None, "Representative samples: .npz, .npy, a folder "
+                                   "of PNG/JPEG images, a class-per-folder image tree or TFRecord files (drawn in "
+                                   "one pass by seeded reservoir sampling), from the training split (see "
                                    "calibration_data/README.md). Needed by int8 and int16x8 unless QAT.")
 _CALIBRATION_KEY = flags.DEFINE_string("calibration_key", None, "Array name inside a calibration .npz.")
-_EVAL = flags.DEFINE_string("eval_data", None, "Held-out evaluation .npz: every output of the .tflite is "
-                            "compared with the float model on it; with labels, the accuracy check too.")
+_EVAL = flags.DEFINE_string("eval_data", None, "Held-out evaluation .npz, class-per-folder image tree or TFRecord "
+                            "files (streamed in batches): every output of the .tflite is compared with the float "
+                            "model on it; with labels, the accuracy check too.")
+_DATA_SPEC = flags.DEFINE_string("data_spec", None, "TFRecord sources: the features holding the input and the "
+                                 "label, image=KEY,label=KEY (default image=image,label=label).")
 _EVAL_KEY = flags.DEFINE_string("eval_key", "x_test", "Samples array inside --eval_data.")
 _EVAL_LABELS_KEY = flags.DEFINE_string("eval_labels_key", "y_test", "Labels array inside --eval_data: class "
                                        "indices, or regression targets shaped like an output; empty for none "
@@ -81,6 +85,7 @@ def main(argv: list[str]) -> None:
         trust_model=_TRUST_MODEL.value,
         calibration_data=_CALIBRATION.value,
         calibration_key=_CALIBRATION_KEY.value,
+        data_spec=_DATA_SPEC.value,
         eval_data=_EVAL.value,
         eval_key=_EVAL_KEY.value,
         eval_labels_key=_EVAL_LABELS_KEY.value or None,

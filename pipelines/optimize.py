@@ -33,7 +33,10 @@ _KERAS_MODEL = flags.DEFINE_string("keras_model", None, "A .keras or .h5 model, 
                                    "--saved_model_dir; a Keras 3 one is translated to tf_keras for training).")
 _TRUST_MODEL = flags.DEFINE_bool("trust_model", False, "Load a model file even if it holds code (Lambda layers, "
                                   "unregistered custom layers): only for files you trust.")
-_TRAIN = flags.DEFINE_string("train_data", None, "Training .npz (validation is cut from its end).", required=True)
+_TRAIN = flags.DEFINE_string("train_data", None, "Training .npz, class-per-folder image tree or TFRecord files "
+                             "(streamed through tf.data; validation is cut from its end).", required=True)
+_DATA_SPEC = flags.DEFINE_string("data_spec", None, "TFRecord sources: the features holding the input and the "
+                                 "label, image=KEY,label=KEY (default image=image,label=label).")
 _TRAIN_KEY = flags.DEFINE_string("train_key", "x_train", "Samples array inside --train_data.")
 _TRAIN_LABELS_KEY = flags.DEFINE_string("train_labels_key", "y_train", "Labels array inside --train_data; for a "
                                         "model with several outputs one per output, comma-separated in the "
@@ -162,7 +165,7 @@ def main(argv: list[str]) -> None:
         distill_from=_DISTILL_FROM.value, distill_temperature=_TEMPERATURE.value, distill_alpha=_ALPHA.value,
         mode=_MODE.value,
         batch_size=_BATCH.value, learning_rate=_LR.value, loss=_LOSS.value,
-        calibration_data=_CALIBRATION.value, calibration_key=_CALIBRATION_KEY.value,
+        calibration_data=_CALIBRATION.value, calibration_key=_CALIBRATION_KEY.value, data_spec=_DATA_SPEC.value,
         num_calibration_samples=_NUM_CALIBRATION.value, max_accuracy_drop=_MAX_DROP.value,
         seed=_SEED.value, target=_TARGET.value, latency_runs=_LATENCY_RUNS.value, overwrite=_OVERWRITE.value,
         tflm_samples=export.parse_tflm_samples(_TFLM_SAMPLES.value),

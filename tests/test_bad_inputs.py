@@ -59,6 +59,7 @@ def files(tmp_path_factory):
     (root / "mixed").mkdir()
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(root / "mixed" / "a.png")
     Image.fromarray(np.zeros((32, 30), np.uint8)).save(root / "mixed" / "b.png")
+    _write_trees(root, x, y)
     float_tflite = convert(load_model(str(root / "tiny.keras")), ConvertConfig("float32"))
     (root / "float.tflite").write_bytes(float_tflite)
     (root / "garbage.tflite").write_bytes(b"\x00" * 64)
@@ -66,6 +67,21 @@ def files(tmp_path_factory):
     (root / "labels.txt").write_text("a\nb\n")
     _write_recipes(root)
     return root
+
+
+def _write_trees(root, x, y) -> None:
+    """Streamed sources, each one mistake away from a good class-per-folder tree or TFRecord file."""
+    from tfcompress.conversion.datasets import write_image_tree, write_tfrecords
+
+    write_image_tree(x[:20], y[:20] % 2, root / "tree_empty_class")
+    (root / "tree_empty_class" / "2").mkdir()
+    write_image_tree(x[:20], y[:20] % 2, root / "tree_notes")
+    (root / "tree_notes" / "1" / "notes.txt").write_text("not an image")
+    write_image_tree(x[:20], y[:20] % 2, root / "tree_broken")
+    (root / "tree_broken" / "0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    write_image_tree(np.repeat(x[:20, ..., None], 3, axis=-1), y[:20] % 2, root / "tree_rgb")
+    write_image_tree(x[:24], np.arange(24) % 12, root / "tree_twelve")
+    write_tfrecords(x[:20], y[:20], root / "eval.tfrecord")
 
 
 def _write_recipes(root) -> None:
@@ -117,6 +133,26 @@ CASES = {
                                              "--eval_data={root}/eval_bad_labels.npz"], "outside the 10 classes"),
         ("NaN in eval data", ["--keras_model={root}/tiny.keras", *CAL, "--eval_data={root}/eval_nan.npz"],
          "contain 1 NaN"),
+        ("image tree without class folders", ["--keras_model={root}/tiny.keras", *CAL, "--eval_data={root}/mixed"],
+         "mixed has no class sub-folders. Expected one sub-folder of images per class"),
+        ("image tree with an empty class", ["--keras_model={root}/tiny.keras", *CAL,
+                                            "--eval_data={root}/tree_empty_class"], "tree_empty_class/2 is empty"),
+        ("non-image file in the tree", ["--keras_model={root}/tiny.keras", "--calibration_data={root}/tree_notes"],
+         "tree_notes/1/notes.txt is not a PNG/JPEG image"),
+        ("unreadable image in the tree", ["--keras_model={root}/tiny.keras", *CAL, "--eval_data={root}/tree_broken"],
+         "tree_broken/0/broken.png cannot be read"),
+        ("RGB tree for a grayscale model", ["--keras_model={root}/tiny.keras", *CAL, "--eval_data={root}/tree_rgb"],
+         "has 3 channel(s) but the model input (None, 28, 28, 1) has 1"),
+        ("tree labels outside the classes", ["--keras_model={root}/tiny.keras", *CAL,
+                                             "--eval_data={root}/tree_twelve"], "outside the 10 classes"),
+        ("TFRecord spec names a missing key", ["--keras_model={root}/tiny.keras", *CAL,
+                                               "--eval_data={root}/eval.tfrecord", "--data_spec=image=pixels"],
+         "eval.tfrecord has no feature 'pixels' (the image key of the data spec); its features are image, label"),
+        ("streamed evaluation with the micro target", ["--keras_model={root}/tiny.keras", *CAL, "--target=micro",
+                                                       "--eval_data={root}/eval.tfrecord"],
+         "eval.tfrecord is streamed: pass an .npz of the evaluation samples (or a part of them) for --target"),
+        ("data spec not KEY=VALUE", ["--keras_model={root}/tiny.keras", *CAL, "--data_spec=pixels"],
+         "data_spec names the TFRecord features as image=KEY,label=KEY"),
         ("unknown mode", ["--keras_model={root}/tiny.keras", *CAL, "--mode=int3"], "--mode"),
         ("accuracy drop in points", ["--keras_model={root}/tiny.keras", *CAL, "--max_accuracy_drop=5"],
          "max_accuracy_drop"),
@@ -134,6 +170,10 @@ CASES = {
          "Nothing to optimize"),
         ("missing training data", ["--keras_model={root}/tiny.keras", "--train_data={root}/absent.npz", "--prune"],
          "not found"),
+        ("training tree with an empty class", ["--keras_model={root}/tiny.keras", "--prune",
+                                               "--train_data={root}/tree_empty_class"], "tree_empty_class/2 is empty"),
+        ("training tree of RGB images", ["--keras_model={root}/tiny.keras", "--prune", "--train_data={root}/tree_rgb"],
+         "has 3 channel(s) but the model input (None, 28, 28, 1) has 1"),
         ("Keras 3 export() SavedModel", ["--saved_model_dir={root}/k3_export", "--train_data={root}/train.npz",
                                          "--prune"], "Keras 3 model.export() SavedModel"),
         ("sparsity out of range", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz", "--prune",

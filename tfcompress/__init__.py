@@ -46,7 +46,7 @@ from tfcompress.training.prune import PruningCallback, SparsityNotReachedError, 
 from tfcompress.training.quantize import quantize_aware
 from tfcompress.conversion.verify import VerificationResult, run_tflite, verify
 # Modules the README uses by name (`from tfcompress import calibration`, `tfcompress.tflite_model...`).
-from tfcompress.conversion import calibration
+from tfcompress.conversion import calibration, datasets
 from tfcompress.core import tflite_model
 from tfcompress.analysis import latency
 from tfcompress.core import quantizers
@@ -55,7 +55,7 @@ from tfcompress.analysis.quantization_error import QuantizationErrorResult, quan
 _keras.restore_user_choice()  # tfmot's import set TF_USE_LEGACY_KERAS=1; a user's own value is put back
 
 __all__ = [
-    "__version__", "calibration", "latency", "tflite_model",
+    "__version__", "calibration", "datasets", "latency", "tflite_model",
     "quantizers", "quantization_error", "QuantizationErrorResult",
     "CalibrationDataError", "ConversionError", "ConvertConfig", "ConvertPipelineConfig",
     "ConvertPipelineResult", "Distiller", "ExportConfig", "FactorizeResult", "FloatModel", "InputError",

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from tfcompress.conversion import calibration
+from tfcompress.conversion import calibration, datasets
 from tfcompress.core._keras import tf
 from tfcompress.core._native import native_output_captured
 from tfcompress.core.artefacts import output_lock, prepare_output_dir, remove_if_empty, write_atomic, write_json
@@ -315,7 +315,7 @@ def run_debug(config: DebugConfig) -> QuantizationDebugResult:
                                                  config.overwrite)
     try:
         model = load_model(config.model_source, trust_model=config.trust_model)
-        samples = calibration.load_calibration_data(
+        samples = datasets.load_calibration_data(
             config.calibration_data, model.input_shape, key=config.calibration_key,
             num_samples=config.num_calibration_samples, seed=config.seed,
             scale=config.input_scale, offset=config.input_offset,

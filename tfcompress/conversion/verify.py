@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
@@ -92,6 +93,7 @@ def verify(
     samples_source: str = "evaluation data",
     min_top1_agreement: float = fidelity.DEFAULT_MIN_TOP1_AGREEMENT,
     min_output_sqnr_db: float = fidelity.DEFAULT_MIN_OUTPUT_SQNR_DB,
+    eval_batches: Iterable[tuple[np.ndarray, np.ndarray | None]] | None = None,
 ) -> VerificationResult:
     """Runs every check on a converted model.
 
@@ -113,6 +115,9 @@ def verify(
         eval_output: which output the labels are for (needed when the model has several).
         samples_source: where `eval_samples` come from, for the report.
         min_top1_agreement, min_output_sqnr_db: the fidelity gates of outputs without class labels.
+        eval_batches: instead of `eval_samples`/`eval_labels`, `(samples, labels or None)` batches streamed from a
+            source too large for memory (`datasets.Source.batches`): each runs through LiteRT and the float model
+            as it arrives, and only the outputs and labels are kept.
 
     Returns:
         A `VerificationResult`.
@@ -134,7 +139,21 @@ def verify(
     checks = [*_dtype_checks(parsed, mode, io_dtype), _builtin_only_check(parsed)]
     accuracy = measured = target_error = None
     notes: list[str] = []
-    if eval_samples is not None and (float_model is not None or float_outputs is not None):
+    tflite_all = None
+    if eval_batches is not None and float_model is not None:
+        try:
+            tflite_all, float_outputs, eval_labels, note = _stream(parsed, float_model, eval_batches, batch_size)
+        except InterpreterRunError as e:
+            checks += [Check(f.split(":")[0], False, f.split(":", 1)[-1].strip()) for f in e.failures]
+        else:
+            notes += [note] if note else []
+            if len(next(iter(tflite_all.values()))) < fidelity.MIN_FIDELITY_SAMPLES:
+                raise ValueError(
+                    f"Comparing the .tflite with the float model needs at least {fidelity.MIN_FIDELITY_SAMPLES} "
+                    f"held-out samples. Received: {len(next(iter(tflite_all.values())))} ({samples_source})"
+                )
+        run = None
+    elif eval_samples is not None and (float_model is not None or float_outputs is not None):
         if len(eval_samples) < fidelity.MIN_FIDELITY_SAMPLES:
             raise ValueError(
                 f"Comparing the .tflite with the float model needs at least {fidelity.MIN_FIDELITY_SAMPLES} "
@@ -151,6 +170,7 @@ def verify(
         run = None
     if run is not None:
         tflite_all = _named_outputs(parsed, run)
+    if tflite_all is not None:
         if isinstance(float_outputs, dict):  # every output by name, as `FloatModel.predict_all` returns them
             float_all = {name: np.asarray(values) for name, values in float_outputs.items()}
         elif float_outputs is not None:
@@ -204,6 +224,38 @@ def verify(
     if raise_on_failure and not result.passed:
         raise VerificationError(result.failures, result)
     return result
+
+
+def _stream(parsed: TfliteModel, float_model: FloatModel, batches, batch_size: int):
+    """Every output of the .tflite and of the float model, and the labels, over streamed batches."""
+    tflite_parts: dict[str, list[np.ndarray]] = {}
+    float_parts: dict[str, list[np.ndarray]] = {}
+    labels, note, interpreter = [], None, None
+    detail = _input_detail(parsed)
+    for x, y in batches:
+        inputs = quantize(x, detail)
+        if interpreter is None:  # the first batch finds the kernels that run the model; one interpreter for the rest
+            run = run_litert(parsed, inputs, batch_size=batch_size)
+            note = run.note
+            interpreter = _interpreter(parsed, None, OpResolverType.AUTO if run.kernels == "optimized"
+                                       else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        else:
+            try:
+                run = LiteRTRun(_run_batches(interpreter, inputs, batch_size), "optimized")
+            except (RuntimeError, ValueError) as e:
+                raise InterpreterRunError([f"litert_runtime: LiteRT cannot run the model ({_one_line(e)}). "
+                                           f"{_RUNTIME_FIX}"]) from None
+        for name, values in _named_outputs(parsed, run).items():
+            tflite_parts.setdefault(name, []).append(values)
+        for name, values in float_model.predict_all(x, batch_size=batch_size).items():
+            float_parts.setdefault(name, []).append(values)
+        if y is not None:
+            labels.append(y)
+    if not tflite_parts:
+        raise ValueError("eval_batches yielded no samples. Received: an empty source")
+    joined = ({name: np.concatenate(parts) for name, parts in tflite_parts.items()},
+              {name: np.concatenate(parts) for name, parts in float_parts.items()})
+    return (*joined, np.concatenate(labels) if labels else None, note)
 
 
 @dataclasses.dataclass(frozen=True)

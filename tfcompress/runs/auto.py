@@ -37,7 +37,7 @@ import numpy as np
 from tfcompress.analysis import search_report
 from tfcompress.analysis.inspection import inspect_tflite
 from tfcompress.analysis.latency import measure_latency
-from tfcompress.conversion import calibration
+from tfcompress.conversion import datasets
 from tfcompress.conversion.convert import ConvertConfig, convert
 from tfcompress.conversion.verify import run_tflite
 from tfcompress.core.artefacts import output_lock, prepare_output_dir, write_atomic, write_json
@@ -355,7 +355,7 @@ def _test_numbers(config: AutoConfig, model, chosen: dict) -> dict:
     """The chosen model and the float model on the test split, for the report only."""
     if config.eval_data is None:
         return {}
-    x, y = calibration.load_labelled_data(config.eval_data, tuple(model.inputs[0].shape), key=config.eval_key,
+    x, y = datasets.load_labelled_data(config.eval_data, tuple(model.inputs[0].shape), key=config.eval_key,
                                           labels_key=config.eval_labels_key, scale=config.input_scale,
                                           offset=config.input_offset)
     float_accuracy = float(np.mean(model.predict(x, verbose=0, batch_size=256).argmax(-1) == y))
@@ -371,10 +371,16 @@ def _write_report(s: _Search, document: dict) -> None:
 
 def _load_training_data(config: AutoConfig, model):
     """Preprocessed samples and class labels, the raw arrays as stored (for the attempts' files), and the split."""
-    x, y = calibration.load_labelled_data(config.train_data, tuple(model.inputs[0].shape), key=config.train_key,
-                                          labels_key=config.train_labels_key, scale=config.input_scale,
-                                          offset=config.input_offset, what="Training data",
-                                          key_flags="--train_key / --train_labels_key")
+    x, y = datasets.load_labelled_data(config.train_data, tuple(model.inputs[0].shape), key=config.train_key,
+                                       labels_key=config.train_labels_key, scale=config.input_scale,
+                                       offset=config.input_offset, what="Training data",
+                                       key_flags="--train_key / --train_labels_key")
+    # The attempts read .npz copies: a streamed source's samples as decoded, unscaled.
+    if datasets.is_streamed(config.train_data, labelled=True):
+        raw_x, raw_y = datasets.load_labelled_data(config.train_data, tuple(model.inputs[0].shape),
+                                                   key=config.train_key, labels_key=config.train_labels_key,
+                                                   what="Training data")
+        return x, y, raw_x, raw_y, len(x) - max(1, int(round(len(x) * config.validation_fraction)))
     with np.load(config.train_data, allow_pickle=False) as archive:
         raw_x, raw_y = archive[config.train_key], archive[config.train_labels_key]
     split = len(x) - max(1, int(round(len(x) * config.validation_fraction)))

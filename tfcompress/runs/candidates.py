@@ -96,6 +96,8 @@ class Splits:
     split: int
     heads: tuple[Head, ...]
     eval_output: str | None = None
+    # A streamed training source: PTQ's calibration samples, drawn (seeded) from its training range as stored
+    calibration_raw: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +172,7 @@ def choose(config: OptimizeConfig, stages_dir: str, before_qat: str, qat: str, s
         qat_error = None
     ptq = Candidate("ptq", before_qat, calibration_data=None, calibration_key=None)
     try:  # QAT needs no calibration data, so too few training samples to draw from only rule PTQ out
-        data, key = _ptq_calibration(config, stages_dir, splits.split)
+        data, key = _ptq_calibration(config, stages_dir, splits.split, splits.calibration_raw)
         ptq = dataclasses.replace(ptq, calibration_data=data, calibration_key=key)
         ptq = _converted(ptq, config, directory, splits)
     except TfcompressError as e:
@@ -214,7 +216,8 @@ def decide(qat: Candidate, ptq: Candidate, force_qat: bool = False, forced_becau
     return Choice(ptq, candidates, f"post-training quantization scored higher ({scores})")
 
 
-def _ptq_calibration(config: OptimizeConfig, stages_dir: str, split: int) -> tuple[str | None, str | None]:
+def _ptq_calibration(config: OptimizeConfig, stages_dir: str, split: int,
+                     drawn: np.ndarray | None = None) -> tuple[str | None, str | None]:
     """--calibration_data when given, else samples drawn (seeded) from the training split, raw as stored.
 
     Raw, so that the convert stage applies --input_scale/--input_offset to them as to any calibration file;
@@ -222,9 +225,11 @@ def _ptq_calibration(config: OptimizeConfig, stages_dir: str, split: int) -> tup
     """
     if config.calibration_data is not None or not ConvertConfig(config.mode).needs_calibration:
         return config.calibration_data, config.calibration_key
-    raw = calibration.load_array(config.train_data, config.train_key)[:split]
+    if drawn is None:
+        raw = calibration.load_array(config.train_data, config.train_key)[:split]
+        drawn = calibration.select(raw, config.num_calibration_samples, config.seed)
     buffer = io.BytesIO()
-    np.savez(buffer, **{CALIBRATION_KEY: calibration.select(raw, config.num_calibration_samples, config.seed)})
+    np.savez(buffer, **{CALIBRATION_KEY: drawn})
     path = os.path.join(stages_dir, CALIBRATION_FILENAME)
     write_atomic(path, buffer.getvalue())
     return path, CALIBRATION_KEY

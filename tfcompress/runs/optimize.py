@@ -35,7 +35,7 @@ import warnings
 
 import numpy as np
 
-from tfcompress.conversion import calibration
+from tfcompress.conversion import calibration, datasets
 from tfcompress.core import keras3 as keras3_io
 from tfcompress.core import progress
 from tfcompress.analysis import report as run_report
@@ -73,6 +73,16 @@ class OptimizeResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Stream:
+    """A streamed training source: samples [0, split) train, [split, total) validate (held in memory)."""
+
+    source: datasets.Source
+    split: int
+    total: int
+    calibration_raw: np.ndarray  # seeded samples of the training range as stored, for PTQ's calibration
+
+
+@dataclasses.dataclass(frozen=True)
 class _Inputs:
     """What every training stage reads: the settings, the data splits and the checked-up-front pieces."""
 
@@ -91,6 +101,21 @@ class _Inputs:
     source: FloatModel | None = None  # the model as loaded (a Keras 3 one is translated into float_model)
     translation: keras3_io.Translation | None = None
     backup_dir: str | None = None  # multi-worker: where each fine-tune's BackupAndRestore checkpoints go
+    # A streamed training source (image tree, TFRecords): fit reads it through tf.data, and x_train/y_train hold
+    # only a seeded sample of its training range (for the stages that need inputs in memory).
+    stream: _Stream | None = None
+
+    def fit_data(self) -> dict:
+        """What `fit` trains on: the arrays, or the streamed source's training range through tf.data."""
+        if self.stream is None:
+            return {"x": self.x_train, "y": self.targets(self.y_train), "batch_size": self.config.batch_size}
+        return {"x": self.stream.source.training_dataset(self.config.batch_size, self.config.seed,
+                                                         stop=self.stream.split)}
+
+    @property
+    def num_train(self) -> int:
+        """Samples in the training split (validation starts there)."""
+        return len(self.x_train) if self.stream is None else self.stream.split
 
     def input_model(self) -> dict:
         """What the run started from, for report.json (`"input_model"`)."""
@@ -242,7 +267,8 @@ def _choose_candidate(state: dict, stages_dir: str, inputs: _Inputs) -> candidat
     if completed[-1]["stage"] != "qat" or inputs.config.mode == "float32":  # float32 quantizes nothing
         return None
     splits = candidates.Splits(inputs.x_val, inputs.y_val, inputs.x_eval, inputs.y_eval,
-                               split=len(inputs.x_train), heads=inputs.heads, eval_output=inputs.config.eval_output)
+                               split=inputs.num_train, heads=inputs.heads, eval_output=inputs.config.eval_output,
+                               calibration_raw=None if inputs.stream is None else inputs.stream.calibration_raw)
     return candidates.choose(inputs.config, stages_dir, before_qat=completed[-2]["artefact"],
                              qat=completed[-1]["artefact"], splits=splits)
 
@@ -264,7 +290,7 @@ def _convert_stage(inputs: _Inputs, state: dict, stages_dir: str, output_dir: st
         calibration_data=calibration_data, calibration_key=calibration_key,
         eval_data=config.eval_data, eval_key=config.eval_key, eval_labels_key=config.eval_labels_key,
         eval_output=config.eval_output, input_scale=config.input_scale, input_offset=config.input_offset,
-        num_calibration_samples=config.num_calibration_samples,
+        num_calibration_samples=config.num_calibration_samples, data_spec=config.data_spec,
         max_accuracy_drop=config.max_accuracy_drop, seed=config.seed, target=config.target, overwrite=True,
         tflm_samples=config.tflm_samples, latency_runs=0,  # the run's own report times the final model once
     ), converted=tflite)
@@ -378,8 +404,7 @@ def _qat_stage(model, inputs: _Inputs):
             trainer.compile(optimizer=keras.optimizers.Adam(config.learning_rate), metrics=["accuracy"])
         else:
             _compile(qat, inputs)
-        trainer.fit(inputs.x_train, inputs.targets(inputs.y_train), batch_size=config.batch_size,
-                    epochs=config.qat_epochs, shuffle=True, callbacks=_backup(inputs),
+        trainer.fit(**inputs.fit_data(), epochs=config.qat_epochs, shuffle=True, callbacks=_backup(inputs),
                     validation_data=(inputs.x_val, inputs.targets(inputs.y_val)), verbose=progress.keras_verbose())
     _unfreeze(qat, frozen)
     if config.qat_scheme == "cluster_preserving":
@@ -530,8 +555,8 @@ def _fine_tune(model, inputs: _Inputs, epochs: int, callbacks=()) -> None:
         trainer.compile(optimizer=keras.optimizers.Adam(config.learning_rate), metrics=["accuracy"])
     else:
         _compile(model, inputs)
-    trainer.fit(inputs.x_train, inputs.targets(inputs.y_train), batch_size=config.batch_size, epochs=epochs,
-                shuffle=True, validation_data=(inputs.x_val, inputs.targets(inputs.y_val)),
+    trainer.fit(**inputs.fit_data(), epochs=epochs, shuffle=True,
+                validation_data=(inputs.x_val, inputs.targets(inputs.y_val)),
                 callbacks=[*callbacks, *_backup(inputs)], verbose=progress.keras_verbose())
 
 
@@ -588,7 +613,7 @@ def _check_inputs(config: OptimizeConfig) -> _Inputs:
         raise CalibrationDataError(
             f"--eval_output {config.eval_output!r} is not an output of the model. Expected one of: {', '.join(names)}."
         )
-    *data, regression = _load_data(config, float_model)
+    *data, regression, stream = _load_data(config, float_model)
     if translation is not None:  # proven on real inputs before any training
         translation = keras3_io.check_equivalent(source.keras_model, translation, data[0], "training inputs")
     if config.qat_distill and (len(names) > 1 or any(regression) or float_model.outputs[0].shape[-1] < 2):
@@ -618,7 +643,7 @@ def _check_inputs(config: OptimizeConfig) -> _Inputs:
     losses = tuple(training_loss(float_model, config.loss, regression=r, output=i) for i, r in enumerate(regression))
     heads = tuple(candidates.Head(name, loss.regression, loss.from_logits) for name, loss in zip(names, losses))
     return _Inputs(config, *data, float_model=float_model, teacher=teacher, factorized=factorized, losses=losses,
-                   heads=heads, source=source, translation=translation)
+                   heads=heads, source=source, translation=translation, stream=stream)
 
 
 def _load_teacher(config: OptimizeConfig, student, x_train: np.ndarray):
@@ -787,6 +812,8 @@ def _load_data(config: OptimizeConfig, model):
     its inputs: --train_labels_key=x_train). The evaluation labels are for one output (`--eval_output`).
     """
     shape = tuple(model.inputs[0].shape)
+    if datasets.is_streamed(config.train_data, labelled=True):
+        return _load_streamed(config, model)
     keys, names = config.train_labels_keys, list(model.output_names)
     if len(keys) != len(names):
         raise CalibrationDataError(
@@ -816,7 +843,46 @@ def _load_data(config: OptimizeConfig, model):
         y_eval, _ = training_targets(raw_eval, model, f"{config.eval_data} (key '{config.eval_labels_key}')",
                                      output=position)
     return (x[:split], tuple(y[:split] for y in ys), x[split:], tuple(y[split:] for y in ys), x_eval, y_eval,
-            tuple(regression))
+            tuple(regression), None)
+
+
+# Training-range samples a streamed source keeps in memory, for the stages that need inputs there (BatchNorm
+# statistics of the channel stage, the int8 probes, a Keras 3 translation's check, PTQ's calibration draw).
+STREAMED_TRAIN_SAMPLES = 1000
+
+
+def _load_streamed(config: OptimizeConfig, model):
+    """The splits of an image tree or TFRecords: validation is the index range past the training range.
+
+    One pass checks the training range and draws `STREAMED_TRAIN_SAMPLES` of it (seeded reservoir); the validation
+    range is read into memory; `fit` streams the training range again each epoch (`_Inputs.fit_data`).
+    """
+    shape, names = tuple(model.inputs[0].shape), list(model.output_names)
+    if len(names) != 1 or int(model.outputs[0].shape[-1] or 0) < 2:
+        raise CalibrationDataError(
+            f"{config.train_data} is streamed with class labels (folder names or the spec's label feature), and the "
+            f"model has {len(names)} output(s) ({', '.join(names)}) that are not one output of class scores: pass "
+            "an .npz with one labels array per output."
+        )
+    common = dict(labelled=True, what="Training data", spec=config.data_spec,
+                  num_classes=int(model.outputs[0].shape[-1]))
+    source = datasets.open_source(config.train_data, shape, scale=config.input_scale, offset=config.input_offset,
+                                  **common)
+    total = source.count()
+    split = total - max(1, int(round(total * config.validation_fraction)))
+    raw = datasets.open_source(config.train_data, shape, **common)  # unscaled: PTQ calibration scales it again
+    drawn, y_drawn, _ = datasets.reservoir_sample(raw, max(STREAMED_TRAIN_SAMPLES, config.num_calibration_samples),
+                                                  config.seed, stop=split)
+    x_train = calibration.preprocess(drawn, config.input_scale, config.input_offset, source=source.description)
+    x_val, y_val = source.arrays(split, total)
+    x_eval = y_eval = None
+    if config.eval_data is not None and config.eval_labels_key:
+        x_eval, y_eval = datasets.load_labelled_data(
+            config.eval_data, shape, key=config.eval_key, labels_key=config.eval_labels_key,
+            scale=config.input_scale, offset=config.input_offset, spec=config.data_spec,
+            num_classes=common["num_classes"])
+    return (x_train, (y_drawn,), x_val, (y_val,), x_eval, y_eval, (False,),
+            _Stream(source, split, total, drawn[: config.num_calibration_samples]))
 
 
 def _compile(model, inputs: _Inputs) -> None:

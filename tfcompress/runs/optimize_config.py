@@ -13,6 +13,7 @@ import numbers
 
 import numpy as np
 
+from tfcompress.conversion.datasets import parse_data_spec
 from tfcompress.training.cluster import MAX_CLUSTERS, MIN_CLUSTERS
 from tfcompress.core.model_io import model_source
 from tfcompress.runs.pipeline import check_target
@@ -96,6 +97,8 @@ class OptimizeConfig:
     loss: str = "auto"
     calibration_data: str | None = None
     calibration_key: str | None = None
+    # TFRecord sources: the features holding the input and the label ("image=KEY,label=KEY")
+    data_spec: str | None = None
     num_calibration_samples: int = 500
     max_accuracy_drop: float = 0.01
     seed: int = 0
@@ -118,6 +121,7 @@ class OptimizeConfig:
                              "worker would time it differently and prune other channels: use --target_macs or "
                              "--target_params with --strategy=multi_worker, or find the ratios on one machine first. "
                              f"Received: target_latency={self.target_latency}, strategy='multi_worker'")
+        parse_data_spec(self.data_spec)
         if self.loss not in LOSSES:
             raise ValueError(
                 f"loss is one of {', '.join(LOSSES)} ('auto' picks from the model's output: softmax or "
@@ -298,6 +302,8 @@ class OptimizeConfig:
         # Where the fine-tunes run, not what they compute (the batch is global): a run may resume on more workers.
         values.pop("strategy")
         values.pop("cluster_resolver")
+        if self.data_spec is None:  # the default: runs made before streamed sources existed still match
+            values.pop("data_spec")
         for name in ("qat_distill", "qat_freeze_bn"):  # likewise for the QAT options, when off
             if not values[name]:
                 values.pop(name)

@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from tfcompress.core.version import __version__
-from tfcompress.conversion import calibration, fidelity
+from tfcompress.conversion import calibration, datasets, fidelity
 from tfcompress.core.artefacts import output_lock, prepare_output_dir, remove_if_empty, write_atomic, write_json
 from tfcompress.analysis import debug
 from tfcompress.targets import export as micro_export
@@ -70,6 +70,8 @@ class ConvertPipelineConfig:
     trust_model: bool = False  # load model files that hold code (Lambda, unregistered custom layers)
     calibration_data: str | None = None
     calibration_key: str | None = None
+    # The TFRecord features that hold the input and the label ("image=KEY,label=KEY"; datasets.parse_data_spec)
+    data_spec: str | None = None
     eval_data: str | None = None
     eval_key: str = "x_test"
     eval_labels_key: str | None = "y_test"  # None or "": no labels, fidelity gates only
@@ -99,6 +101,7 @@ class ConvertPipelineConfig:
     def __post_init__(self):
         model_source(self.saved_model_dir, self.keras_model)
         check_target(self.target, self.mode)
+        datasets.parse_data_spec(self.data_spec)
         if not 0.0 <= self.max_accuracy_drop <= 1.0:
             raise ValueError(
                 "max_accuracy_drop is a fraction in [0, 1] (0.005 is half a percentage point). "
@@ -180,11 +183,11 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
     if config.calibration_data is not None and (convert_config.needs_calibration or config.eval_data is None):
         # Without evaluation data, calibration-source samples that calibration does not use are held out,
         # so the .tflite is still compared with the float model on inputs it was not calibrated on.
-        loaded = calibration.load_calibration_data(
+        loaded = datasets.load_calibration_data(
             config.calibration_data, model.input_shape, key=config.calibration_key,
             num_samples=config.num_calibration_samples, seed=config.seed,
             scale=config.input_scale, offset=config.input_offset,
-            num_held_out=_num_held_out(config),
+            num_held_out=_num_held_out(config), spec=config.data_spec,
         )
         samples = loaded.samples if convert_config.needs_calibration else None
         held_out = loaded.held_out
@@ -193,9 +196,12 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
             f"{convert_config.mode.value} mode needs calibration data for {config.model_source}: pass "
             "--calibration_data (an .npz, .npy or image folder drawn from the training split)."
         )
-    eval_x = eval_y = None
+    eval_x = eval_y = eval_batches = None
     samples_source = "evaluation data"
-    if config.eval_data is not None:
+    if config.eval_data is not None and datasets.is_streamed(config.eval_data, labelled=bool(config.eval_labels_key)):
+        eval_batches = _eval_stream(config, model)
+        samples_source = f"evaluation data {config.eval_data}"
+    elif config.eval_data is not None:
         eval_x, eval_y = calibration.load_eval_data(
             config.eval_data, model.input_shape, key=config.eval_key, labels_key=config.eval_labels_key,
             scale=config.input_scale, offset=config.input_offset, limit=config.num_eval_samples,
@@ -236,9 +242,11 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
     result = verify(
         parsed, convert_config.mode, convert_config.io_dtype, float_model=model, float_outputs=float_outputs,
         eval_samples=eval_x, eval_labels=eval_y,
-        max_accuracy_drop=config.max_accuracy_drop if eval_y is not None else None,
+        max_accuracy_drop=(config.max_accuracy_drop if eval_y is not None or (eval_batches is not None and
+                                                                               config.eval_labels_key) else None),
         raise_on_failure=False, eval_output=config.eval_output, samples_source=samples_source,
         min_top1_agreement=config.min_top1_agreement, min_output_sqnr_db=config.min_output_sqnr_db,
+        eval_batches=eval_batches,
     )
     timings["verify_seconds"] = time.perf_counter() - start
 
@@ -288,6 +296,22 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
         report["debug"] = f"{run_report.DEBUG_JSON}: per-tensor quantization error, measured because a check failed"
     write_json(report_path, report)
     raise VerificationError(result.failures, result)
+
+
+def _eval_stream(config: ConvertPipelineConfig, model):
+    """Evaluation batches streamed from an image tree, TFRecords or a tf.data.Dataset: memory bounded by the batch.
+
+    The source is opened (and its spec checked) now, so that bad data fails before conversion.
+    """
+    if config.target is not None:
+        raise CalibrationDataError(
+            f"--target {config.target} checks the model in TFLM on evaluation samples held in memory, and "
+            f"{config.eval_data} is streamed: pass an .npz of the evaluation samples (or a part of them) for "
+            "--target, or leave --target out."
+        )
+    source = datasets.open_source(config.eval_data, model.input_shape, labelled=bool(config.eval_labels_key),
+                                  spec=config.data_spec, scale=config.input_scale, offset=config.input_offset)
+    return source.batches(stop=config.num_eval_samples)
 
 
 def _float_reference(model, samples: np.ndarray) -> tuple[dict[str, np.ndarray], float]:

@@ -30,7 +30,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "data": ("train_data", "train_key", "train_labels_key", "validation_fraction", "num_validation_samples",
              "calibration_data", "calibration_key", "num_calibration_samples", "held_out_samples",
              "eval_data", "eval_key", "eval_labels_key", "eval_output", "num_eval_samples",
-             "input_scale", "input_offset"),
+             "input_scale", "input_offset", "data_spec"),
     "training": ("epochs", "batch_size", "learning_rate", "loss", "distill_from", "distill_temperature",
                  "distill_alpha", "strategy", "cluster_resolver"),
     "convert": ("mode", "io_dtype", "target", "latency_runs", "debug_layers", "tflm_samples"),

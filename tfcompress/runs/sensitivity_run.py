@@ -13,7 +13,7 @@ import dataclasses
 import os
 
 from tfcompress.analysis import sensitivity as sens
-from tfcompress.conversion import calibration
+from tfcompress.conversion import datasets
 from tfcompress.core.artefacts import output_lock, prepare_output_dir, remove_if_empty, write_atomic, write_json
 from tfcompress.core.model_io import load_model, model_source
 from tfcompress.runs.optimize import _translated
@@ -79,7 +79,7 @@ def run_sensitivity(config: SensitivityConfig) -> SensitivityRunResult:
         if config.eval_output is not None and config.eval_output not in names:
             raise ValueError(f"eval_output must name one of the model's outputs {names}. "
                              f"Received: eval_output={config.eval_output!r}")
-        x, raw = calibration.load_labelled_data(
+        x, raw = datasets.load_labelled_data(
             config.train_data, tuple(model.inputs[0].shape), key=config.train_key,
             labels_key=config.train_labels_key, scale=config.input_scale, offset=config.input_offset,
             what="Training data", key_flags="--train_key / --train_labels_key", class_indices=False)

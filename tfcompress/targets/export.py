@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from tfcompress.core.version import __version__
-from tfcompress.conversion import calibration, fidelity
+from tfcompress.conversion import datasets, fidelity
 from tfcompress.targets import arena_probe, micro, tflm_check
 from tfcompress.core.artefacts import output_lock, prepare_output_dir, remove_if_empty, write_atomic, write_json
 from tfcompress.core import litert_probe
@@ -360,7 +360,7 @@ def _export(config: ExportConfig, model: TfliteModel, name: str, note: str | Non
     samples = sample_labels = None
     if config.eval_data is not None:
         shape = (None, *model.tensors[model.inputs[0]].shape[1:])
-        samples, sample_labels = calibration.load_labelled_data(
+        samples, sample_labels = datasets.load_labelled_data(
             config.eval_data, shape, key=config.eval_key, labels_key=config.eval_labels_key,
             scale=config.input_scale, offset=config.input_offset, limit=config.num_eval_samples)
     inputs, described = micro_inputs(model, samples, config.seed)

@@ -29,7 +29,7 @@ from tfcompress.core.artefacts import output_lock, prepare_output_dir, remove_if
 from tfcompress.core.errors import ConversionError, InputError, VerificationError
 from tfcompress.core.tflite_model import TfliteModel, output_names
 from tfcompress.core.version import __version__
-from tfcompress.conversion import calibration, fidelity
+from tfcompress.conversion import datasets, fidelity
 from tfcompress.conversion.verify import Check, run_litert
 from tfcompress.targets.export import micro_inputs
 
@@ -346,9 +346,10 @@ def _check_inputs(config, model: TfliteModel, float_model):
     labels = samples_float = None
     if config.eval_data is not None:
         shape = (None, *model.tensors[model.inputs[0]].shape[1:])
-        samples_float, labels = calibration.load_eval_data(
+        samples_float, labels = datasets.load_labelled_data(
             config.eval_data, shape, key=config.eval_key, labels_key=config.eval_labels_key or None,
-            scale=config.input_scale, offset=config.input_offset, limit=config.num_eval_samples)
+            scale=config.input_scale, offset=config.input_offset, limit=config.num_eval_samples,
+            class_indices=False)  # labels as stored: regression targets are judged by the fidelity gates below
         if labels is not None and labels.ndim == 2 and labels.shape[1] > 1:
             labels = labels.argmax(axis=1)  # one-hot rows
         elif labels is not None and (labels.ndim != 1 or labels.dtype.kind not in "iu"):

@@ -1,0 +1,193 @@
+"""Streamed sources (`conversion/datasets`): image trees, TFRecords and tf.data.Datasets from the shipped MNIST give
+the samples the arrays give, reservoir sampling is seeded, convert and optimize take every source, and every bad
+source is one line naming the file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import MNIST, SCALE
+from PIL import Image
+
+from tfcompress.conversion import datasets
+from tfcompress.core._keras import tf
+from tfcompress.core.errors import CalibrationDataError
+from tfcompress.core.tflite_model import read_tflite
+from tfcompress.runs.optimize import run_optimize
+from tfcompress.runs.optimize_config import OptimizeConfig
+from tfcompress.runs.pipeline import ConvertPipelineConfig, run_convert
+
+SHAPE = (None, 28, 28, 1)
+NUM = 200
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    with np.load(MNIST) as d:
+        return d["x_test"][:NUM], d["y_test"][:NUM].astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def sources(mnist, tmp_path_factory):
+    """The same 200 MNIST test images as an .npz, a PNG tree, a PNG TFRecord and a raw-float TFRecord."""
+    root = tmp_path_factory.mktemp("sources")
+    x, y = mnist
+    np.savez(root / "eval.npz", x_test=x, y_test=y)
+    datasets.write_image_tree(x, y, root / "tree")
+    datasets.write_tfrecords(x, y, root / "png.tfrecord")
+    datasets.write_tfrecords(x, y, root / "raw.tfrecord", encoded=False,
+                             spec=datasets.DataSpec(image="pixels", label="digit"))
+    return root
+
+
+def _sorted_rows(x: np.ndarray, y: np.ndarray):
+    order = np.lexsort((x.reshape(len(x), -1).sum(axis=1), y))
+    return x[order], y[order]
+
+
+def test_every_source_yields_the_arrays_samples(sources, mnist):
+    x, y = mnist
+    expected = x[..., None].astype(np.float32) * np.float32(SCALE)
+    for path, spec in ((sources / "png.tfrecord", None), (sources / "raw.tfrecord", "image=pixels,label=digit")):
+        got_x, got_y = datasets.open_source(path, SHAPE, labelled=True, spec=spec, scale=SCALE).arrays()
+        np.testing.assert_allclose(got_x, expected, rtol=0, atol=1e-7)
+        np.testing.assert_array_equal(got_y, y)
+    # A tree lists its files in one fixed shuffled order (every class in any index range); the same samples.
+    tree = datasets.open_source(sources / "tree", SHAPE, labelled=True, scale=SCALE)
+    assert tree.class_names == tuple(str(c) for c in range(10)) and tree.count() == NUM
+    got_x, got_y = tree.arrays()
+    assert len(set(got_y[:NUM // 5].tolist())) >= 8  # the first fifth is not one class
+    for a, b in zip(_sorted_rows(got_x, got_y), _sorted_rows(expected, y)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-7)
+    dataset = tf.data.Dataset.from_tensor_slices((x[..., None], y)).batch(32)  # the API's own pipeline, batched
+    got_x, got_y = datasets.open_source(dataset, SHAPE, labelled=True, scale=SCALE).arrays()
+    np.testing.assert_allclose(got_x, expected, rtol=0, atol=1e-7)
+
+
+def test_reservoir_sampling_is_one_seeded_pass(sources, mnist):
+    source = datasets.open_source(sources / "png.tfrecord", SHAPE, labelled=True)
+    a, labels, seen = datasets.reservoir_sample(source, 50, seed=3, batch_size=64)
+    b, _, _ = datasets.reservoir_sample(source, 50, seed=3, batch_size=64)
+    c, _, _ = datasets.reservoir_sample(source, 50, seed=4, batch_size=64)
+    assert seen == NUM and a.shape == (50, 28, 28, 1)
+    assert a.tobytes() == b.tobytes() and a.tobytes() != c.tobytes()
+    rows = {row.tobytes(): i for i, row in enumerate(mnist[0][..., None].astype(np.float32))}
+    picked = [rows[row.tobytes()] for row in a]
+    assert picked == sorted(picked) and len(set(picked)) == 50  # distinct samples, in source order
+    np.testing.assert_array_equal(labels, mnist[1][picked])
+    assert max(picked) >= NUM // 2  # drawn from the whole source, not its first 50
+    everything, _, _ = datasets.reservoir_sample(source, 500, seed=0)  # more asked than held: every sample
+    assert len(everything) == NUM
+    # Calibration from the API's tf.data.Dataset (inputs alone) draws the same samples as from the same records.
+    dataset = tf.data.Dataset.from_tensor_slices(mnist[0][..., None])
+    from_api = datasets.load_calibration_data(dataset, SHAPE, num_samples=50, seed=3)
+    assert from_api.num_available == NUM and from_api.samples.tobytes() == a.tobytes()
+
+
+def test_training_dataset_is_seeded_and_covers_its_range(sources):
+    source = datasets.open_source(sources / "tree", SHAPE, labelled=True, scale=SCALE)
+    first = [y for _, y in source.training_dataset(32, seed=1, stop=150).as_numpy_iterator()]
+    again = [y for _, y in source.training_dataset(32, seed=1, stop=150).as_numpy_iterator()]
+    assert [len(y) for y in first] == [32] * 4 + [22]
+    np.testing.assert_array_equal(np.concatenate(first), np.concatenate(again))
+    np.testing.assert_array_equal(np.sort(np.concatenate(first)), np.sort(source.labels[:150]))
+
+
+def test_convert_takes_trees_and_tfrecords(sources, keras_file, tmp_path):
+    common = dict(keras_model=keras_file, input_scale=SCALE, latency_runs=0, num_calibration_samples=100)
+    streamed = [run_convert(ConvertPipelineConfig(
+        output_dir=str(tmp_path / f"tree{i}"), calibration_data=str(sources / "tree"),
+        eval_data=str(sources / "png.tfrecord"), **common)) for i in range(2)]
+    assert streamed[0].tflite.data == streamed[1].tflite.data  # same seed, same reservoir, same bytes
+    in_memory = run_convert(ConvertPipelineConfig(
+        output_dir=str(tmp_path / "npz"), calibration_data=str(sources / "tree"),
+        eval_data=str(sources / "eval.npz"), **common))
+    assert in_memory.tflite.data == streamed[0].tflite.data
+    a, b = streamed[0].verification.accuracy, in_memory.verification.accuracy
+    assert (a.num_samples, a.float_accuracy, a.tflite_accuracy) == (b.num_samples, b.float_accuracy, b.tflite_accuracy)
+    assert a.float_accuracy > 0.9
+    other_seed = run_convert(ConvertPipelineConfig(
+        output_dir=str(tmp_path / "seed1"), calibration_data=str(sources / "raw.tfrecord"), seed=1,
+        data_spec="image=pixels,label=digit", eval_data=str(sources / "tree"), **common))
+    model = read_tflite(other_seed.tflite.data)
+    for index in (*model.inputs, *model.outputs):
+        assert model.tensors[index].dtype == "uint8"
+    assert other_seed.verification.accuracy.num_samples == NUM
+
+
+def test_optimize_streams_its_training_data(sources, keras_file, tmp_path):
+    result = run_optimize(OptimizeConfig(
+        output_dir=str(tmp_path / "out"), keras_model=keras_file, train_data=str(sources / "png.tfrecord"), prune=True,
+        final_sparsity=0.5, prune_epochs=1, batch_size=32, calibration_data=str(sources / "tree"),
+        num_calibration_samples=100, input_scale=SCALE, latency_runs=0))
+    prune = next(stage for stage in result.stages if stage["stage"] == "prune")
+    assert prune["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert prune["validation_accuracy"] >= 0.7  # 40 validation images (the records' last index range), 160 trained on
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory, mnist):
+    root = tmp_path_factory.mktemp("bad_sources")
+    x, y = mnist
+    (root / "flat").mkdir()
+    Image.fromarray(x[0]).save(root / "flat" / "a.png")
+    datasets.write_image_tree(x[:20], y[:20] % 2, root / "empty_class")
+    (root / "empty_class" / "2").mkdir()
+    datasets.write_image_tree(x[:20], y[:20] % 2, root / "notes")
+    (root / "notes" / "1" / "notes.txt").write_text("not an image")
+    datasets.write_image_tree(x[:20], y[:20] % 2, root / "broken")
+    (root / "broken" / "0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    datasets.write_image_tree(np.repeat(x[:20, ..., None], 3, axis=-1), y[:20] % 2, root / "rgb")
+    datasets.write_image_tree(x[:24], np.arange(24) % 12, root / "twelve")
+    datasets.write_tfrecords(x[:20], y[:20], root / "d.tfrecord")
+    (root / "junk.tfrecord").write_bytes(b"not a record file at all")
+    with tf.io.TFRecordWriter(str(root / "empty.tfrecord")):
+        pass
+    return root
+
+
+@pytest.mark.parametrize("name, spec, match", [
+    ("flat", None, r"folder .*flat has no class sub-folders\. Expected one sub-folder of images per class"),
+    ("empty_class", None, r"class folder .*empty_class/2 is empty"),
+    ("notes", None, r"file .*notes/1/notes\.txt is not a PNG/JPEG image"),
+    ("broken", None, r"image .*broken/0/broken\.png cannot be read"),
+    ("rgb", None, r"image .*rgb/\d/\d+\.png has 3 channel\(s\) but the model input \(None, 28, 28, 1\) has 1"),
+    ("twelve", None, r"hold class indices from 0 to 11, outside the 10 classes"),
+    ("d.tfrecord", "image=pixels", r"d\.tfrecord has no feature 'pixels' \(the image key of the data spec\); its "
+                                   r"features are image, label: pass --data_spec=image=KEY,label=KEY"),
+    ("d.tfrecord", "label=y", r"has no feature 'y' \(the label key"),
+    ("junk.tfrecord", None, r"junk\.tfrecord cannot be read as TFRecord"),
+    ("empty.tfrecord", None, r"empty\.tfrecord holds no records"),
+])
+def test_bad_sources_are_one_line_errors(bad, name, spec, match):
+    with pytest.raises(CalibrationDataError, match=match) as caught:
+        datasets.open_source(bad / name, SHAPE, labelled=True, spec=spec, num_classes=10).arrays()
+    assert "\n" not in str(caught.value)
+
+
+def test_a_flat_image_folder_still_calibrates(bad):
+    # Read as before, by calibration (one image is below its minimum); as labelled data it is a tree without classes.
+    with pytest.raises(CalibrationDataError, match="Calibration needs at least 10 samples, found 1"):
+        datasets.load_calibration_data(bad / "flat", SHAPE, num_samples=5)
+    assert not datasets.is_streamed(bad / "flat") and datasets.is_streamed(bad / "flat", labelled=True)
+
+
+def test_data_spec_is_checked():
+    assert datasets.parse_data_spec("image=image_raw, label=y") == datasets.DataSpec("image_raw", "y")
+    assert datasets.parse_data_spec(None) == datasets.DataSpec("image", "label")
+    with pytest.raises(ValueError, match=r"data_spec names the TFRecord features as image=KEY,label=KEY.*"
+                                         r"Received: data_spec='pixels'"):
+        datasets.parse_data_spec("pixels")
+    with pytest.raises(ValueError, match="Received: data_spec='image=a,image=b'"):
+        ConvertPipelineConfig(output_dir="unused", keras_model="m.keras", data_spec="image=a,image=b")
+
+
+def test_streamed_training_needs_one_output_of_class_scores(bad, tmp_path):
+    from tfcompress.core._keras import keras
+
+    keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(1)]).save(
+        tmp_path / "one_unit.keras")
+    with pytest.raises(CalibrationDataError, match=r"d\.tfrecord is streamed with class labels .* that are not one "
+                                                   r"output of class scores: pass an \.npz"):
+        run_optimize(OptimizeConfig(output_dir=str(tmp_path / "out"), keras_model=str(tmp_path / "one_unit.keras"),
+                                    train_data=str(bad / "d.tfrecord"), prune=True))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from absl import flags
 from pipelines import _benchmark, _common
 from tfcompress.core.artefacts import write_atomic, write_json
 from tfcompress.models import baseline
+from tfcompress.training import distribute
 
 _OUTPUT = flags.DEFINE_string("output_dir", "artefacts/benchmark_distribute", "Where the results go.")
 _MODEL = flags.DEFINE_string("saved_model_dir", "artefacts/demo/float_savedmodel", "The trained LeNet-5 SavedModel "
@@ -81,17 +81,6 @@ def main(argv: list[str]) -> None:
     print(markdown)
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for each in sockets:
-            each.bind(("127.0.0.1", 0))
-        return [each.getsockname()[1] for each in sockets]
-    finally:
-        for each in sockets:
-            each.close()
-
-
 def _run(workers: int, output_dir: str, train: str) -> dict:
     """One optimize run as `workers` processes, worker i pinned to core i; the chief's report, read back."""
     arguments = [sys.executable, "-m", "pipelines", "optimize", f"--saved_model_dir={_MODEL.value}",
@@ -100,13 +89,13 @@ def _run(workers: int, output_dir: str, train: str) -> dict:
                  f"--final_sparsity={_SPARSITY.value}", f"--prune_epochs={_PRUNE_EPOCHS.value}", "--qat",
                  "--qat_epochs=1", f"--batch_size={_BATCH.value}", "--latency_runs=0", "--overwrite",
                  f"--output_dir={output_dir}", "--noprogress"]
-    hosts = [f"127.0.0.1:{port}" for port in _free_ports(workers)]
+    tf_configs = distribute.loopback_tf_configs(workers)
     processes, start = [], time.perf_counter()
     cores = sorted(os.sched_getaffinity(0))
     for index in range(workers):
         env = dict(os.environ)
         if workers > 1:
-            env["TF_CONFIG"] = json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}})
+            env["TF_CONFIG"] = tf_configs[index]
         core = {cores[index % len(cores)]}
         processes.append(subprocess.Popen(
             [*arguments, *(["--strategy=multi_worker"] if workers > 1 else [])], env=env, text=True,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -21,18 +20,6 @@ from tfcompress.runs.optimize import OptimizeConfig, run_optimize
 from tfcompress.training import distribute
 
 WORKER_TIMEOUT_S = 420
-
-
-def _free_ports(count: int) -> list[int]:
-    """Ports free on loopback now (bound, read, released together so that they differ)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for each in sockets:
-            each.bind(("127.0.0.1", 0))
-        return [each.getsockname()[1] for each in sockets]
-    finally:
-        for each in sockets:
-            each.close()
 
 
 def _flags(keras_file, train_npz, eval_npz, output_dir) -> list[str]:
@@ -63,11 +50,9 @@ def test_two_workers_match_one_worker_and_only_the_chief_writes(keras_file, trai
         prune=True, final_sparsity=0.5, prune_epochs=2, qat=True, batch_size=64, latency_runs=0))
     shutil.copytree(one, two)
     copied = (two / "model.tflite").stat().st_mtime_ns
-    hosts = [f"127.0.0.1:{port}" for port in _free_ports(2)]
     workers = []
-    for index in range(2):
-        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": {"worker": hosts},
-                                                     "task": {"type": "worker", "index": index}}))
+    for tf_config in distribute.loopback_tf_configs(2):
+        env = dict(os.environ, TF_CONFIG=tf_config)
         workers.append(subprocess.Popen(
             [sys.executable, "-m", "pipelines", "optimize", *_flags(keras_file, train_npz, eval_npz, two),
              "--strategy=multi_worker"], cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
@@ -154,8 +139,7 @@ def test_slurm_outside_a_job_a_resolver_without_workers_and_measured_channels_ar
 
 def test_a_batch_that_does_not_split_over_the_workers_exits_2_before_waiting_for_them(keras_file, train_npz,
                                                                                        tmp_path):
-    hosts = [f"127.0.0.1:{port}" for port in _free_ports(2)]  # nobody listens: the check must come first
-    env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": 0}}))
+    env = dict(os.environ, TF_CONFIG=distribute.loopback_tf_configs(2)[0])  # nobody listens: the check comes first
     done = subprocess.run([sys.executable, "-m", "pipelines", "optimize", f"--keras_model={keras_file}",
                            f"--train_data={train_npz}", "--prune", "--batch_size=63", "--strategy=multi_worker",
                            f"--output_dir={tmp_path / 'out'}"], cwd=ROOT, env=env, text=True,

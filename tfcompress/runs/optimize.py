@@ -404,8 +404,7 @@ def _qat_stage(model, inputs: _Inputs):
             trainer.compile(optimizer=keras.optimizers.Adam(config.learning_rate), metrics=["accuracy"])
         else:
             _compile(qat, inputs)
-        trainer.fit(**inputs.fit_data(), epochs=config.qat_epochs, shuffle=True, callbacks=_backup(inputs),
-                    validation_data=(inputs.x_val, inputs.targets(inputs.y_val)), verbose=progress.keras_verbose())
+        _fit(trainer, inputs, config.qat_epochs)
     _unfreeze(qat, frozen)
     if config.qat_scheme == "cluster_preserving":
         qat = _reloadable(qat, model, config)
@@ -555,17 +554,16 @@ def _fine_tune(model, inputs: _Inputs, epochs: int, callbacks=()) -> None:
         trainer.compile(optimizer=keras.optimizers.Adam(config.learning_rate), metrics=["accuracy"])
     else:
         _compile(model, inputs)
+    _fit(trainer, inputs, epochs, callbacks)
+
+
+def _fit(trainer, inputs: _Inputs, epochs: int, callbacks=()) -> None:
+    """Every fine-tune's `fit`. On several workers BackupAndRestore lets workers restarted after one was killed
+    resume the fine-tune at the epoch it reached (checkpoints in the output directory the workers share)."""
+    backup = [] if inputs.backup_dir is None else [keras.callbacks.BackupAndRestore(inputs.backup_dir)]
     trainer.fit(**inputs.fit_data(), epochs=epochs, shuffle=True,
-                validation_data=(inputs.x_val, inputs.targets(inputs.y_val)),
-                callbacks=[*callbacks, *_backup(inputs)], verbose=progress.keras_verbose())
-
-
-def _backup(inputs: _Inputs) -> list:
-    """On several workers: BackupAndRestore, so that workers restarted after one was killed resume the fine-tune
-    at the epoch it reached (its checkpoints live in the output directory, which the workers must share)."""
-    if inputs.backup_dir is None:
-        return []
-    return [keras.callbacks.BackupAndRestore(inputs.backup_dir)]
+                validation_data=(inputs.x_val, inputs.targets(inputs.y_val)), callbacks=[*callbacks, *backup],
+                verbose=progress.keras_verbose())
 
 
 def _in_scope(model, inputs: _Inputs, distribution: distribute.Distribution, stage: str, stages_dir: str):

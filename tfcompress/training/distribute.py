@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 from collections.abc import Mapping
 
 from tfcompress.core._keras import tf
@@ -182,6 +183,21 @@ def from_strategy(strategy) -> Distribution:
     is_chief = task_type in (None, "chief") or (task_type == "worker" and task_id == 0 and "chief" not in spec)
     return Distribution(type(strategy).__name__, strategy, replicas=int(strategy.num_replicas_in_sync),
                         workers=max(workers, 1), task_type=task_type, task_id=task_id, is_chief=is_chief)
+
+
+def loopback_tf_configs(count: int) -> list[str]:
+    """TF_CONFIG values for `count` workers of one cluster on free loopback ports: several workers on one machine
+    (the tests, `benchmark_distribute`, trying a cluster out). The ports are free when chosen."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for each in sockets:
+            each.bind(("127.0.0.1", 0))
+        hosts = [f"127.0.0.1:{each.getsockname()[1]}" for each in sockets]
+    finally:
+        for each in sockets:
+            each.close()
+    return [json.dumps({"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}})
+            for index in range(count)]
 
 
 def agreed_count(distribution: Distribution, count: int, most: int) -> int:

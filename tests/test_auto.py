@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import SCALE
 
+from tfcompress.core._keras import keras
 from tfcompress.core.errors import BudgetNotMetError
 from tfcompress.core.tflite_model import read_tflite
 from tfcompress.runs.auto import run_auto
@@ -95,3 +96,34 @@ def test_multi_output_models_are_sent_to_optimize(trained, tmp_path):
         run_auto(AutoConfig(output_dir=str(tmp_path / "out"), train_data=str(train),
                             keras_model=zoo_model.files.keras_model))
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def test_post_training_quantization_that_loses_accuracy_names_its_worst_layers_before_qat(trained_model, train_npz,
+                                                                                           tmp_path):
+    # One unit of `fc` made huge (and unread by the logits): the float model is unchanged, but the int8 scale of
+    # fc's output grows so large that the other units round to zero.
+    model = keras.models.clone_model(trained_model)
+    model.set_weights(trained_model.get_weights())
+    kernel, bias = model.get_layer("fc").get_weights()
+    kernel[:, 0], bias[0] = 0.0, 20_000.0
+    model.get_layer("fc").set_weights([kernel, bias])
+    weights, logits_bias = model.get_layer("logits").get_weights()
+    weights[0, :] = 0.0
+    model.get_layer("logits").set_weights([weights, logits_bias])
+    path = str(tmp_path / "outlier.keras")
+    model.save(path)
+    config = _config(path, train_npz, None, tmp_path / "out", target=None, latency_runs=0, max_accuracy_drop=0.02)
+    try:
+        run_auto(config)
+    except BudgetNotMetError:
+        pass  # whether QAT recovers does not matter here: the debugger's step does
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    names = [a["name"] for a in report["attempts"]]
+    assert names[:4] == ["ptq", "ptq_1000", "ptq_100_seed1", "qat"]
+    assert report["attempts"][0]["accuracy_drop"] > 0.2  # the outlier ruins post-training quantization
+    worst = report["debugger"]["worst_layers"]
+    # The damage shows where fc's crushed outputs are read: the logits, the worst tensor by SQNR.
+    assert len(worst) == 3 and worst[0]["op"] == "FULLY_CONNECTED" and worst[0]["sqnr_db"] < 3.0
+    assert all(worst[0]["sqnr_db"] <= layer["sqnr_db"] for layer in worst)
+    assert report["debugger"]["samples"] == 100
+    assert f"`{worst[0]['tensor']}`" in (tmp_path / "out" / "report.md").read_text()

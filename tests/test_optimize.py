@@ -417,3 +417,27 @@ def test_loss_is_decided_on_the_float_model_not_the_qat_wrapped_one():
     with pytest.raises(ValueError, match="loss is one of auto, sparse_categorical_crossentropy, "
                                          "binary_crossentropy, mean_squared_error .* Received: loss='mse'"):
         OptimizeConfig(output_dir="o", train_data="t.npz", keras_model="m.keras", qat=True, loss="mse")
+
+
+def test_channel_pruning_distils_from_a_softmax_teacher_into_a_softmax_student(trained_model, keras_file, train_npz,
+                                                                                 eval_npz, tmp_path):
+    # Both end in a softmax: the logarithms of the probabilities stand in for the logits, exact up to a constant
+    # the softmax cancels, so the fine-tune matches the one of the same model saved without its softmax.
+    model = keras.Model(trained_model.inputs, keras.layers.Softmax(name="probabilities")(trained_model.outputs[0]),
+                        name="softmax_cnn")
+    path = str(tmp_path / "softmax_cnn.keras")
+    model.save(path)
+    stages = {}
+    for name, source in (("softmax", path), ("logits", keras_file)):
+        result = run_optimize(_config(source, train_npz, eval_npz, tmp_path / name, prune=False, qat=False,
+                                      prune_channels=0.5, distill_from=source, calibration_data=str(CALIBRATION),
+                                      calibration_key="x"))
+        assert [s["stage"] for s in result.stages] == ["float", "channels", "convert"]
+        stages[name] = result.stages
+        parsed = read_tflite(result.model_path)
+        assert {parsed.tensors[i].dtype for i in parsed.inputs + parsed.outputs} == {"uint8"}
+    float_stage, channel_stage = stages["softmax"][:2]
+    assert channel_stage["distilled_from"] == path
+    assert channel_stage["macs"] < 0.8 * float_stage["macs"]
+    assert channel_stage["validation_accuracy"] == pytest.approx(stages["logits"][1]["validation_accuracy"], abs=0.01)
+    assert channel_stage["validation_accuracy"] >= float_stage["validation_accuracy"] - 0.1

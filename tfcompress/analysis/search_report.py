@@ -32,6 +32,16 @@ def render_markdown(document: dict) -> str:
         closest = document["closest"]
         lines += [f"No attempt met every gate. Closest: **{closest['name']}** ({closest['verdict']}), kept in "
                   f"`{closest['directory']}`.", ""]
+    debugged = document.get("debugger")
+    if debugged and debugged.get("worst_layers"):
+        worst = ", ".join(f"`{layer['tensor']}` ({layer['op']}, SQNR {_fmt(layer['sqnr_db'], '.1f')} dB)"
+                          for layer in debugged["worst_layers"])
+        lines += [f"Post-training quantization lost accuracy; the quantization debugger's worst layers on "
+                  f"{debugged['samples']} calibration samples: {worst}. Other calibration draws come next, then "
+                  "QAT.", ""]
+    elif debugged:
+        lines += [f"Post-training quantization lost accuracy; the quantization debugger failed: {debugged['error']}",
+                  ""]
     lines += ["| # | attempt | settings | validation accuracy | drop (points) | flash bytes | gzip bytes | arena bytes "
               "| latency (ms) | seconds | verdict |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in document["attempts"]:

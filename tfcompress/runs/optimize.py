@@ -10,7 +10,7 @@ Channel pruning (`tfcompress.runs.channel_stage`) comes first: it removes whole 
 works on the smaller model. Factorization comes first among the rest because it changes the layers (a Dense
 becomes two) and the later stages should compress the layers that ship; pruning comes before clustering so that
 clustering can keep the zeros (`preserve_sparsity`); QAT comes last among the training stages, preserving what
-came before (PQAT after pruning, CQAT/PCQAT after clustering). With a teacher (`distill_from`) the factorize,
+came before (PQAT after pruning, CQAT/PCQAT after clustering). With a teacher (`distill_from`) the channel, factorize,
 prune and cluster fine-tunes train through `tfcompress.training.distill.Distiller`; QAT trains on the labels, or
 with `qat_distill` distils from the model it starts from. A model with several outputs trains every head on its
 own labels (one `train_labels_key` per output). Each stage leaves its artefact under `<output_dir>/stages/` and
@@ -550,7 +550,7 @@ def _fine_tune(model, inputs: _Inputs, epochs: int, callbacks=()) -> None:
     trainer = model
     if inputs.teacher is not None:
         trainer = Distiller(model, inputs.teacher, temperature=config.distill_temperature,
-                            alpha=config.distill_alpha)
+                            alpha=config.distill_alpha, from_logits=inputs.losses[0].from_logits)
         trainer.compile(optimizer=keras.optimizers.Adam(config.learning_rate), metrics=["accuracy"])
     else:
         _compile(model, inputs)
@@ -651,12 +651,15 @@ def _load_teacher(config: OptimizeConfig, student, x_train: np.ndarray):
     teacher, translation = _translated(loaded, config.trust_model)
     if translation is not None:
         keras3_io.check_equivalent(loaded.keras_model, translation, x_train, "training inputs")
-    for role, model in (("teacher (--distill_from)", teacher), ("model to optimize", student)):
-        if _ends_in_softmax(model):
-            raise ValueError(
-                f"Distillation compares logits, but the {role} ends in a softmax. Save it without the final "
-                f"softmax (the loss applies it). Received: {role.split(' (')[0]}={model.name}"
-            )
+    # Both logits, or both probabilities (their logarithms stand in for the logits): not one of each.
+    if _ends_in_softmax(teacher) != _ends_in_softmax(student):
+        role, model, other = (("teacher (--distill_from)", teacher, "model to optimize") if _ends_in_softmax(teacher)
+                              else ("model to optimize", student, "teacher (--distill_from)"))
+        raise ValueError(
+            f"Distillation compares the two models' outputs, but the {role} ends in a softmax and the {other} "
+            "outputs logits. Save both with their final softmax or both without it. "
+            f"Received: {role.split(' (')[0]}={model.name}"
+        )
     shapes = {role: ([tuple(t.shape[1:]) for t in m.inputs], [tuple(t.shape[1:]) for t in m.outputs])
               for role, m in (("teacher", teacher), ("student", student))}
     if shapes["teacher"] != shapes["student"]:
@@ -933,7 +936,7 @@ def _complete(state, stages_dir, stage, model, inputs: _Inputs, seconds, details
     sha256, size = _checksum(path)
     if distribution is not None and distribution.distributed:
         model = _to_keras(load_model(path, trust_model=True))  # written just now, by this run
-    distilled = inputs.teacher is not None and stage in ("factorize", "prune", "cluster")
+    distilled = inputs.teacher is not None and stage in ("channels", "factorize", "prune", "cluster")
     state["completed"].append({
         "stage": stage, "artefact": path, "artefact_sha256": sha256, "artefact_bytes": size,
         **_stage_scores(model, inputs),

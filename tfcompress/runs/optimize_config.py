@@ -277,11 +277,11 @@ class OptimizeConfig:
                 f"typical). Received: distill_alpha={alpha}"
             )
         if self.distill_from is not None and self.factorize_energy is None and not self.prune \
-                and self.cluster is None:
+                and self.cluster is None and self.prune_channels is None:
             raise ValueError(
-                "--distill_from trains the factorize, prune and cluster fine-tunes through the teacher; QAT "
-                "trains on the labels alone, so with only --qat the teacher would go unused. Add one of "
-                "--factorize_energy, --prune, --cluster, or leave --distill_from out. "
+                "--distill_from trains the channel, factorize, prune and cluster fine-tunes through the teacher; "
+                "QAT trains on the labels alone, so with only --qat the teacher would go unused. Add one of "
+                "--prune_channels, --factorize_energy, --prune, --cluster, or leave --distill_from out. "
                 f"Received: distill_from={self.distill_from!r}"
             )
 

@@ -4,6 +4,8 @@ source is one line naming the file."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import MNIST, SCALE
@@ -16,6 +18,8 @@ from tfcompress.core.tflite_model import read_tflite
 from tfcompress.runs.optimize import run_optimize
 from tfcompress.runs.optimize_config import OptimizeConfig
 from tfcompress.runs.pipeline import ConvertPipelineConfig, run_convert
+from tfcompress.runs.sensitivity_run import SensitivityConfig, run_sensitivity
+from tfcompress.targets.export import ExportConfig, run_export
 
 SHAPE = (None, 28, 28, 1)
 NUM = 200
@@ -119,10 +123,71 @@ def test_optimize_streams_its_training_data(sources, keras_file, tmp_path):
     result = run_optimize(OptimizeConfig(
         output_dir=str(tmp_path / "out"), keras_model=keras_file, train_data=str(sources / "png.tfrecord"), prune=True,
         final_sparsity=0.5, prune_epochs=1, batch_size=32, calibration_data=str(sources / "tree"),
-        num_calibration_samples=100, input_scale=SCALE, latency_runs=0))
+        num_calibration_samples=100, input_scale=SCALE, latency_runs=0, eval_data=str(sources / "tree")))
     prune = next(stage for stage in result.stages if stage["stage"] == "prune")
     assert prune["sparsity"] == pytest.approx(0.5, abs=0.02)
     assert prune["validation_accuracy"] >= 0.7  # 40 validation images (the records' last index range), 160 trained on
+    # The evaluation tree is scored batch by batch at every stage, and the final conversion streams it too.
+    assert prune["eval_accuracy"] >= 0.7
+    convert = next(stage for stage in result.stages if stage["stage"] == "convert")
+    assert convert["eval_accuracy"] >= 0.7
+
+
+def test_evaluation_data_streams_or_sits_in_memory(sources, mnist):
+    x, y = mnist
+    in_memory = datasets.open_eval_data(sources / "eval.npz", SHAPE, key="x_test", labels_key="y_test", scale=SCALE)
+    streamed = datasets.open_eval_data(sources / "raw.tfrecord", SHAPE, key="x_test", labels_key="y_test",
+                                       scale=SCALE, spec="image=pixels,label=digit", limit=150)
+    assert in_memory.source is None and streamed.source is not None and streamed.labelled
+
+    def predict(batch):
+        return [batch.reshape(len(batch), -1).sum(axis=1), batch[:, 0, 0, 0]]
+
+    (sums, corners), labels = streamed.collect(predict, batch_size=64)
+    (all_sums, _), all_labels = in_memory.collect(predict)
+    np.testing.assert_allclose(sums, all_sums[:150], rtol=1e-6)
+    np.testing.assert_array_equal(labels, y[:150])
+    assert corners.shape == (150,) and len(all_labels) == NUM
+    assert [len(b) for b, _ in streamed.batches(64)] == [64, 64, 22]
+
+
+def test_sensitivity_reads_only_the_validation_range(sources, keras_file, tmp_path):
+    common = dict(keras_model=keras_file, input_scale=SCALE, train_key="x_test", train_labels_key="y_test",
+                  ratios=(0.5,), kinds=("channel",))
+    npz = run_sensitivity(SensitivityConfig(output_dir=str(tmp_path / "npz"), train_data=str(sources / "eval.npz"),
+                                            **common))
+    records = run_sensitivity(SensitivityConfig(output_dir=str(tmp_path / "records"), data_spec="image=pixels,"
+                                                "label=digit", train_data=str(sources / "raw.tfrecord"), **common))
+    # The records hold the .npz's samples in its order: the same validation range, the same curves.
+    assert records.result.to_json() == npz.result.to_json()
+    with open(records.json_path) as f:
+        assert json.load(f)["validation_samples"] == NUM // 10
+
+
+def test_tflm_check_streams_its_inputs(sources, keras_file, tmp_path):
+    """convert --target micro and export take streamed evaluation data: a subset drawn in one pass, or every sample
+    run in TFLM batch by batch, with the numbers the .npz gives."""
+    common = dict(keras_model=keras_file, input_scale=SCALE, latency_runs=0, num_calibration_samples=100,
+                  calibration_data=str(sources / "tree"), target="micro")
+    npz = run_convert(ConvertPipelineConfig(output_dir=str(tmp_path / "npz"), eval_data=str(sources / "eval.npz"),
+                                            tflm_samples=None, **common))
+    every = run_convert(ConvertPipelineConfig(output_dir=str(tmp_path / "every"), tflm_samples=None,
+                                              eval_data=str(sources / "png.tfrecord"), **common))
+    assert every.tflite.data == npz.tflite.data
+    a, b = every.report["micro"], npz.report["micro"]
+    assert a["tflm_accuracy"] == b["tflm_accuracy"] and a["tflm_accuracy"]["num_samples"] == NUM
+    for key in ("max_step_difference", "top1_agreement"):
+        assert a["tflm_check"][key] == b["tflm_check"][key]
+    subset = run_convert(ConvertPipelineConfig(output_dir=str(tmp_path / "subset"), tflm_samples=50,
+                                               eval_data=str(sources / "tree"), **common))
+    assert subset.report["micro"]["tflm_subset"]["num_samples"] == 50
+    assert subset.report["micro"]["tflm_subset"]["of"] == NUM
+    assert subset.report["micro"]["tflm_accuracy"]["num_samples"] == 50
+    exported = run_export(ExportConfig(tflite=npz.model_path, output_dir=str(tmp_path / "export"), tflm_samples=None,
+                                       eval_data=str(sources / "raw.tfrecord"), data_spec="image=pixels,label=digit",
+                                       input_scale=SCALE))
+    assert exported.manifest["tflm_accuracy"]["tflm_accuracy"] == b["tflm_accuracy"]["tflm_accuracy"]
+    assert exported.manifest["tflm_check"]["top1_agreement"] == b["tflm_check"]["top1_agreement"]
 
 
 @pytest.fixture(scope="module")

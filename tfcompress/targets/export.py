@@ -10,10 +10,12 @@ One input, any number of outputs. Nothing is written unless every check passed, 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import keyword
 import os
 import re
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -66,6 +68,8 @@ class ExportConfig:
     eval_key: str = "x_test"
     eval_labels_key: str = "y_test"
     num_eval_samples: int | None = None
+    # The TFRecord features that hold the input and the label ("image=KEY,label=KEY"; datasets.parse_data_spec)
+    data_spec: str | None = None
     input_scale: float = 1.0
     input_offset: float = 0.0
     compress: bool = False
@@ -83,6 +87,7 @@ class ExportConfig:
     tflm_samples: int | None = DEFAULT_TFLM_SAMPLES  # None: every sample
 
     def __post_init__(self):
+        datasets.parse_data_spec(self.data_spec)
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}. Received: target={self.target!r}")
         if self.target == "onnx":
@@ -178,13 +183,69 @@ def take_tflm_subset(inputs: np.ndarray, labels: np.ndarray | None, described: s
     indices = tflm_subset(len(inputs), tflm_samples, seed)
     if indices is None:
         return inputs, labels, described, None
-    resolution = 1.0 / len(indices)
-    subset = {"num_samples": int(len(indices)), "of": int(len(inputs)), "seed": seed,
-              "top1_agreement_resolution": resolution,
-              "how": "drawn without replacement with the seed, in index order; --tflm_samples=all runs every one"}
-    described = (f"{len(indices)} of {described}, drawn with seed {seed} (top-1 agreement resolution "
-                 f"{resolution:g})")
+    described, subset = _subset_record(len(indices), len(inputs), described, seed)
     return inputs[indices], None if labels is None else np.asarray(labels)[indices], described, subset
+
+
+def _subset_record(count: int, total: int, described: str, seed: int) -> tuple[str, dict]:
+    resolution = 1.0 / count
+    subset = {"num_samples": int(count), "of": int(total), "seed": seed, "top1_agreement_resolution": resolution,
+              "how": "drawn without replacement with the seed, in index order; --tflm_samples=all runs every one"}
+    return f"{count} of {described}, drawn with seed {seed} (top-1 agreement resolution {resolution:g})", subset
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedInputs:
+    """The TFLM check's inputs read batch by batch from a streamed source and quantized for `model`: the check
+    holds one batch of inputs at a time (and every output). `build_micro_export` takes it instead of an array."""
+
+    data: datasets.EvalData
+    model: TfliteModel
+    use_labels: bool = True  # False: the source's labels are not the first output's classes (TFLM accuracy unmeasured)
+
+    @property
+    def labelled(self) -> bool:
+        return self.use_labels and self.data.labelled
+
+    def chunks(self, labels: list | None = None) -> Iterator[np.ndarray]:
+        """Quantized input batches; each batch's labels appended to `labels` as it streams."""
+        for x, y in self.data.batches():
+            if labels is not None and y is not None and self.use_labels:
+                labels.append(y)
+            yield micro_inputs(self.model, x)[0]
+
+
+def tflm_check_inputs(model: TfliteModel, data: datasets.EvalData, tflm_samples: int | None, seed: int = 0
+                      ) -> tuple[np.ndarray | StreamedInputs, np.ndarray | None, np.ndarray | None, str, dict | None]:
+    """The TFLM check's inputs from evaluation data, with `tflm_samples` (`tflm_subset`) applied.
+
+    Arrays are quantized and cut as `take_tflm_subset` cuts them. A streamed source (tree, TFRecords, tf.data) is
+    counted, then its subset is gathered in one pass (memory holds the subset, not the data); with every sample
+    (`tflm_samples=None`, or no fewer than the source holds) it is a `StreamedInputs`, run batch by batch.
+
+    Returns:
+        (inputs, their labels or None, the float samples of a streamed subset (else None), the description,
+        the subset's manifest record or None).
+    """
+    if data.source is None:
+        inputs, described = micro_inputs(model, data.x, seed)
+        inputs, labels, described, subset = take_tflm_subset(inputs, data.y, described, tflm_samples, seed)
+        return inputs, labels, None, described, subset
+    total = data.source.count() if data.stop is None else min(data.stop, data.source.count())
+    described = f"{total} evaluation samples streamed from {data.description}"
+    indices = tflm_subset(total, tflm_samples, seed)
+    if indices is None:
+        return StreamedInputs(data, model), None, None, described, None
+    xs, ys, position = [], [], 0
+    for x, y in data.batches():
+        rows = indices[(indices >= position) & (indices < position + len(x))] - position
+        xs.append(x[rows])
+        ys.append(None if y is None else y[rows])
+        position += len(x)
+    samples = np.concatenate(xs)
+    labels = None if ys[0] is None else np.concatenate(ys)
+    described, subset = _subset_record(len(indices), total, described, seed)
+    return micro_inputs(model, samples)[0], labels, samples, described, subset
 
 
 def micro_inputs(model: TfliteModel, samples: np.ndarray | None, seed: int = 0,
@@ -212,12 +273,15 @@ def micro_inputs(model: TfliteModel, samples: np.ndarray | None, seed: int = 0,
     return inputs, f"{num_random} random inputs (seed {seed}); no evaluation data given"
 
 
-def build_micro_export(flatbuffer: TfliteSource, inputs: np.ndarray, samples: str, *, name: str,
+def build_micro_export(flatbuffer: TfliteSource, inputs: np.ndarray | StreamedInputs, samples: str, *, name: str,
                        labels: list[str] | None = None, compress: bool = False,
                        source: str = "the model", eval_labels: np.ndarray | None = None,
                        float_accuracy: float | None = None,
                        max_accuracy_drop: float | None = None, subset: dict | None = None) -> MicroExport:
     """Checks the model in TFLM and renders the firmware files (nothing is written here).
+
+    `inputs` are the check's inputs in the model's input dtype, or a `StreamedInputs` run batch by batch (its
+    labels, where the source has them, are `eval_labels`).
 
     Every output is compared with LiteRT's reference kernels in its own quantized steps; top-1 agreement
     is gated on classifier outputs (`tflm_check.classifier_outputs`: a SOFTMAX's, and the first output where
@@ -238,10 +302,21 @@ def build_micro_export(flatbuffer: TfliteSource, inputs: np.ndarray, samples: st
     micro.check_micro_compatible(model, source)
     _check_single_input(model, source)
     labels = _check_labels(labels, model)
-    arena = micro.measure_arena(model, inputs[:1])
-    classifiers = tflm_check.classifier_outputs(model, labelled=eval_labels is not None or labels is not None)
-    # Run with the reported arena, in worker processes on every core while LiteRT runs here.
-    tflm_outputs, comparison = micro.check_against_litert(model, inputs, arena.arena_bytes, samples, classifiers)
+    streamed = isinstance(inputs, StreamedInputs)
+    streamed_labels: list[np.ndarray] = []
+    chunks = inputs.chunks(streamed_labels) if streamed else iter([inputs])
+    first = next(chunks)
+    one_input = first[:1].copy()
+    arena = micro.measure_arena(model, one_input)
+    classifiers = tflm_check.classifier_outputs(model, labelled=eval_labels is not None or labels is not None or (
+        streamed and inputs.labelled))
+    # Run with the reported arena, in worker processes on every core while LiteRT runs here; a streamed source
+    # batch by batch.
+    tflm_outputs, comparison = micro.check_against_litert(model, itertools.chain([first], chunks),
+                                                          arena.arena_bytes, samples, classifiers)
+    del first
+    if streamed_labels:
+        eval_labels = np.concatenate(streamed_labels)
     failures = list(comparison.failures)
     tflm_accuracy = None
     if eval_labels is not None:  # class labels of the first output
@@ -262,8 +337,9 @@ def build_micro_export(flatbuffer: TfliteSource, inputs: np.ndarray, samples: st
         lut = micro.lut_compress(model)
         shipped = lut.flatbuffer
         shipped_model = read_tflite(shipped)
-        arena_before, arena = arena, micro.measure_arena(shipped_model, inputs[:1])
-        exact = micro.compare_tflm_exact(shipped_model, inputs, arena.arena_bytes, tflm_outputs, samples)
+        arena_before, arena = arena, micro.measure_arena(shipped_model, one_input)
+        exact = micro.compare_tflm_exact(shipped_model, inputs.chunks() if streamed else inputs, arena.arena_bytes,
+                                         tflm_outputs, samples)
         if not exact.passed:
             raise VerificationError(exact.failures)
         compression = {
@@ -357,15 +433,18 @@ def run_export(config: ExportConfig) -> ExportResult:
 
 def _export(config: ExportConfig, model: TfliteModel, name: str, note: str | None, labels: list[str] | None,
             output_dir: str) -> ExportResult:
-    samples = sample_labels = None
     if config.eval_data is not None:
         shape = (None, *model.tensors[model.inputs[0]].shape[1:])
-        samples, sample_labels = datasets.load_labelled_data(
+        data = datasets.open_eval_data(
             config.eval_data, shape, key=config.eval_key, labels_key=config.eval_labels_key,
-            scale=config.input_scale, offset=config.input_offset, limit=config.num_eval_samples)
-    inputs, described = micro_inputs(model, samples, config.seed)
-    inputs, sample_labels, described, subset = take_tflm_subset(inputs, sample_labels, described,
-                                                                config.tflm_samples, config.seed)
+            scale=config.input_scale, offset=config.input_offset, limit=config.num_eval_samples,
+            spec=config.data_spec)
+        inputs, sample_labels, _, described, subset = tflm_check_inputs(model, data, config.tflm_samples,
+                                                                        config.seed)
+    else:
+        inputs, described = micro_inputs(model, None, config.seed)
+        inputs, sample_labels, described, subset = take_tflm_subset(inputs, None, described,
+                                                                    config.tflm_samples, config.seed)
     export = build_micro_export(model, inputs, described, name=name, labels=labels,
                                 compress=config.compress, source=config.tflite, eval_labels=sample_labels,
                                 subset=subset)

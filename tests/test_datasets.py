@@ -19,7 +19,8 @@ from tfcompress.runs.optimize import run_optimize
 from tfcompress.runs.optimize_config import OptimizeConfig
 from tfcompress.runs.pipeline import ConvertPipelineConfig, run_convert
 from tfcompress.runs.sensitivity_run import SensitivityConfig, run_sensitivity
-from tfcompress.targets.export import ExportConfig, run_export
+from tfcompress.targets import micro
+from tfcompress.targets.export import ExportConfig, micro_inputs, run_export
 
 SHAPE = (None, 28, 28, 1)
 NUM = 200
@@ -164,7 +165,7 @@ def test_sensitivity_reads_only_the_validation_range(sources, keras_file, tmp_pa
         assert json.load(f)["validation_samples"] == NUM // 10
 
 
-def test_tflm_check_streams_its_inputs(sources, keras_file, tmp_path):
+def test_tflm_check_streams_its_inputs(sources, mnist, keras_file, tmp_path):
     """convert --target micro and export take streamed evaluation data: a subset drawn in one pass, or every sample
     run in TFLM batch by batch, with the numbers the .npz gives."""
     common = dict(keras_model=keras_file, input_scale=SCALE, latency_runs=0, num_calibration_samples=100,
@@ -188,6 +189,14 @@ def test_tflm_check_streams_its_inputs(sources, keras_file, tmp_path):
                                        input_scale=SCALE))
     assert exported.manifest["tflm_accuracy"]["tflm_accuracy"] == b["tflm_accuracy"]["tflm_accuracy"]
     assert exported.manifest["tflm_check"]["top1_agreement"] == b["tflm_check"]["top1_agreement"]
+    # Chunks of inputs give the one array's outputs and comparison, in the check and in the exact comparison.
+    model = read_tflite(npz.model_path)
+    inputs, _ = micro_inputs(model, mnist[0][..., None].astype(np.float32) * np.float32(SCALE))
+    arena = b["arena"]["arena_bytes"]
+    whole = micro.check_against_litert(model, inputs, arena, "200 images", workers=1)
+    chunked = micro.check_against_litert(model, iter([inputs[:64], inputs[64:]]), arena, "200 images", workers=1)
+    assert chunked[1] == whole[1] and all(np.array_equal(a, b) for a, b in zip(chunked[0], whole[0]))
+    assert micro.compare_tflm_exact(model, iter([inputs[:64], inputs[64:]]), arena, whole[0], "200 images").passed
 
 
 @pytest.fixture(scope="module")
@@ -256,3 +265,32 @@ def test_streamed_training_needs_one_output_of_class_scores(bad, tmp_path):
                                                    r"output of class scores: pass an \.npz"):
         run_optimize(OptimizeConfig(output_dir=str(tmp_path / "out"), keras_model=str(tmp_path / "one_unit.keras"),
                                     train_data=str(bad / "d.tfrecord"), prune=True))
+
+
+def test_configs_take_a_tf_data_dataset(sources, mnist, keras_file, tmp_path):
+    """The API passes tf.data.Datasets straight to the run configs: the run streams them like any source, and
+    recipe.yaml and report.json record `<tf.data.Dataset>` where a path would be (a dataset cannot be replayed)."""
+    x, y = mnist
+    common = dict(keras_model=keras_file, input_scale=SCALE, latency_runs=0, num_calibration_samples=100)
+    from_files = run_convert(ConvertPipelineConfig(output_dir=str(tmp_path / "files"), **common,
+                                                   calibration_data=str(sources / "png.tfrecord"),
+                                                   eval_data=str(sources / "png.tfrecord")))
+    from_api = run_convert(ConvertPipelineConfig(
+        output_dir=str(tmp_path / "api"), **common,
+        calibration_data=tf.data.Dataset.from_tensor_slices(x[..., None]),  # inputs alone
+        eval_data=tf.data.Dataset.from_tensor_slices((x[..., None], y)).batch(50)))  # (input, label), batched
+    assert from_api.tflite.data == from_files.tflite.data  # the same records, the same reservoir, the same bytes
+    assert from_api.verification.accuracy == from_files.verification.accuracy
+    assert from_api.report["config"]["eval_data"] == "<tf.data.Dataset>"
+    recipe = (tmp_path / "api" / "recipe.yaml").read_text()
+    assert "data.calibration_data, data.eval_data was a tf.data.Dataset given in the API" in recipe
+    assert "calibration_data: <tf.data.Dataset>" in recipe
+    result = run_optimize(OptimizeConfig(
+        output_dir=str(tmp_path / "optimize"), keras_model=keras_file, prune=True, final_sparsity=0.5,
+        prune_epochs=1, batch_size=32, num_calibration_samples=100, input_scale=SCALE, latency_runs=0,
+        train_data=tf.data.Dataset.from_tensor_slices((x[..., None], y)),
+        calibration_data=tf.data.Dataset.from_tensor_slices(x[..., None])))
+    prune = next(stage for stage in result.stages if stage["stage"] == "prune")
+    assert prune["sparsity"] == pytest.approx(0.5, abs=0.02) and prune["validation_accuracy"] >= 0.7
+    with open(result.report_path) as f:
+        assert json.load(f)["config"]["train_data"] == "<tf.data.Dataset>"

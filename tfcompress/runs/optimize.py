@@ -232,7 +232,7 @@ def _optimize(config: OptimizeConfig, inputs: _Inputs, output_dir: str,
     stages = [*state["completed"], convert_stage]
     keras3_model = _hand_back_keras3(inputs, state, output_dir)
     report_path = os.path.join(output_dir, "report.json")
-    write_json(report_path, {"schema_version": REPORT_SCHEMA_VERSION, "config": dataclasses.asdict(config),
+    write_json(report_path, {"schema_version": REPORT_SCHEMA_VERSION, "config": recipe_format.plain_config(config),
                              "distribution": distribution.describe(config.batch_size),
                              "input_model": inputs.input_model(), "keras3_model": keras3_model,
                              "resumed_after": resumed_after, "loss": inputs.describe_loss(), "shipped": shipped,

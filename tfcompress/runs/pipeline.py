@@ -61,7 +61,10 @@ def check_target(target: str | None, mode: str) -> None:
 class ConvertPipelineConfig:
     """Everything one conversion run needs. Field names equal the command-line flags.
 
-    Accuracies and accuracy drops are fractions in [0, 1].
+    Accuracies and accuracy drops are fractions in [0, 1]. From the API, `calibration_data` may also be a
+    `tf.data.Dataset` of inputs (or `(input, label)` pairs) and `eval_data` one of `(input, label)` pairs (inputs
+    alone with `eval_labels_key=""`): streamed like a TFRecord file, and recorded as `<tf.data.Dataset>` in
+    `recipe.yaml` and `report.json` (`recipe_format.DATASET`).
     """
 
     output_dir: str
@@ -439,7 +442,7 @@ def _report(config, convert_config, parsed: TfliteModel, result, samples, timing
         "tool": f"tfcompress {__version__}",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "verified": result.passed,
-        "config": dataclasses.asdict(config) | {"io_dtype": convert_config.io_dtype},
+        "config": recipe_format.plain_config(config) | {"io_dtype": convert_config.io_dtype},
         "model": {
             "file": MODEL_FILENAME if result.passed else None,
             "bytes": parsed.num_bytes,

@@ -260,11 +260,41 @@ def test_streamed_training_needs_one_output_of_class_scores(bad, tmp_path):
     from tfcompress.core._keras import keras
 
     keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(1)]).save(
-        tmp_path / "one_unit.keras")
+        tmp_path / "one_unit.keras")  # one logit, not a sigmoid: which loss it wants is not known
     with pytest.raises(CalibrationDataError, match=r"d\.tfrecord is streamed with class labels .* that are not one "
-                                                   r"output of class scores: pass an \.npz"):
+                                                   r"output of class scores \(or one sigmoid unit for two classes\): "
+                                                   r"pass an \.npz"):
         run_optimize(OptimizeConfig(output_dir=str(tmp_path / "out"), keras_model=str(tmp_path / "one_unit.keras"),
                                     train_data=str(bad / "d.tfrecord"), prune=True))
+    inputs = keras.Input((28, 28, 1))
+    flat = keras.layers.Flatten()(inputs)
+    keras.Model(inputs, [keras.layers.Dense(10, name="a")(flat), keras.layers.Dense(2, name="b")(flat)]).save(
+        tmp_path / "two_outputs.keras")
+    with pytest.raises(CalibrationDataError, match=r"the model has 2 output\(s\) \(a, b\) that are not one output"):
+        run_optimize(OptimizeConfig(output_dir=str(tmp_path / "out2"), keras_model=str(tmp_path / "two_outputs.keras"),
+                                    train_data=str(bad / "d.tfrecord"), prune=True))
+
+
+def test_streamed_training_takes_a_sigmoid_binary_classifier(tmp_path):
+    """One sigmoid unit and a two-class tree (MNIST zeros and ones): binary cross-entropy on the folder indices."""
+    from tfcompress.core._keras import keras
+
+    with np.load(MNIST) as d:
+        keep = np.isin(d["y_train"], (0, 1))
+        x, y = d["x_train"][keep][:400], d["y_train"][keep][:400]
+    datasets.write_image_tree(x, y, tmp_path / "tree", class_names=["zero", "one"])
+    keras.utils.set_random_seed(0)
+    keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.Flatten(),
+                      keras.layers.Dense(1, activation="sigmoid")]).save(tmp_path / "binary.keras")
+    result = run_optimize(OptimizeConfig(
+        output_dir=str(tmp_path / "out"), keras_model=str(tmp_path / "binary.keras"), train_data=str(tmp_path / "tree"),
+        prune=True, final_sparsity=0.5, prune_epochs=2, batch_size=32, input_scale=SCALE, latency_runs=0,
+        calibration_data=str(tmp_path / "tree"), num_calibration_samples=100))
+    prune = next(stage for stage in result.stages if stage["stage"] == "prune")
+    assert prune["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert prune["validation_accuracy"] >= 0.9  # 40 validation images of two classes
+    model = read_tflite(result.model_path)
+    assert model.tensors[model.outputs[0]].shape[-1] == 1
 
 
 def test_configs_take_a_tf_data_dataset(sources, mnist, keras_file, tmp_path):

@@ -53,7 +53,7 @@ from tfcompress.runs import candidates, recipe_format
 from tfcompress.runs.pipeline import MICRO_DIRNAME, ConvertPipelineConfig, run_convert
 from tfcompress.training.prune import PruningCallback, prune, strip
 from tfcompress.runs.optimize_config import OptimizeConfig
-from tfcompress.training.losses import TrainingLoss, training_loss, training_targets
+from tfcompress.training.losses import TrainingLoss, output_activation, training_loss, training_targets
 from tfcompress.training.lowbit import max_distinct
 from tfcompress.training.quantize import low_bit_layers, quantize_aware
 from tfcompress.training.channel_graph import model_macs
@@ -869,14 +869,15 @@ def _load_streamed(config: OptimizeConfig, model):
     range is read into memory; `fit` streams the training range again each epoch (`_Inputs.fit_data`).
     """
     shape, names = tuple(model.inputs[0].shape), list(model.output_names)
-    if len(names) != 1 or int(model.outputs[0].shape[-1] or 0) < 2:
+    units = int(model.outputs[0].shape[-1] or 0) if len(names) == 1 else 0
+    binary = units == 1 and (output_activation(model) == "sigmoid" or config.loss == "binary_crossentropy")
+    if units < 2 and not binary:
         raise CalibrationDataError(
             f"{config.train_data} is streamed with class labels (folder names or the spec's label feature), and the "
-            f"model has {len(names)} output(s) ({', '.join(names)}) that are not one output of class scores: pass "
-            "an .npz with one labels array per output."
+            f"model has {len(names)} output(s) ({', '.join(names)}) that are not one output of class scores (or one "
+            "sigmoid unit for two classes): pass an .npz with one labels array per output."
         )
-    common = dict(labelled=True, what="Training data", spec=config.data_spec,
-                  num_classes=int(model.outputs[0].shape[-1]))
+    common = dict(labelled=True, what="Training data", spec=config.data_spec, num_classes=max(2, units))
     source = datasets.open_source(config.train_data, shape, scale=config.input_scale, offset=config.input_offset,
                                   **common)
     total = source.count()

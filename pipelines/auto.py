@@ -36,6 +36,8 @@ _NUM_VALIDATION = flags.DEFINE_integer("num_validation_samples", 2000, "Validati
 _EVAL = flags.DEFINE_string("eval_data", None, "Labelled test .npz: the chosen model's final numbers only.")
 _EVAL_KEY = flags.DEFINE_string("eval_key", "x_test", "Samples array inside --eval_data.")
 _EVAL_LABELS_KEY = flags.DEFINE_string("eval_labels_key", "y_test", "Labels array inside --eval_data.")
+_DATA_SPEC = flags.DEFINE_string("data_spec", None, "TFRecord sources: the features holding the input and the "
+                                 "label, image=KEY,label=KEY (default image=image,label=label).")
 _SCALE = flags.DEFINE_float("input_scale", 1.0, "Model input = raw * input_scale + input_offset.")
 _OFFSET = flags.DEFINE_float("input_offset", 0.0, "See --input_scale.")
 _MAX_DROP = flags.DEFINE_float("max_accuracy_drop", 0.01, "Largest validation accuracy drop against the float "
@@ -64,6 +66,7 @@ def main(argv: list[str]) -> None:
         train_labels_key=_TRAIN_LABELS_KEY.value, validation_fraction=_VALIDATION.value,
         num_validation_samples=_NUM_VALIDATION.value, eval_data=_EVAL.value, eval_key=_EVAL_KEY.value,
         eval_labels_key=_EVAL_LABELS_KEY.value, input_scale=_SCALE.value, input_offset=_OFFSET.value,
+        data_spec=_DATA_SPEC.value,
         max_accuracy_drop=_MAX_DROP.value, max_flash_bytes=_FLASH.value, max_arena_bytes=_ARENA.value,
         max_latency_ms=_LATENCY.value, target=_TARGET.value, max_minutes=_MINUTES.value, epochs=_EPOCHS.value,
         batch_size=_BATCH.value, learning_rate=_LR.value, seed=_SEED.value, latency_runs=_LATENCY_RUNS.value,

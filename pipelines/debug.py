@@ -29,6 +29,8 @@ _CALIBRATION = flags.DEFINE_string("calibration_data", None, "Representative sam
                                    "of PNG/JPEG images, drawn from the training split (see "
                                    "calibration_data/README.md). They calibrate and measure.")
 _CALIBRATION_KEY = flags.DEFINE_string("calibration_key", None, "Array name inside a calibration .npz.")
+_DATA_SPEC = flags.DEFINE_string("data_spec", None, "TFRecord sources: the feature holding the input, image=KEY "
+                                 "(default image=image).")
 _SCALE = flags.DEFINE_float("input_scale", 1.0, "Preprocessing of calibration samples: "
                             "model input = raw * input_scale + input_offset.")
 _OFFSET = flags.DEFINE_float("input_offset", 0.0, "See --input_scale.")
@@ -55,6 +57,7 @@ def main(argv: list[str]) -> None:
         seed=_SEED.value,
         output_dir=_OUTPUT.value,
         overwrite=_OVERWRITE.value,
+        data_spec=_DATA_SPEC.value,
     )
     result = debug.run_debug(config)
     if _JSON.value:

@@ -31,8 +31,11 @@ _OUTPUT = flags.DEFINE_string("output_dir", None, "Where the firmware files go."
 _NAME = flags.DEFINE_string("name", None, "C identifier for the model array and file names "
                             "(default: the .tflite file name, sanitised).")
 _LABELS = flags.DEFINE_string("labels", None, "Text file with one class label per line, for the manifest.")
-_EVAL = flags.DEFINE_string("eval_data", None, "Labelled .npz whose samples are run through TFLM and "
-                            "LiteRT (default: seeded random inputs).")
+_EVAL = flags.DEFINE_string("eval_data", None, "Labelled .npz, class-per-folder image tree or TFRecord "
+                            "file(s) whose samples are run through TFLM and LiteRT (default: seeded random inputs); "
+                            "a tree or TFRecords is streamed.")
+_DATA_SPEC = flags.DEFINE_string("data_spec", None, "TFRecord sources: the features holding the input and the "
+                                 "label, image=KEY,label=KEY (default image=image,label=label).")
 _EVAL_KEY = flags.DEFINE_string("eval_key", "x_test", "Samples array inside --eval_data.")
 _EVAL_LABELS_KEY = flags.DEFINE_string("eval_labels_key", "y_test", "Labels array inside --eval_data.")
 _NUM_EVAL = flags.DEFINE_integer("num_eval_samples", None, "Check only the first N samples.", lower_bound=1)
@@ -66,7 +69,7 @@ def main(argv: list[str]) -> None:
     config = export.ExportConfig(
         tflite=_TFLITE.value, output_dir=_OUTPUT.value, target=_TARGET.value, name=_NAME.value,
         labels=_LABELS.value, eval_data=_EVAL.value, eval_key=_EVAL_KEY.value,
-        eval_labels_key=_EVAL_LABELS_KEY.value, num_eval_samples=_NUM_EVAL.value,
+        eval_labels_key=_EVAL_LABELS_KEY.value, num_eval_samples=_NUM_EVAL.value, data_spec=_DATA_SPEC.value,
         input_scale=_SCALE.value, input_offset=_OFFSET.value, compress=_COMPRESS.value, vela=_VELA.value,
         seed=_SEED.value, overwrite=_OVERWRITE.value, saved_model_dir=_MODEL.value, keras_model=_KERAS_MODEL.value,
         trust_model=_TRUST_MODEL.value, max_accuracy_drop=_MAX_DROP.value, min_top1_agreement=_MIN_TOP1.value,

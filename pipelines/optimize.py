@@ -42,7 +42,8 @@ _TRAIN_LABELS_KEY = flags.DEFINE_string("train_labels_key", "y_train", "Labels a
                                         "model with several outputs one per output, comma-separated in the "
                                         "model's output order (y_digit,y_parity).")
 _VALIDATION = flags.DEFINE_float("validation_fraction", 0.1, "Share of --train_data held out for validation.")
-_EVAL = flags.DEFINE_string("eval_data", None, "Labelled evaluation .npz (a test split: measured only).")
+_EVAL = flags.DEFINE_string("eval_data", None, "Labelled evaluation .npz, class-per-folder image tree or TFRecord "
+                            "file(s) (a test split: measured only; a tree or TFRecords is streamed batch by batch).")
 _EVAL_KEY = flags.DEFINE_string("eval_key", "x_test", "Samples array inside --eval_data.")
 _EVAL_LABELS_KEY = flags.DEFINE_string("eval_labels_key", "y_test", "Labels array inside --eval_data.")
 _EVAL_OUTPUT = flags.DEFINE_string("eval_output", None, "The output --eval_labels_key labels, when the model has "

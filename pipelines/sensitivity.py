@@ -25,11 +25,15 @@ _KERAS_MODEL = flags.DEFINE_string("keras_model", None, "A .keras or .h5 model, 
                                    "--saved_model_dir).")
 _TRUST_MODEL = flags.DEFINE_bool("trust_model", False, "Load a model file even if it holds code (Lambda layers, "
                                   "unregistered custom layers): only for files you trust.")
-_TRAIN = flags.DEFINE_string("train_data", None, "Training .npz; the validation split is cut from its end.",
+_TRAIN = flags.DEFINE_string("train_data", None, "Training .npz, class-per-folder image tree or TFRecord "
+                             "file(s); the validation split is cut from its end (only that range is read from a tree "
+                             "or TFRecords).",
                              required=True)
 _TRAIN_KEY = flags.DEFINE_string("train_key", "x_train", "Samples array inside --train_data.")
 _TRAIN_LABELS_KEY = flags.DEFINE_string("train_labels_key", "y_train", "Labels array inside --train_data (class "
                                         "indices, or regression targets; an autoencoder: the --train_key itself).")
+_DATA_SPEC = flags.DEFINE_string("data_spec", None, "TFRecord sources: the features holding the input and the "
+                                 "label, image=KEY,label=KEY (default image=image,label=label).")
 _VALIDATION = flags.DEFINE_float("validation_fraction", 0.1, "Share of --train_data held out for validation.")
 _EVAL_OUTPUT = flags.DEFINE_string("eval_output", None, "The output measured, for a model with several "
                                    "(default: the first); --train_labels_key labels it.")
@@ -62,7 +66,7 @@ def main(argv: list[str]) -> None:
     run = sensitivity_run.run_sensitivity(sensitivity_run.SensitivityConfig(
         output_dir=_OUTPUT.value, train_data=_TRAIN.value, saved_model_dir=_MODEL.value,
         keras_model=_KERAS_MODEL.value, trust_model=_TRUST_MODEL.value, train_key=_TRAIN_KEY.value,
-        train_labels_key=_TRAIN_LABELS_KEY.value, validation_fraction=_VALIDATION.value,
+        train_labels_key=_TRAIN_LABELS_KEY.value, data_spec=_DATA_SPEC.value, validation_fraction=_VALIDATION.value,
         eval_output=_EVAL_OUTPUT.value, input_scale=_SCALE.value, input_offset=_OFFSET.value,
         ratios=_floats(_RATIOS.value), kinds=tuple(_KINDS.value), channel_criterion=_CRITERION.value,
         channel_multiple=_CHANNEL_MULTIPLE.value,

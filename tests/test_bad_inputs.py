@@ -148,9 +148,6 @@ CASES = {
         ("TFRecord spec names a missing key", ["--keras_model={root}/tiny.keras", *CAL,
                                                "--eval_data={root}/eval.tfrecord", "--data_spec=image=pixels"],
          "eval.tfrecord has no feature 'pixels' (the image key of the data spec); its features are image, label"),
-        ("streamed evaluation with the micro target", ["--keras_model={root}/tiny.keras", *CAL, "--target=micro",
-                                                       "--eval_data={root}/eval.tfrecord"],
-         "eval.tfrecord is streamed: pass an .npz of the evaluation samples (or a part of them) for --target"),
         ("data spec not KEY=VALUE", ["--keras_model={root}/tiny.keras", *CAL, "--data_spec=pixels"],
          "data_spec names the TFRecord features as image=KEY,label=KEY"),
         ("unknown mode", ["--keras_model={root}/tiny.keras", *CAL, "--mode=int3"], "--mode"),
@@ -212,6 +209,10 @@ CASES = {
          "cluster_resolver='slurm' describes a cluster of workers; it needs strategy='multi_worker'"),
         ("unknown strategy", ["--keras_model={root}/tiny.keras", "--train_data={root}/train.npz", "--prune",
                               "--strategy=tpu"], "--strategy"),
+        ("evaluation TFRecord spec names a missing key", ["--keras_model={root}/tiny.keras", "--prune",
+                                                          "--train_data={root}/train.npz", "--data_spec=label=digit",
+                                                          "--eval_data={root}/eval.tfrecord"],
+         "eval.tfrecord has no feature 'digit' (the label key of the data spec)"),
     ],
     "auto": [
         ("no model", ["--train_data={root}/train.npz"], "Give exactly one model"),
@@ -228,6 +229,9 @@ CASES = {
          "latency_runs must be at least 1"),
         ("Lambda layer", ["--keras_model={root}/lambda.h5", "--train_data={root}/train.npz"],
          "Lambda layer(s) 'double'"),
+        ("TFRecord spec names a missing key", ["--keras_model={root}/tiny.keras", "--train_data={root}/eval.tfrecord",
+                                               "--data_spec=label=digit"],
+         "eval.tfrecord has no feature 'digit' (the label key of the data spec)"),
     ],
     "run": [
         ("unknown key", ["{root}/unknown_key.json"], "stages[0].prune: unknown key 'final_sparsty' (did you mean "
@@ -253,6 +257,11 @@ CASES = {
                                     "--target_macs=0.01"], "The budget cannot be reached by removing channels"),
         ("Lambda layer", ["--keras_model={root}/lambda.h5", "--train_data={root}/train.npz"],
          "Lambda layer(s) 'double'"),
+        ("TFRecord spec names a missing key", ["--keras_model={root}/tiny.keras", "--train_data={root}/eval.tfrecord",
+                                               "--data_spec=image=pixels"],
+         "eval.tfrecord has no feature 'pixels' (the image key of the data spec); its features are image, label"),
+        ("data spec not KEY=VALUE", ["--keras_model={root}/tiny.keras", "--train_data={root}/eval.tfrecord",
+                                     "--data_spec=pixels"], "data_spec names the TFRecord features as image=KEY"),
     ],
     "export": [
         ("missing .tflite", ["--tflite={root}/absent.tflite"], "not found"),
@@ -269,6 +278,11 @@ CASES = {
         ("no TFLM samples", ["--tflite={root}/float.tflite", "--tflm_samples=0"],
          "a whole number of at least 1, or 'all'. Received: tflm_samples='0'"),
         ("negative TFLM samples", ["--tflite={root}/float.tflite", "--tflm_samples=-5"], "Received: tflm_samples='-5'"),
+        ("TFRecord spec names a missing key", ["--tflite={root}/float.tflite", "--eval_data={root}/eval.tfrecord",
+                                               "--data_spec=label=digit"],
+         "eval.tfrecord has no feature 'digit' (the label key of the data spec)"),
+        ("data spec not KEY=VALUE", ["--tflite={root}/float.tflite", "--data_spec=a=b"],
+         "data_spec names the TFRecord features as image=KEY"),
     ],
     "inspect": [
         ("missing .tflite", ["--tflite={root}/absent.tflite"], "not found"),
@@ -278,6 +292,9 @@ CASES = {
     "debug": [
         ("no calibration data", ["--keras_model={root}/tiny.keras"], "--calibration_data"),
         ("Lambda layer", ["--keras_model={root}/lambda.h5", *CAL], "Lambda layer(s) 'double'"),
+        ("TFRecord spec names a missing key", ["--keras_model={root}/tiny.keras", "--data_spec=image=pixels",
+                                               "--calibration_data={root}/eval.tfrecord"],
+         "eval.tfrecord has no feature 'pixels' (the image key of the data spec)"),
     ],
 }
 

@@ -4,6 +4,8 @@ source is one line naming the file."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import MNIST, SCALE
@@ -16,6 +18,9 @@ from tfcompress.core.tflite_model import read_tflite
 from tfcompress.runs.optimize import run_optimize
 from tfcompress.runs.optimize_config import OptimizeConfig
 from tfcompress.runs.pipeline import ConvertPipelineConfig, run_convert
+from tfcompress.runs.sensitivity_run import SensitivityConfig, run_sensitivity
+from tfcompress.targets import micro
+from tfcompress.targets.export import ExportConfig, micro_inputs, run_export
 
 SHAPE = (None, 28, 28, 1)
 NUM = 200
@@ -119,10 +124,79 @@ def test_optimize_streams_its_training_data(sources, keras_file, tmp_path):
     result = run_optimize(OptimizeConfig(
         output_dir=str(tmp_path / "out"), keras_model=keras_file, train_data=str(sources / "png.tfrecord"), prune=True,
         final_sparsity=0.5, prune_epochs=1, batch_size=32, calibration_data=str(sources / "tree"),
-        num_calibration_samples=100, input_scale=SCALE, latency_runs=0))
+        num_calibration_samples=100, input_scale=SCALE, latency_runs=0, eval_data=str(sources / "tree")))
     prune = next(stage for stage in result.stages if stage["stage"] == "prune")
     assert prune["sparsity"] == pytest.approx(0.5, abs=0.02)
     assert prune["validation_accuracy"] >= 0.7  # 40 validation images (the records' last index range), 160 trained on
+    # The evaluation tree is scored batch by batch at every stage, and the final conversion streams it too.
+    assert prune["eval_accuracy"] >= 0.7
+    convert = next(stage for stage in result.stages if stage["stage"] == "convert")
+    assert convert["eval_accuracy"] >= 0.7
+
+
+def test_evaluation_data_streams_or_sits_in_memory(sources, mnist):
+    x, y = mnist
+    in_memory = datasets.open_eval_data(sources / "eval.npz", SHAPE, key="x_test", labels_key="y_test", scale=SCALE)
+    streamed = datasets.open_eval_data(sources / "raw.tfrecord", SHAPE, key="x_test", labels_key="y_test",
+                                       scale=SCALE, spec="image=pixels,label=digit", limit=150)
+    assert in_memory.source is None and streamed.source is not None and streamed.labelled
+
+    def predict(batch):
+        return [batch.reshape(len(batch), -1).sum(axis=1), batch[:, 0, 0, 0]]
+
+    (sums, corners), labels = streamed.collect(predict, batch_size=64)
+    (all_sums, _), all_labels = in_memory.collect(predict)
+    np.testing.assert_allclose(sums, all_sums[:150], rtol=1e-6)
+    np.testing.assert_array_equal(labels, y[:150])
+    assert corners.shape == (150,) and len(all_labels) == NUM
+    assert [len(b) for b, _ in streamed.batches(64)] == [64, 64, 22]
+
+
+def test_sensitivity_reads_only_the_validation_range(sources, keras_file, tmp_path):
+    common = dict(keras_model=keras_file, input_scale=SCALE, train_key="x_test", train_labels_key="y_test",
+                  ratios=(0.5,), kinds=("channel",))
+    npz = run_sensitivity(SensitivityConfig(output_dir=str(tmp_path / "npz"), train_data=str(sources / "eval.npz"),
+                                            **common))
+    records = run_sensitivity(SensitivityConfig(output_dir=str(tmp_path / "records"), data_spec="image=pixels,"
+                                                "label=digit", train_data=str(sources / "raw.tfrecord"), **common))
+    # The records hold the .npz's samples in its order: the same validation range, the same curves.
+    assert records.result.to_json() == npz.result.to_json()
+    with open(records.json_path) as f:
+        assert json.load(f)["validation_samples"] == NUM // 10
+
+
+def test_tflm_check_streams_its_inputs(sources, mnist, keras_file, tmp_path):
+    """convert --target micro and export take streamed evaluation data: a subset drawn in one pass, or every sample
+    run in TFLM batch by batch, with the numbers the .npz gives."""
+    common = dict(keras_model=keras_file, input_scale=SCALE, latency_runs=0, num_calibration_samples=100,
+                  calibration_data=str(sources / "tree"), target="micro")
+    npz = run_convert(ConvertPipelineConfig(output_dir=str(tmp_path / "npz"), eval_data=str(sources / "eval.npz"),
+                                            tflm_samples=None, **common))
+    every = run_convert(ConvertPipelineConfig(output_dir=str(tmp_path / "every"), tflm_samples=None,
+                                              eval_data=str(sources / "png.tfrecord"), **common))
+    assert every.tflite.data == npz.tflite.data
+    a, b = every.report["micro"], npz.report["micro"]
+    assert a["tflm_accuracy"] == b["tflm_accuracy"] and a["tflm_accuracy"]["num_samples"] == NUM
+    for key in ("max_step_difference", "top1_agreement"):
+        assert a["tflm_check"][key] == b["tflm_check"][key]
+    subset = run_convert(ConvertPipelineConfig(output_dir=str(tmp_path / "subset"), tflm_samples=50,
+                                               eval_data=str(sources / "tree"), **common))
+    assert subset.report["micro"]["tflm_subset"]["num_samples"] == 50
+    assert subset.report["micro"]["tflm_subset"]["of"] == NUM
+    assert subset.report["micro"]["tflm_accuracy"]["num_samples"] == 50
+    exported = run_export(ExportConfig(tflite=npz.model_path, output_dir=str(tmp_path / "export"), tflm_samples=None,
+                                       eval_data=str(sources / "raw.tfrecord"), data_spec="image=pixels,label=digit",
+                                       input_scale=SCALE))
+    assert exported.manifest["tflm_accuracy"]["tflm_accuracy"] == b["tflm_accuracy"]["tflm_accuracy"]
+    assert exported.manifest["tflm_check"]["top1_agreement"] == b["tflm_check"]["top1_agreement"]
+    # Chunks of inputs give the one array's outputs and comparison, in the check and in the exact comparison.
+    model = read_tflite(npz.model_path)
+    inputs, _ = micro_inputs(model, mnist[0][..., None].astype(np.float32) * np.float32(SCALE))
+    arena = b["arena"]["arena_bytes"]
+    whole = micro.check_against_litert(model, inputs, arena, "200 images", workers=1)
+    chunked = micro.check_against_litert(model, iter([inputs[:64], inputs[64:]]), arena, "200 images", workers=1)
+    assert chunked[1] == whole[1] and all(np.array_equal(a, b) for a, b in zip(chunked[0], whole[0]))
+    assert micro.compare_tflm_exact(model, iter([inputs[:64], inputs[64:]]), arena, whole[0], "200 images").passed
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +260,67 @@ def test_streamed_training_needs_one_output_of_class_scores(bad, tmp_path):
     from tfcompress.core._keras import keras
 
     keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(1)]).save(
-        tmp_path / "one_unit.keras")
+        tmp_path / "one_unit.keras")  # one logit, not a sigmoid: which loss it wants is not known
     with pytest.raises(CalibrationDataError, match=r"d\.tfrecord is streamed with class labels .* that are not one "
-                                                   r"output of class scores: pass an \.npz"):
+                                                   r"output of class scores \(or one sigmoid unit for two classes\): "
+                                                   r"pass an \.npz"):
         run_optimize(OptimizeConfig(output_dir=str(tmp_path / "out"), keras_model=str(tmp_path / "one_unit.keras"),
                                     train_data=str(bad / "d.tfrecord"), prune=True))
+    inputs = keras.Input((28, 28, 1))
+    flat = keras.layers.Flatten()(inputs)
+    keras.Model(inputs, [keras.layers.Dense(10, name="a")(flat), keras.layers.Dense(2, name="b")(flat)]).save(
+        tmp_path / "two_outputs.keras")
+    with pytest.raises(CalibrationDataError, match=r"the model has 2 output\(s\) \(a, b\) that are not one output"):
+        run_optimize(OptimizeConfig(output_dir=str(tmp_path / "out2"), keras_model=str(tmp_path / "two_outputs.keras"),
+                                    train_data=str(bad / "d.tfrecord"), prune=True))
+
+
+def test_streamed_training_takes_a_sigmoid_binary_classifier(tmp_path):
+    """One sigmoid unit and a two-class tree (MNIST zeros and ones): binary cross-entropy on the folder indices."""
+    from tfcompress.core._keras import keras
+
+    with np.load(MNIST) as d:
+        keep = np.isin(d["y_train"], (0, 1))
+        x, y = d["x_train"][keep][:400], d["y_train"][keep][:400]
+    datasets.write_image_tree(x, y, tmp_path / "tree", class_names=["zero", "one"])
+    keras.utils.set_random_seed(0)
+    keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.Flatten(),
+                      keras.layers.Dense(1, activation="sigmoid")]).save(tmp_path / "binary.keras")
+    result = run_optimize(OptimizeConfig(
+        output_dir=str(tmp_path / "out"), keras_model=str(tmp_path / "binary.keras"), train_data=str(tmp_path / "tree"),
+        prune=True, final_sparsity=0.5, prune_epochs=2, batch_size=32, input_scale=SCALE, latency_runs=0,
+        calibration_data=str(tmp_path / "tree"), num_calibration_samples=100))
+    prune = next(stage for stage in result.stages if stage["stage"] == "prune")
+    assert prune["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert prune["validation_accuracy"] >= 0.9  # 40 validation images of two classes
+    model = read_tflite(result.model_path)
+    assert model.tensors[model.outputs[0]].shape[-1] == 1
+
+
+def test_configs_take_a_tf_data_dataset(sources, mnist, keras_file, tmp_path):
+    """The API passes tf.data.Datasets straight to the run configs: the run streams them like any source, and
+    recipe.yaml and report.json record `<tf.data.Dataset>` where a path would be (a dataset cannot be replayed)."""
+    x, y = mnist
+    common = dict(keras_model=keras_file, input_scale=SCALE, latency_runs=0, num_calibration_samples=100)
+    from_files = run_convert(ConvertPipelineConfig(output_dir=str(tmp_path / "files"), **common,
+                                                   calibration_data=str(sources / "png.tfrecord"),
+                                                   eval_data=str(sources / "png.tfrecord")))
+    from_api = run_convert(ConvertPipelineConfig(
+        output_dir=str(tmp_path / "api"), **common,
+        calibration_data=tf.data.Dataset.from_tensor_slices(x[..., None]),  # inputs alone
+        eval_data=tf.data.Dataset.from_tensor_slices((x[..., None], y)).batch(50)))  # (input, label), batched
+    assert from_api.tflite.data == from_files.tflite.data  # the same records, the same reservoir, the same bytes
+    assert from_api.verification.accuracy == from_files.verification.accuracy
+    assert from_api.report["config"]["eval_data"] == "<tf.data.Dataset>"
+    recipe = (tmp_path / "api" / "recipe.yaml").read_text()
+    assert "data.calibration_data, data.eval_data was a tf.data.Dataset given in the API" in recipe
+    assert "calibration_data: <tf.data.Dataset>" in recipe
+    result = run_optimize(OptimizeConfig(
+        output_dir=str(tmp_path / "optimize"), keras_model=keras_file, prune=True, final_sparsity=0.5,
+        prune_epochs=1, batch_size=32, num_calibration_samples=100, input_scale=SCALE, latency_runs=0,
+        train_data=tf.data.Dataset.from_tensor_slices((x[..., None], y)),
+        calibration_data=tf.data.Dataset.from_tensor_slices(x[..., None])))
+    prune = next(stage for stage in result.stages if stage["stage"] == "prune")
+    assert prune["sparsity"] == pytest.approx(0.5, abs=0.02) and prune["validation_accuracy"] >= 0.7
+    with open(result.report_path) as f:
+        assert json.load(f)["config"]["train_data"] == "<tf.data.Dataset>"

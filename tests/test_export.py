@@ -20,6 +20,7 @@ from conftest import CALIBRATION, ROOT, SCALE
 from tfcompress.targets import export
 from tfcompress.targets import arena_probe, micro
 from tfcompress.conversion.convert import ConvertConfig, convert
+from tfcompress.conversion.datasets import write_tfrecords
 from tfcompress.core._keras import keras
 from tfcompress.core.errors import InputError, MicroTargetError, ModelLoadError, VerificationError
 from tfcompress.core.model_io import load_model
@@ -220,6 +221,18 @@ def test_compress_shrinks_flash_and_decodes_exactly_in_tflm(trained_model, calib
     assert c["arena_bytes_after"] > c["arena_bytes_before"]
     assert "AddDecode" in result.manifest["resolver"]["methods"]
     assert read_tflite(str(tmp_path / "out" / "shared.tflite")).op_counts()["CUSTOM"] == len(c["tensors"])
+    # The same 50 samples streamed from TFRecords, every one run batch by batch: the same checks and tables.
+    with np.load(eval_npz) as d:
+        write_tfrecords(d["x_test"][:50], d["y_test"][:50], tmp_path / "eval.tfrecord")
+    streamed = export.run_export(export.ExportConfig(
+        tflite=str(path), output_dir=str(tmp_path / "streamed"), eval_data=str(tmp_path / "eval.tfrecord"),
+        input_scale=SCALE, compress=True, tflm_samples=None))
+    s = streamed.manifest
+    assert s["compression"]["tflm_exact_check"]["max_step_difference"] == 0
+    assert s["compression"]["flash_bytes_after"] == c["flash_bytes_after"]
+    assert s["tflm_accuracy"] == result.manifest["tflm_accuracy"] and s["tflm_accuracy"]["num_samples"] == 50
+    for key in ("max_step_difference", "top1_agreement"):
+        assert s["tflm_check"][key] == result.manifest["tflm_check"][key]
 
 
 def test_compress_follows_per_tensor_quantization(trained_model, mnist_subset, tmp_path):

@@ -283,9 +283,12 @@ class DebugConfig:
     seed: int = 0
     output_dir: str | None = None
     overwrite: bool = False
+    # The TFRecord features that hold the input ("image=KEY,label=KEY"; datasets.parse_data_spec)
+    data_spec: str | None = None
 
     def __post_init__(self):
         model_source(self.saved_model_dir, self.keras_model)
+        datasets.parse_data_spec(self.data_spec)
         if self.calibration_data is None:
             raise ValueError(
                 "The debugger calibrates and measures on representative samples; pass --calibration_data "
@@ -318,7 +321,7 @@ def run_debug(config: DebugConfig) -> QuantizationDebugResult:
         samples = datasets.load_calibration_data(
             config.calibration_data, model.input_shape, key=config.calibration_key,
             num_samples=config.num_calibration_samples, seed=config.seed,
-            scale=config.input_scale, offset=config.input_offset,
+            scale=config.input_scale, offset=config.input_offset, spec=config.data_spec,
         ).samples
         result = debug_quantization(model, samples)
     except (InputError, ConversionError, ValueError):

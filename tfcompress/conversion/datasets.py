@@ -11,9 +11,10 @@ sources from arrays (the tests and `benchmark_data` do).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -224,3 +225,66 @@ def load_labelled_data(path, input_shape: Sequence[int | None], *, key: str, lab
     source = open_source(path, input_shape, labelled=bool(labels_key), what=what, spec=spec, scale=scale,
                          offset=offset, num_classes=num_classes)
     return source.arrays(0, limit)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalData:
+    """Labelled (or unlabelled) evaluation samples, held in memory or streamed: the one way every stage that
+    scores a model on evaluation data reads it, in bounded batches.
+
+    Either `x` (and `y`) arrays, or a streamed `source` read up to `stop` samples.
+    """
+
+    x: np.ndarray | None = None
+    y: np.ndarray | None = None
+    source: Source | None = None
+    stop: int | None = None
+
+    @property
+    def description(self) -> str:
+        return self.source.description if self.source is not None else f"{len(self.x)} samples in memory"
+
+    @property
+    def labelled(self) -> bool:
+        return self.source.labelled if self.source is not None else self.y is not None
+
+    def batches(self, batch_size: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """`(samples, labels or None)` batches; a streamed source's are checked as they arrive."""
+        if self.source is not None:
+            yield from self.source.batches(batch_size, stop=self.stop)
+            return
+        batch_size = batch_size or MAX_BATCH
+        for start in range(0, len(self.x), batch_size):
+            yield self.x[start:start + batch_size], None if self.y is None else self.y[start:start + batch_size]
+
+    def collect(self, predict: Callable[[np.ndarray], Sequence[np.ndarray]],
+                batch_size: int | None = None) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """`predict` run batch by batch: every output it returns concatenated, and the labels; the inputs are
+        never held together."""
+        if self.source is None:
+            return list(predict(self.x)), self.y
+        parts, labels = [], []
+        for x, y in self.batches(batch_size):
+            parts.append(list(predict(x)))
+            if y is not None:
+                labels.append(y)
+        if not parts:
+            raise CalibrationDataError(f"{self.source.what} {self.source.description} holds no samples. Expected at "
+                                       "least one; pass the data.")
+        return ([np.concatenate(column) for column in zip(*parts)], np.concatenate(labels) if labels else None)
+
+
+def open_eval_data(path, input_shape: Sequence[int | None], *, key: str, labels_key: str | None,
+                   scale: float = 1.0, offset: float = 0.0, limit: int | None = None,
+                   what: str = "Evaluation data", key_flags: str = "--eval_key / --eval_labels_key",
+                   class_indices: bool = True, spec: DataSpec | str | None = None,
+                   num_classes: int | None = None) -> EvalData:
+    """`load_labelled_data`'s data as an `EvalData`: arrays and flat folders loaded as before, a streamed source
+    (a tree, TFRecords, a `tf.data.Dataset`) opened and checked now but read batch by batch later."""
+    if not is_streamed(path, labelled=bool(labels_key)):
+        x, y = load_labelled_data(path, input_shape, key=key, labels_key=labels_key, scale=scale, offset=offset,
+                                  limit=limit, what=what, key_flags=key_flags, class_indices=class_indices)
+        return EvalData(x, y)
+    calibration._check_count(limit, "limit", allow_none=True)
+    return EvalData(source=open_source(path, input_shape, labelled=bool(labels_key), what=what, spec=spec,
+                                       scale=scale, offset=offset, num_classes=num_classes), stop=limit)

@@ -271,6 +271,13 @@ class TfRecords(Source):
 
         return dataset.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
 
+    def count(self) -> int:
+        """The records, counted without parsing or decoding them."""
+        if self._count is None:
+            records = tf.data.TFRecordDataset(self.files)
+            self._count = int(records.reduce(np.int64(0), lambda n, _: n + 1).numpy())
+        return self._count
+
     def _diagnose(self, start, stop, error):
         detail = _one_line(error)
         if self.encoded and "Key:" not in detail and "DataLoss" not in type(error).__name__:

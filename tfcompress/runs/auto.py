@@ -149,7 +149,8 @@ class _Search:
         result = run_optimize(OptimizeConfig(
             **common, train_data=config.train_data, train_key=config.train_key,
             train_labels_key=config.train_labels_key, validation_fraction=config.validation_fraction,
-            seed=config.seed, batch_size=config.batch_size, learning_rate=config.learning_rate, **settings))
+            seed=config.seed, batch_size=config.batch_size, learning_rate=config.learning_rate,
+            data_spec=config.data_spec, **settings))
         return result.model_path
 
     def _measure(self, model_path: str, path: str, compress: bool) -> dict:
@@ -385,7 +386,7 @@ def _test_numbers(config: AutoConfig, model, chosen: dict) -> dict:
         return {}
     x, y = datasets.load_labelled_data(config.eval_data, tuple(model.inputs[0].shape), key=config.eval_key,
                                           labels_key=config.eval_labels_key, scale=config.input_scale,
-                                          offset=config.input_offset)
+                                          offset=config.input_offset, spec=config.data_spec)
     float_accuracy = float(np.mean(model.predict(x, verbose=0, batch_size=256).argmax(-1) == y))
     accuracy = float(np.mean(run_tflite(chosen["model"], x).argmax(-1) == y))
     return {"test_accuracy": accuracy, "float_test_accuracy": float_accuracy, "test_samples": len(x)}
@@ -402,12 +403,12 @@ def _load_training_data(config: AutoConfig, model):
     x, y = datasets.load_labelled_data(config.train_data, tuple(model.inputs[0].shape), key=config.train_key,
                                        labels_key=config.train_labels_key, scale=config.input_scale,
                                        offset=config.input_offset, what="Training data",
-                                       key_flags="--train_key / --train_labels_key")
+                                       key_flags="--train_key / --train_labels_key", spec=config.data_spec)
     # The attempts read .npz copies: a streamed source's samples as decoded, unscaled.
     if datasets.is_streamed(config.train_data, labelled=True):
         raw_x, raw_y = datasets.load_labelled_data(config.train_data, tuple(model.inputs[0].shape),
                                                    key=config.train_key, labels_key=config.train_labels_key,
-                                                   what="Training data")
+                                                   what="Training data", spec=config.data_spec)
         return x, y, raw_x, raw_y, len(x) - max(1, int(round(len(x) * config.validation_fraction)))
     with np.load(config.train_data, allow_pickle=False) as archive:
         raw_x, raw_y = archive[config.train_key], archive[config.train_labels_key]

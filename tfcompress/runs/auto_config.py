@@ -11,6 +11,7 @@ import hashlib
 import json
 import numbers
 
+from tfcompress.conversion.datasets import parse_data_spec
 from tfcompress.core.model_io import model_source
 
 
@@ -34,6 +35,8 @@ class AutoConfig:
     eval_labels_key: str = "y_test"
     input_scale: float = 1.0
     input_offset: float = 0.0
+    data_spec: str | None = None
+    """The TFRecord features that hold the input and the label ("image=KEY,label=KEY"; datasets.parse_data_spec)"""
     max_accuracy_drop: float = 0.01
     max_flash_bytes: int | None = None
     max_arena_bytes: int | None = None
@@ -50,6 +53,7 @@ class AutoConfig:
 
     def __post_init__(self):
         model_source(self.saved_model_dir, self.keras_model)
+        parse_data_spec(self.data_spec)
         if _not_real(self.max_accuracy_drop) or not 0.0 <= self.max_accuracy_drop <= 1.0:
             raise ValueError("max_accuracy_drop is a fraction in [0, 1] (0.005 is half a percentage point). "
                              f"Received: max_accuracy_drop={self.max_accuracy_drop}")
@@ -94,6 +98,8 @@ class AutoConfig:
         for name in ("output_dir", "overwrite", "trust_model", "max_minutes", "eval_data", "eval_key",
                      "eval_labels_key"):
             values.pop(name)
+        if self.data_spec is None:  # the default: searches made before --data_spec existed still resume
+            values.pop("data_spec")
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tfcompress.conversion import calibration
+from tfcompress.conversion import calibration, datasets
 from tfcompress.conversion.convert import ConvertConfig
 from tfcompress.conversion import fidelity
 from tfcompress.conversion.verify import run_tflite_all
@@ -85,14 +85,13 @@ class Choice:
 class Splits:
     """The samples the candidates are scored on; `split` is where validation starts in the training data.
 
-    `y_val` holds one labels array per model output (`heads`, in the float model's output order); `y_eval`
-    labels the output `eval_output` (the only one, for a single-output model).
+    `y_val` holds one labels array per model output (`heads`, in the float model's output order); `evaluation`
+    labels the output `eval_output` (the only one, for a single-output model), in memory or streamed.
     """
 
     x_val: np.ndarray
     y_val: tuple[np.ndarray, ...]
-    x_eval: np.ndarray | None
-    y_eval: np.ndarray | None
+    evaluation: datasets.EvalData | None
     split: int
     heads: tuple[Head, ...]
     eval_output: str | None = None
@@ -252,11 +251,12 @@ def _converted(candidate: Candidate, config: OptimizeConfig, directory: str, spl
     validation = score_outputs(_outputs(converted.tflite, splits.x_val, splits.heads), splits.y_val, splits.heads,
                                splits.eval_output)
     evaluation = Scores(None, None)
-    if splits.x_eval is not None:
-        outputs = _outputs(converted.tflite, splits.x_eval, splits.heads)
+    if splits.evaluation is not None:
         names = [head.name for head in splits.heads]
         position = names.index(splits.eval_output) if splits.eval_output in names else 0
-        evaluation = score_one(outputs[position], splits.y_eval, splits.heads[position])
+        outputs, labels = splits.evaluation.collect(
+            lambda x: _outputs(converted.tflite, x, splits.heads)[position : position + 1])
+        evaluation = score_one(outputs[0], labels, splits.heads[position])
     return dataclasses.replace(
         candidate, **common, validation_accuracy=validation.accuracy, validation_mse=validation.mse,
         validation_by_output=validation.by_output, eval_accuracy=evaluation.accuracy, eval_mse=evaluation.mse)

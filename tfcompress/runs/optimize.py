@@ -53,7 +53,7 @@ from tfcompress.runs import candidates, recipe_format
 from tfcompress.runs.pipeline import MICRO_DIRNAME, ConvertPipelineConfig, run_convert
 from tfcompress.training.prune import PruningCallback, prune, strip
 from tfcompress.runs.optimize_config import OptimizeConfig
-from tfcompress.training.losses import TrainingLoss, training_loss, training_targets
+from tfcompress.training.losses import TrainingLoss, output_activation, training_loss, training_targets
 from tfcompress.training.lowbit import max_distinct
 from tfcompress.training.quantize import low_bit_layers, quantize_aware
 from tfcompress.training.channel_graph import model_macs
@@ -91,8 +91,9 @@ class _Inputs:
     y_train: tuple[np.ndarray, ...]  # one labels array per output, in the model's output order
     x_val: np.ndarray
     y_val: tuple[np.ndarray, ...]
-    x_eval: np.ndarray | None
-    y_eval: np.ndarray | None  # labels of the output `config.eval_output` (the only one, for one output)
+    # The evaluation data, labels of the output `config.eval_output` (the only one, for one output): in memory or
+    # streamed batch by batch (`datasets.EvalData`)
+    evaluation: datasets.EvalData | None
     float_model: keras.Model
     teacher: keras.Model | None
     factorized: FactorizeResult | None
@@ -231,7 +232,7 @@ def _optimize(config: OptimizeConfig, inputs: _Inputs, output_dir: str,
     stages = [*state["completed"], convert_stage]
     keras3_model = _hand_back_keras3(inputs, state, output_dir)
     report_path = os.path.join(output_dir, "report.json")
-    write_json(report_path, {"schema_version": REPORT_SCHEMA_VERSION, "config": dataclasses.asdict(config),
+    write_json(report_path, {"schema_version": REPORT_SCHEMA_VERSION, "config": recipe_format.plain_config(config),
                              "distribution": distribution.describe(config.batch_size),
                              "input_model": inputs.input_model(), "keras3_model": keras3_model,
                              "resumed_after": resumed_after, "loss": inputs.describe_loss(), "shipped": shipped,
@@ -266,7 +267,7 @@ def _choose_candidate(state: dict, stages_dir: str, inputs: _Inputs) -> candidat
     completed = state["completed"]
     if completed[-1]["stage"] != "qat" or inputs.config.mode == "float32":  # float32 quantizes nothing
         return None
-    splits = candidates.Splits(inputs.x_val, inputs.y_val, inputs.x_eval, inputs.y_eval,
+    splits = candidates.Splits(inputs.x_val, inputs.y_val, inputs.evaluation,
                                split=inputs.num_train, heads=inputs.heads, eval_output=inputs.config.eval_output,
                                calibration_raw=None if inputs.stream is None else inputs.stream.calibration_raw)
     return candidates.choose(inputs.config, stages_dir, before_qat=completed[-2]["artefact"],
@@ -833,18 +834,30 @@ def _load_data(config: OptimizeConfig, model):
         ys.append(y)
         regression.append(is_regression)
     split = len(x) - max(1, int(round(len(x) * config.validation_fraction)))
-    x_eval = y_eval = None
-    if config.eval_data is not None and config.eval_labels_key:
-        position = names.index(config.eval_output) if config.eval_output is not None else 0
-        x_eval, raw_eval = calibration.load_labelled_data(
+    return (x[:split], tuple(y[:split] for y in ys), x[split:], tuple(y[split:] for y in ys),
+            _load_eval(config, model), tuple(regression), None)
+
+
+def _load_eval(config: OptimizeConfig, model) -> datasets.EvalData | None:
+    """The evaluation data (labels of `--eval_output`): an .npz in memory, a streamed source (tree, TFRecords,
+    tf.data) read batch by batch whenever a stage is scored."""
+    if config.eval_data is None or not config.eval_labels_key:
+        return None
+    shape, names = tuple(model.inputs[0].shape), list(model.output_names)
+    position = names.index(config.eval_output) if config.eval_output is not None else 0
+    if datasets.is_streamed(config.eval_data, labelled=True):  # class indices of one output of class scores
+        return datasets.open_eval_data(
             config.eval_data, shape, key=config.eval_key, labels_key=config.eval_labels_key,
-            scale=config.input_scale, offset=config.input_offset, class_indices=False)
-        if config.eval_labels_key == config.eval_key:
-            raw_eval = x_eval
-        y_eval, _ = training_targets(raw_eval, model, f"{config.eval_data} (key '{config.eval_labels_key}')",
-                                     output=position)
-    return (x[:split], tuple(y[:split] for y in ys), x[split:], tuple(y[split:] for y in ys), x_eval, y_eval,
-            tuple(regression), None)
+            scale=config.input_scale, offset=config.input_offset, spec=config.data_spec,
+            num_classes=max(2, int(model.outputs[position].shape[-1] or 0)))
+    x_eval, raw_eval = calibration.load_labelled_data(
+        config.eval_data, shape, key=config.eval_key, labels_key=config.eval_labels_key,
+        scale=config.input_scale, offset=config.input_offset, class_indices=False)
+    if config.eval_labels_key == config.eval_key:
+        raw_eval = x_eval
+    y_eval, _ = training_targets(raw_eval, model, f"{config.eval_data} (key '{config.eval_labels_key}')",
+                                 output=position)
+    return datasets.EvalData(x_eval, y_eval)
 
 
 # Training-range samples a streamed source keeps in memory, for the stages that need inputs there (BatchNorm
@@ -859,14 +872,15 @@ def _load_streamed(config: OptimizeConfig, model):
     range is read into memory; `fit` streams the training range again each epoch (`_Inputs.fit_data`).
     """
     shape, names = tuple(model.inputs[0].shape), list(model.output_names)
-    if len(names) != 1 or int(model.outputs[0].shape[-1] or 0) < 2:
+    units = int(model.outputs[0].shape[-1] or 0) if len(names) == 1 else 0
+    binary = units == 1 and (output_activation(model) == "sigmoid" or config.loss == "binary_crossentropy")
+    if units < 2 and not binary:
         raise CalibrationDataError(
             f"{config.train_data} is streamed with class labels (folder names or the spec's label feature), and the "
-            f"model has {len(names)} output(s) ({', '.join(names)}) that are not one output of class scores: pass "
-            "an .npz with one labels array per output."
+            f"model has {len(names)} output(s) ({', '.join(names)}) that are not one output of class scores (or one "
+            "sigmoid unit for two classes): pass an .npz with one labels array per output."
         )
-    common = dict(labelled=True, what="Training data", spec=config.data_spec,
-                  num_classes=int(model.outputs[0].shape[-1]))
+    common = dict(labelled=True, what="Training data", spec=config.data_spec, num_classes=max(2, units))
     source = datasets.open_source(config.train_data, shape, scale=config.input_scale, offset=config.input_offset,
                                   **common)
     total = source.count()
@@ -876,13 +890,7 @@ def _load_streamed(config: OptimizeConfig, model):
                                                   config.seed, stop=split)
     x_train = calibration.preprocess(drawn, config.input_scale, config.input_offset, source=source.description)
     x_val, y_val = source.arrays(split, total)
-    x_eval = y_eval = None
-    if config.eval_data is not None and config.eval_labels_key:
-        x_eval, y_eval = datasets.load_labelled_data(
-            config.eval_data, shape, key=config.eval_key, labels_key=config.eval_labels_key,
-            scale=config.input_scale, offset=config.input_offset, spec=config.data_spec,
-            num_classes=common["num_classes"])
-    return (x_train, (y_drawn,), x_val, (y_val,), x_eval, y_eval, (False,),
+    return (x_train, (y_drawn,), x_val, (y_val,), _load_eval(config, model), (False,),
             _Stream(source, split, total, drawn[: config.num_calibration_samples]))
 
 
@@ -903,11 +911,11 @@ def _stage_scores(model, inputs: _Inputs) -> dict:
     validation = candidates.score_outputs(_predicted(model, inputs.x_val), inputs.y_val, inputs.heads,
                                           inputs.config.eval_output)
     evaluation = candidates.Scores(None, None)
-    if inputs.x_eval is not None:
+    if inputs.evaluation is not None:
         names = [head.name for head in inputs.heads]
         position = names.index(inputs.config.eval_output) if inputs.config.eval_output in names else 0
-        evaluation = candidates.score_one(_predicted(model, inputs.x_eval)[position], inputs.y_eval,
-                                          inputs.heads[position])
+        outputs, labels = inputs.evaluation.collect(lambda x: _predicted(model, x)[position : position + 1])
+        evaluation = candidates.score_one(outputs[0], labels, inputs.heads[position])
     scores = {"validation_accuracy": validation.accuracy, "eval_accuracy": evaluation.accuracy}
     if inputs.regression:
         scores |= {"validation_mse": validation.mse, "eval_mse": evaluation.mse}

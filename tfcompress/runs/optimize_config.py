@@ -17,6 +17,7 @@ from tfcompress.conversion.datasets import parse_data_spec
 from tfcompress.training.cluster import MAX_CLUSTERS, MIN_CLUSTERS
 from tfcompress.core.model_io import model_source
 from tfcompress.runs.pipeline import check_target
+from tfcompress.runs import recipe_format
 from tfcompress.targets.export import DEFAULT_TFLM_SAMPLES, check_tflm_samples
 from tfcompress.training.distribute import check_names
 from tfcompress.training.losses import LOSSES
@@ -30,7 +31,13 @@ QAT_WEIGHTS = ("int8", "int4", "int2", "ternary", "binary", "pow2")  # tfcompres
 
 @dataclasses.dataclass(frozen=True)
 class OptimizeConfig:
-    """Field names equal the flags; accuracies and sparsities are fractions in [0, 1]."""
+    """Field names equal the flags; accuracies and sparsities are fractions in [0, 1].
+
+    From the API, `train_data` and `eval_data` may also be a `tf.data.Dataset` of `(input, label)` pairs, and
+    `calibration_data` one of inputs: streamed like TFRecord files (`fit` reads the training range through
+    `tf.data`), and recorded as `<tf.data.Dataset>` in `recipe.yaml`, `report.json` and the resume fingerprint, so
+    a rerun in the same `output_dir` with another dataset resumes as if it were the same: pass `overwrite`.
+    """
 
     output_dir: str
     train_data: str
@@ -293,7 +300,7 @@ class OptimizeConfig:
         convert stage. So are the settings of stages that do not run (a `cluster_epochs` without `cluster`),
         which also keeps the fingerprints of runs made before those stages existed.
         """
-        values = dataclasses.asdict(self) | {"leave_float": sorted(self.leave_float),
+        values = recipe_format.plain_config(self) | {"leave_float": sorted(self.leave_float),
                                              "prune_exclude": sorted(self.prune_exclude),
                                              "factorize_layers": sorted(self.factorize_layers)}
         if self.loss == "auto":  # the default: fingerprints of runs made before --loss existed still match

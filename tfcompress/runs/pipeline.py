@@ -61,7 +61,10 @@ def check_target(target: str | None, mode: str) -> None:
 class ConvertPipelineConfig:
     """Everything one conversion run needs. Field names equal the command-line flags.
 
-    Accuracies and accuracy drops are fractions in [0, 1].
+    Accuracies and accuracy drops are fractions in [0, 1]. From the API, `calibration_data` may also be a
+    `tf.data.Dataset` of inputs (or `(input, label)` pairs) and `eval_data` one of `(input, label)` pairs (inputs
+    alone with `eval_labels_key=""`): streamed like a TFRecord file, and recorded as `<tf.data.Dataset>` in
+    `recipe.yaml` and `report.json` (`recipe_format.DATASET`).
     """
 
     output_dir: str
@@ -196,11 +199,12 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
             f"{convert_config.mode.value} mode needs calibration data for {config.model_source}: pass "
             "--calibration_data (an .npz, .npy or image folder drawn from the training split)."
         )
-    eval_x = eval_y = eval_batches = None
+    eval_x = eval_y = eval_batches = streamed = None
     samples_source = "evaluation data"
     if config.eval_data is not None and datasets.is_streamed(config.eval_data, labelled=bool(config.eval_labels_key)):
-        eval_batches = _eval_stream(config, model)
-        samples_source = f"evaluation data {config.eval_data}"
+        streamed = _eval_stream(config, model)
+        eval_batches = streamed.batches()
+        samples_source = f"evaluation data {_described(config.eval_data)}"
     elif config.eval_data is not None:
         eval_x, eval_y = calibration.load_eval_data(
             config.eval_data, model.input_shape, key=config.eval_key, labels_key=config.eval_labels_key,
@@ -254,7 +258,7 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
     if result.passed and config.target == "micro":
         start = time.perf_counter()
         try:
-            firmware = _micro_export(parsed, eval_x, eval_y, samples, result, config, model)
+            firmware = _micro_export(parsed, eval_x, eval_y, samples, result, config, model, streamed)
         except VerificationError as e:
             result = dataclasses.replace(result, checks=result.checks + tuple(
                 Check(f.split(":")[0], False, f.split(":", 1)[-1].strip()) for f in e.failures))
@@ -298,20 +302,18 @@ def _convert_and_write(config: ConvertPipelineConfig, convert_config: ConvertCon
     raise VerificationError(result.failures, result)
 
 
-def _eval_stream(config: ConvertPipelineConfig, model):
-    """Evaluation batches streamed from an image tree, TFRecords or a tf.data.Dataset: memory bounded by the batch.
+def _eval_stream(config: ConvertPipelineConfig, model) -> datasets.EvalData:
+    """Evaluation data streamed from an image tree, TFRecords or a tf.data.Dataset: memory bounded by the batch.
 
     The source is opened (and its spec checked) now, so that bad data fails before conversion.
     """
-    if config.target is not None:
-        raise CalibrationDataError(
-            f"--target {config.target} checks the model in TFLM on evaluation samples held in memory, and "
-            f"{config.eval_data} is streamed: pass an .npz of the evaluation samples (or a part of them) for "
-            "--target, or leave --target out."
-        )
-    source = datasets.open_source(config.eval_data, model.input_shape, labelled=bool(config.eval_labels_key),
-                                  spec=config.data_spec, scale=config.input_scale, offset=config.input_offset)
-    return source.batches(stop=config.num_eval_samples)
+    return datasets.open_eval_data(config.eval_data, model.input_shape, key=config.eval_key,
+                                   labels_key=config.eval_labels_key, scale=config.input_scale,
+                                   offset=config.input_offset, limit=config.num_eval_samples, spec=config.data_spec)
+
+
+def _described(data) -> str:
+    return "<tf.data.Dataset>" if not isinstance(data, (str, os.PathLike)) else str(data)
 
 
 def _float_reference(model, samples: np.ndarray) -> tuple[dict[str, np.ndarray], float]:
@@ -369,7 +371,8 @@ def _not_run(config: ConvertPipelineConfig, debugged: bool) -> list[str]:
 
 
 def _micro_export(parsed: TfliteModel, eval_x, eval_y, calibration_samples, result: VerificationResult,
-                  config: ConvertPipelineConfig, float_model) -> micro_export.MicroExport:
+                  config: ConvertPipelineConfig, float_model, streamed: datasets.EvalData | None = None
+                  ) -> micro_export.MicroExport:
     """Checks the verified model in TFLite Micro and renders its firmware files (written by the caller).
 
     The check runs on the evaluation samples; without them on the calibration samples, inputs like those
@@ -385,6 +388,8 @@ def _micro_export(parsed: TfliteModel, eval_x, eval_y, calibration_samples, resu
         parsed, "The converted model", error=MicroTargetError,
         fix=f"this tflite-micro build ({micro_export.tflm_version()}) cannot run it; the LiteRT model is verified: "
             "drop --target=micro, or check the model on the device's own TFLM build.")
+    if streamed is not None:
+        return _streamed_micro_export(parsed, streamed, result, config, float_model)
     if config.eval_data is None and calibration_samples is not None:
         inputs, described = micro_export.micro_inputs(parsed, calibration_samples, kind="calibration")
     elif config.eval_data is None and eval_x is not None:  # held-out calibration-source samples
@@ -410,13 +415,34 @@ def _micro_export(parsed: TfliteModel, eval_x, eval_y, calibration_samples, resu
         subset=subset)
 
 
+def _streamed_micro_export(parsed: TfliteModel, data: datasets.EvalData, result: VerificationResult,
+                           config: ConvertPipelineConfig, float_model) -> micro_export.MicroExport:
+    """`_micro_export` on streamed evaluation data: the `tflm_samples` subset gathered in one pass, or every
+    sample run in TFLM batch by batch (`export.tflm_check_inputs`); TFLM's accuracy gated like LiteRT's."""
+    inputs, classes, floats, described, subset = micro_export.tflm_check_inputs(parsed, data, config.tflm_samples,
+                                                                               config.seed)
+    accuracy = result.accuracy
+    gated = accuracy is not None and len(parsed.outputs) == 1 and data.labelled
+    float_accuracy = None if not gated else accuracy.float_accuracy
+    if gated and subset is not None:  # the float model measured again on the subset
+        float_accuracy = float(np.mean(fidelity.predicted_classes(float_model.predict(floats)) == classes))
+    elif not gated:
+        classes = None
+        if isinstance(inputs, micro_export.StreamedInputs):
+            inputs = dataclasses.replace(inputs, use_labels=False)
+    return micro_export.build_micro_export(
+        parsed, inputs, described, name="model", source=MODEL_FILENAME, eval_labels=classes,
+        float_accuracy=float_accuracy, max_accuracy_drop=config.max_accuracy_drop if gated else None,
+        subset=subset)
+
+
 def _report(config, convert_config, parsed: TfliteModel, result, samples, timings) -> dict:
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "tool": f"tfcompress {__version__}",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "verified": result.passed,
-        "config": dataclasses.asdict(config) | {"io_dtype": convert_config.io_dtype},
+        "config": recipe_format.plain_config(config) | {"io_dtype": convert_config.io_dtype},
         "model": {
             "file": MODEL_FILENAME if result.passed else None,
             "bytes": parsed.num_bytes,

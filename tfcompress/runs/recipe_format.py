@@ -97,12 +97,21 @@ def effective_recipe(command: str, config) -> dict:
 
 
 def write_effective_recipe(command: str, config, output_dir: str) -> str:
-    """Writes `effective_recipe` as `recipe.yaml` in `output_dir` (atomically); returns its path."""
+    """Writes `effective_recipe` as `recipe.yaml` in `output_dir` (atomically); returns its path.
+
+    A data field given as a `tf.data.Dataset` (the API only) is recorded as `DATASET`, and the header says which:
+    a dataset has no path to replay, so the recipe needs one put there before `tfcompress run` repeats the run.
+    """
     import yaml
 
     path = os.path.join(output_dir, RECIPE_FILENAME)
-    text = (f"# The effective recipe of this run (tfcompress {__version__}): `tfcompress run {RECIPE_FILENAME}` "
-            "repeats it.\n" + yaml.safe_dump(effective_recipe(command, config), sort_keys=False))
+    given = [f"data.{name}" for name in dataset_fields(config)]
+    header = (f"# The effective recipe of this run (tfcompress {__version__}): `tfcompress run {RECIPE_FILENAME}` "
+              "repeats it.\n")
+    if given:
+        header += (f"# {', '.join(given)} was a tf.data.Dataset given in the API, recorded as {DATASET}: put the "
+                   "path of the same data there (an .npz, image tree or TFRecords) to repeat the run.\n")
+    text = header + yaml.safe_dump(effective_recipe(command, config), sort_keys=False)
     write_atomic(path, text.encode())
     return path
 
@@ -119,8 +128,29 @@ def recorded(command: str, config, output_dir: str):
     write_effective_recipe(command, config, output_dir)
 
 
+# What a recipe, a report or a fingerprint records for data given as a `tf.data.Dataset` (it has no path).
+DATASET = "<tf.data.Dataset>"
+DATA_FIELDS = ("train_data", "calibration_data", "eval_data")
+
+
+def _is_dataset(value) -> bool:
+    return hasattr(value, "element_spec")  # a tf.data.Dataset, told apart without importing TensorFlow
+
+
+def dataset_fields(config) -> list[str]:
+    """The data fields of `config` given as a `tf.data.Dataset`."""
+    return [name for name in DATA_FIELDS if _is_dataset(getattr(config, name, None))]
+
+
+def plain_config(config) -> dict:
+    """`dataclasses.asdict(config)` for a report or fingerprint, a `tf.data.Dataset` recorded as `DATASET`."""
+    return dataclasses.asdict(dataclasses.replace(config, **{name: DATASET for name in dataset_fields(config)}))
+
+
 def _plain(name: str, value):
     """A config value as YAML/JSON holds it: tuples as lists, numpy scalars as Python, paths absolute."""
+    if _is_dataset(value):
+        return DATASET
     if isinstance(value, tuple):
         return [_plain(name, v) for v in value]
     if isinstance(value, np.generic):

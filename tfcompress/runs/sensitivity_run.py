@@ -36,6 +36,8 @@ class SensitivityConfig:
     trust_model: bool = False
     train_key: str = "x_train"
     train_labels_key: str = "y_train"
+    # The TFRecord features that hold the input and the label ("image=KEY,label=KEY"; datasets.parse_data_spec)
+    data_spec: str | None = None
     validation_fraction: float = 0.1
     eval_output: str | None = None
     input_scale: float = 1.0
@@ -50,6 +52,7 @@ class SensitivityConfig:
 
     def __post_init__(self):
         model_source(self.saved_model_dir, self.keras_model)
+        datasets.parse_data_spec(self.data_spec)
         if not 0.0 < self.validation_fraction < 1.0:
             raise ValueError("validation_fraction is the share of the training data held out, in (0, 1). "
                              f"Received: validation_fraction={self.validation_fraction}")
@@ -79,15 +82,8 @@ def run_sensitivity(config: SensitivityConfig) -> SensitivityRunResult:
         if config.eval_output is not None and config.eval_output not in names:
             raise ValueError(f"eval_output must name one of the model's outputs {names}. "
                              f"Received: eval_output={config.eval_output!r}")
-        x, raw = datasets.load_labelled_data(
-            config.train_data, tuple(model.inputs[0].shape), key=config.train_key,
-            labels_key=config.train_labels_key, scale=config.input_scale, offset=config.input_offset,
-            what="Training data", key_flags="--train_key / --train_labels_key", class_indices=False)
-        if config.train_labels_key == config.train_key:  # an autoencoder: its targets are its inputs
-            raw = x
-        y, _ = training_targets(raw, model, f"{config.train_data} (key '{config.train_labels_key}')", output=position)
-        split = len(x) - max(1, int(round(len(x) * config.validation_fraction)))
-        result = sens.sensitivity(model, x[split:], y[split:], ratios=config.ratios, kinds=config.kinds,
+        x_val, y_val = _validation_split(config, model, position)
+        result = sens.sensitivity(model, x_val, y_val, ratios=config.ratios, kinds=config.kinds,
                                   criterion=config.channel_criterion, output=names[position],
                                   channel_multiple=config.channel_multiple)
         solution = None
@@ -101,11 +97,33 @@ def run_sensitivity(config: SensitivityConfig) -> SensitivityRunResult:
     json_path = os.path.join(directory, JSON_FILENAME)
     with output_lock(directory, "tfcompress sensitivity"):
         write_json(json_path, result.to_json() | {"source": model_source(config.saved_model_dir, config.keras_model),
-                                                  "validation_samples": len(x) - split,
+                                                  "validation_samples": len(x_val),
                                                   "solution": None if solution is None else solution.to_json()})
         write_atomic(os.path.join(directory, MARKDOWN_FILENAME), render(result, solution).encode())
         write_atomic(os.path.join(directory, PLOT_FILENAME), result.plot())
     return SensitivityRunResult(result, solution, json_path)
+
+
+def _validation_split(config: SensitivityConfig, model, position: int):
+    """The validation split, cut from the end of the training data as optimize cuts it. A streamed source (tree,
+    TFRecords, tf.data) reads only that index range into memory; an .npz is loaded whole, as before."""
+    shape = tuple(model.inputs[0].shape)
+    if datasets.is_streamed(config.train_data, labelled=True):
+        source = datasets.open_source(config.train_data, shape, labelled=True, what="Training data",
+                                      spec=config.data_spec, scale=config.input_scale, offset=config.input_offset,
+                                      num_classes=max(2, int(model.outputs[position].shape[-1] or 0)))
+        total = source.count()
+        x, y = source.arrays(total - max(1, int(round(total * config.validation_fraction))), total)
+        return x, y
+    x, raw = datasets.load_labelled_data(
+        config.train_data, shape, key=config.train_key, labels_key=config.train_labels_key,
+        scale=config.input_scale, offset=config.input_offset, what="Training data",
+        key_flags="--train_key / --train_labels_key", class_indices=False)
+    if config.train_labels_key == config.train_key:  # an autoencoder: its targets are its inputs
+        raw = x
+    y, _ = training_targets(raw, model, f"{config.train_data} (key '{config.train_labels_key}')", output=position)
+    split = len(x) - max(1, int(round(len(x) * config.validation_fraction)))
+    return x[split:], y[split:]
 
 
 def render(result: sens.SensitivityResult, solution: sens.Solution | None) -> str:

@@ -10,6 +10,7 @@ One input, any number of outputs. Nothing is written unless every check passed, 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import keyword
 import os
 import re
@@ -24,14 +25,20 @@ from tfcompress.core.artefacts import output_lock, prepare_output_dir, remove_if
 from tfcompress.core import litert_probe
 from tfcompress.core.errors import InputError, MicroTargetError, ModelLoadError, VerificationError
 from tfcompress.core.tflite_model import Tensor, TfliteModel, TfliteSource, read_tflite
-from tfcompress.conversion.verify import quantize
+from tfcompress.targets.tflm_inputs import (  # noqa: F401  (re-exported: the export's public names)
+    DEFAULT_RANDOM_SAMPLES,
+    DEFAULT_TFLM_SAMPLES,
+    StreamedInputs,
+    check_tflm_samples,
+    micro_inputs,
+    parse_tflm_samples,
+    take_tflm_subset,
+    tflm_check_inputs,
+    tflm_subset,
+)
 
 MANIFEST_SCHEMA_VERSION = 1
 TARGETS = ("micro", "onnx")
-DEFAULT_RANDOM_SAMPLES = 200
-# The TFLM check's default sample count: 1,000 resolves top-1 agreement to 0.001 (one sample), the
-# resolution of its 0.999 gate; `tflm_samples=None` ("all" on the command line) checks every sample.
-DEFAULT_TFLM_SAMPLES = 1000
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # C and C++ keywords that Python's keyword list lacks; a model array may not be named after one.
 _CPP_KEYWORDS = frozenset(
@@ -66,6 +73,8 @@ class ExportConfig:
     eval_key: str = "x_test"
     eval_labels_key: str = "y_test"
     num_eval_samples: int | None = None
+    # The TFRecord features that hold the input and the label ("image=KEY,label=KEY"; datasets.parse_data_spec)
+    data_spec: str | None = None
     input_scale: float = 1.0
     input_offset: float = 0.0
     compress: bool = False
@@ -83,6 +92,7 @@ class ExportConfig:
     tflm_samples: int | None = DEFAULT_TFLM_SAMPLES  # None: every sample
 
     def __post_init__(self):
+        datasets.parse_data_spec(self.data_spec)
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}. Received: target={self.target!r}")
         if self.target == "onnx":
@@ -142,82 +152,15 @@ def _sanitise(text: str) -> str:
     return name
 
 
-def parse_tflm_samples(text: str) -> int | None:
-    """`--tflm_samples`: a count of at least 1, or "all" (None)."""
-    if text.strip().lower() == "all":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError("tflm_samples is how many samples the TFLM check runs: a whole number of at least 1, or "
-                         f"'all'. Received: tflm_samples={text!r}")
-    return value
-
-
-def check_tflm_samples(value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError("tflm_samples is how many samples the TFLM check runs: a whole number of at least 1, or "
-                         f"None (--tflm_samples=all) for every sample. Received: tflm_samples={value!r}")
-
-
-def tflm_subset(num_samples: int, tflm_samples: int | None, seed: int = 0) -> np.ndarray | None:
-    """The indices (sorted) of the samples the TFLM check runs: `tflm_samples` of `num_samples` drawn without
-    replacement with `seed`; None where that is every sample."""
-    check_tflm_samples(tflm_samples)
-    if tflm_samples is None or tflm_samples >= num_samples:
-        return None
-    return np.sort(np.random.default_rng(seed).choice(num_samples, size=tflm_samples, replace=False))
-
-
-def take_tflm_subset(inputs: np.ndarray, labels: np.ndarray | None, described: str, tflm_samples: int | None,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray | None, str, dict | None]:
-    """The check's inputs (and labels) cut to `tflm_subset`, the description saying so, and the subset's
-    record for the manifest (None where every sample runs)."""
-    indices = tflm_subset(len(inputs), tflm_samples, seed)
-    if indices is None:
-        return inputs, labels, described, None
-    resolution = 1.0 / len(indices)
-    subset = {"num_samples": int(len(indices)), "of": int(len(inputs)), "seed": seed,
-              "top1_agreement_resolution": resolution,
-              "how": "drawn without replacement with the seed, in index order; --tflm_samples=all runs every one"}
-    described = (f"{len(indices)} of {described}, drawn with seed {seed} (top-1 agreement resolution "
-                 f"{resolution:g})")
-    return inputs[indices], None if labels is None else np.asarray(labels)[indices], described, subset
-
-
-def micro_inputs(model: TfliteModel, samples: np.ndarray | None, seed: int = 0,
-                 num_random: int = DEFAULT_RANDOM_SAMPLES, kind: str = "evaluation") -> tuple[np.ndarray, str]:
-    """Inputs in the model's input dtype for the TFLM check, and how they were made.
-
-    `samples` are float model inputs (preprocessed; `kind` names them in the description), quantized with
-    the input tensor's parameters; without them, seeded uniform random inputs over the input dtype's range
-    are used.
-    """
-    (index,) = model.inputs
-    tensor = model.tensors[index]
-    dtype = np.dtype(tensor.dtype)
-    shape = tensor.shape[1:]
-    if samples is not None:
-        detail = {"dtype": dtype, "quantization": (tensor.scale[0] if tensor.scale else 0.0,
-                                                   tensor.zero_point[0] if tensor.zero_point else 0)}
-        return quantize(np.asarray(samples, np.float32), detail), f"{len(samples)} {kind} samples"
-    rng = np.random.default_rng(seed)
-    if dtype.kind == "f":
-        inputs = rng.uniform(0.0, 1.0, size=(num_random, *shape)).astype(dtype)
-    else:
-        info = np.iinfo(dtype)
-        inputs = rng.integers(info.min, info.max, size=(num_random, *shape), endpoint=True).astype(dtype)
-    return inputs, f"{num_random} random inputs (seed {seed}); no evaluation data given"
-
-
-def build_micro_export(flatbuffer: TfliteSource, inputs: np.ndarray, samples: str, *, name: str,
+def build_micro_export(flatbuffer: TfliteSource, inputs: np.ndarray | StreamedInputs, samples: str, *, name: str,
                        labels: list[str] | None = None, compress: bool = False,
                        source: str = "the model", eval_labels: np.ndarray | None = None,
                        float_accuracy: float | None = None,
                        max_accuracy_drop: float | None = None, subset: dict | None = None) -> MicroExport:
     """Checks the model in TFLM and renders the firmware files (nothing is written here).
+
+    `inputs` are the check's inputs in the model's input dtype, or a `StreamedInputs` run batch by batch (its
+    labels, where the source has them, are `eval_labels`).
 
     Every output is compared with LiteRT's reference kernels in its own quantized steps; top-1 agreement
     is gated on classifier outputs (`tflm_check.classifier_outputs`: a SOFTMAX's, and the first output where
@@ -238,10 +181,21 @@ def build_micro_export(flatbuffer: TfliteSource, inputs: np.ndarray, samples: st
     micro.check_micro_compatible(model, source)
     _check_single_input(model, source)
     labels = _check_labels(labels, model)
-    arena = micro.measure_arena(model, inputs[:1])
-    classifiers = tflm_check.classifier_outputs(model, labelled=eval_labels is not None or labels is not None)
-    # Run with the reported arena, in worker processes on every core while LiteRT runs here.
-    tflm_outputs, comparison = micro.check_against_litert(model, inputs, arena.arena_bytes, samples, classifiers)
+    streamed = isinstance(inputs, StreamedInputs)
+    streamed_labels: list[np.ndarray] = []
+    chunks = inputs.chunks(streamed_labels) if streamed else iter([inputs])
+    first = next(chunks)
+    one_input = first[:1].copy()
+    arena = micro.measure_arena(model, one_input)
+    classifiers = tflm_check.classifier_outputs(model, labelled=eval_labels is not None or labels is not None or (
+        streamed and inputs.labelled))
+    # Run with the reported arena, in worker processes on every core while LiteRT runs here; a streamed source
+    # batch by batch.
+    tflm_outputs, comparison = micro.check_against_litert(model, itertools.chain([first], chunks),
+                                                          arena.arena_bytes, samples, classifiers)
+    del first
+    if streamed_labels:
+        eval_labels = np.concatenate(streamed_labels)
     failures = list(comparison.failures)
     tflm_accuracy = None
     if eval_labels is not None:  # class labels of the first output
@@ -262,8 +216,9 @@ def build_micro_export(flatbuffer: TfliteSource, inputs: np.ndarray, samples: st
         lut = micro.lut_compress(model)
         shipped = lut.flatbuffer
         shipped_model = read_tflite(shipped)
-        arena_before, arena = arena, micro.measure_arena(shipped_model, inputs[:1])
-        exact = micro.compare_tflm_exact(shipped_model, inputs, arena.arena_bytes, tflm_outputs, samples)
+        arena_before, arena = arena, micro.measure_arena(shipped_model, one_input)
+        exact = micro.compare_tflm_exact(shipped_model, inputs.chunks() if streamed else inputs, arena.arena_bytes,
+                                         tflm_outputs, samples)
         if not exact.passed:
             raise VerificationError(exact.failures)
         compression = {
@@ -357,15 +312,18 @@ def run_export(config: ExportConfig) -> ExportResult:
 
 def _export(config: ExportConfig, model: TfliteModel, name: str, note: str | None, labels: list[str] | None,
             output_dir: str) -> ExportResult:
-    samples = sample_labels = None
     if config.eval_data is not None:
         shape = (None, *model.tensors[model.inputs[0]].shape[1:])
-        samples, sample_labels = datasets.load_labelled_data(
+        data = datasets.open_eval_data(
             config.eval_data, shape, key=config.eval_key, labels_key=config.eval_labels_key,
-            scale=config.input_scale, offset=config.input_offset, limit=config.num_eval_samples)
-    inputs, described = micro_inputs(model, samples, config.seed)
-    inputs, sample_labels, described, subset = take_tflm_subset(inputs, sample_labels, described,
-                                                                config.tflm_samples, config.seed)
+            scale=config.input_scale, offset=config.input_offset, limit=config.num_eval_samples,
+            spec=config.data_spec)
+        inputs, sample_labels, _, described, subset = tflm_check_inputs(model, data, config.tflm_samples,
+                                                                        config.seed)
+    else:
+        inputs, described = micro_inputs(model, None, config.seed)
+        inputs, sample_labels, described, subset = take_tflm_subset(inputs, None, described,
+                                                                    config.tflm_samples, config.seed)
     export = build_micro_export(model, inputs, described, name=name, labels=labels,
                                 compress=config.compress, source=config.tflite, eval_labels=sample_labels,
                                 subset=subset)

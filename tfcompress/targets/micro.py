@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -377,18 +377,37 @@ def run_tflm_alongside(flatbuffer: TfliteSource, inputs: np.ndarray, arena_bytes
     return outputs, other
 
 
-def check_against_litert(flatbuffer: TfliteSource, inputs: np.ndarray, arena_bytes: int, samples: str,
-                         classifiers: frozenset[int] | None = None, workers: int | None = None
+def check_against_litert(flatbuffer: TfliteSource, inputs: np.ndarray | Iterable[np.ndarray], arena_bytes: int,
+                         samples: str, classifiers: frozenset[int] | None = None, workers: int | None = None
                          ) -> tuple[tuple[np.ndarray, ...], LitertComparison]:
     """The TFLM check: TFLM's outputs (`run_tflm_alongside`) and their comparison with LiteRT's
     (`tflm_check.compare_with_litert`), LiteRT's runs made in this process while worker processes run TFLM.
 
+    `inputs` is one array, or chunks of inputs (a streamed source's batches, quantized): each chunk runs in both
+    runtimes as it arrives and only the outputs are kept, so memory holds one chunk of inputs.
+
     Returns:
-        TFLM's outputs and the comparison; both identical to a serial run's (`workers=1`).
+        TFLM's outputs and the comparison; both identical to a serial run's (`workers=1`) and to one chunk's.
     """
     model = read_tflite(flatbuffer)
-    outputs, litert = run_tflm_alongside(model, inputs, arena_bytes, lambda: litert_runs(model, inputs), workers)
-    return outputs, compare_with_litert(model, inputs, outputs, samples, classifiers, litert=litert)
+    tflm, reference, optimized = [], [], []
+    for chunk in [inputs] if isinstance(inputs, np.ndarray) else inputs:
+        outputs, (ref, opt) = run_tflm_alongside(model, chunk, arena_bytes,
+                                                 lambda chunk=chunk: litert_runs(model, chunk), workers)
+        tflm.append(outputs)
+        reference.append(ref)
+        optimized.append(opt)
+    if not tflm:
+        raise ValueError("The TFLM check needs at least one input. Received: no inputs")
+    outputs = _joined(tflm)
+    litert = tuple(dataclasses.replace(runs[0], outputs=_joined([run.outputs for run in runs]))
+                   for runs in (reference, optimized))
+    return outputs, compare_with_litert(model, None, outputs, samples, classifiers, litert=litert)
+
+
+def _joined(parts: Sequence[Sequence[np.ndarray]]) -> tuple[np.ndarray, ...]:
+    """Per-chunk output tuples → one array per output."""
+    return parts[0] if len(parts) == 1 else tuple(np.concatenate(column, axis=0) for column in zip(*parts))
 
 
 def _run_share(interpreter, inputs: np.ndarray, num_outputs: int) -> tuple[np.ndarray, ...]:
@@ -406,16 +425,18 @@ def run_tflm(flatbuffer: TfliteSource, inputs: np.ndarray, arena_bytes: int, wor
     return run_tflm_outputs(flatbuffer, inputs, arena_bytes, workers)[0]
 
 
-def compare_tflm_exact(compressed: TfliteSource, inputs: np.ndarray, arena_bytes: int,
+def compare_tflm_exact(compressed: TfliteSource, inputs: np.ndarray | Iterable[np.ndarray], arena_bytes: int,
                        reference_outputs: np.ndarray | Sequence[np.ndarray], samples: str) -> TflmComparison:
     """A compressed model in TFLM against the original's TFLM outputs: decoding is lossless, no tolerance.
 
-    Every output is compared element by element (side by side per sample, for several outputs).
+    Every output is compared element by element (side by side per sample, for several outputs). `inputs` may be
+    chunks, as `check_against_litert` takes them.
     """
-    decoded = run_tflm_outputs(compressed, inputs, arena_bytes)
+    decoded = _joined([run_tflm_outputs(compressed, chunk, arena_bytes)
+                       for chunk in ([inputs] if isinstance(inputs, np.ndarray) else inputs)])
     if isinstance(reference_outputs, np.ndarray):
         reference_outputs = (reference_outputs,)
-    n = len(inputs)
+    n = len(decoded[0])
     side_by_side = [np.concatenate([np.asarray(o).reshape(n, -1).astype(np.int64) for o in outputs], axis=1)
                     for outputs in (decoded, reference_outputs)]
     return compare_outputs(*side_by_side, samples, "uncompressed TFLM", 0, 1.0)

@@ -349,7 +349,8 @@ def _check_inputs(config, model: TfliteModel, float_model):
         samples_float, labels = datasets.load_labelled_data(
             config.eval_data, shape, key=config.eval_key, labels_key=config.eval_labels_key or None,
             scale=config.input_scale, offset=config.input_offset, limit=config.num_eval_samples,
-            class_indices=False)  # labels as stored: regression targets are judged by the fidelity gates below
+            # labels as stored: regression targets are judged by the fidelity gates below
+            class_indices=False, spec=config.data_spec)
         if labels is not None and labels.ndim == 2 and labels.shape[1] > 1:
             labels = labels.argmax(axis=1)  # one-hot rows
         elif labels is not None and (labels.ndim != 1 or labels.dtype.kind not in "iu"):

@@ -131,7 +131,7 @@ def litert_runs(flatbuffer: TfliteSource, inputs: np.ndarray) -> tuple[LiteRTRun
     return run_litert(model, inputs, reference_kernels=True), run_litert(model, inputs)
 
 
-def compare_with_litert(flatbuffer: TfliteSource, inputs: np.ndarray, tflm_outputs: Sequence[np.ndarray],
+def compare_with_litert(flatbuffer: TfliteSource, inputs: np.ndarray | None, tflm_outputs: Sequence[np.ndarray],
                         samples: str, classifiers: frozenset[int] | None = None,
                         litert: tuple[LiteRTRun, LiteRTRun] | None = None) -> LitertComparison:
     """TFLM's outputs (from `run_tflm_outputs`) against LiteRT's on the same inputs, output by output.

@@ -214,6 +214,11 @@ def bad(tmp_path_factory, mnist):
     datasets.write_image_tree(np.repeat(x[:20, ..., None], 3, axis=-1), y[:20] % 2, root / "rgb")
     datasets.write_image_tree(x[:24], np.arange(24) % 12, root / "twelve")
     datasets.write_tfrecords(x[:20], y[:20], root / "d.tfrecord")
+    # Raw values: 20 records of 28x28, then one of 20x20.
+    datasets.write_tfrecords(x[:20], y[:20], root / "raw_ok.tfrecord", encoded=False)
+    datasets.write_tfrecords(x[:1, :20, :20], y[:1], root / "raw_short.tfrecord", encoded=False)
+    (root / "raw_mixed.tfrecord").write_bytes((root / "raw_ok.tfrecord").read_bytes()
+                                              + (root / "raw_short.tfrecord").read_bytes())
     (root / "junk.tfrecord").write_bytes(b"not a record file at all")
     with tf.io.TFRecordWriter(str(root / "empty.tfrecord")):
         pass
@@ -230,6 +235,8 @@ def bad(tmp_path_factory, mnist):
     ("d.tfrecord", "image=pixels", r"d\.tfrecord has no feature 'pixels' \(the image key of the data spec\); its "
                                    r"features are image, label: pass --data_spec=image=KEY,label=KEY"),
     ("d.tfrecord", "label=y", r"has no feature 'y' \(the label key"),
+    ("raw_mixed.tfrecord", None, r"raw_mixed\.tfrecord record 20 holds 400 values in 'image'; the model input "
+                                 r"\(28, 28, 1\) needs 784\."),
     ("junk.tfrecord", None, r"junk\.tfrecord cannot be read as TFRecord"),
     ("empty.tfrecord", None, r"empty\.tfrecord holds no records"),
 ])

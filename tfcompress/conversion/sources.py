@@ -31,6 +31,7 @@ TREE_ORDER_SEED = 0
 BATCH_BYTES = 64 << 20
 MAX_BATCH = 1000
 SHUFFLE_BUFFER = 10_000  # encoded records or file paths, not decoded images
+PARSE_BATCH = 256  # records of raw values parsed together
 _SPEC_FIX = "pass --data_spec=image=KEY,label=KEY with the record's feature names"
 
 
@@ -261,6 +262,20 @@ class TfRecords(Source):
             features[spec.label] = tf.io.FixedLenFeature([], self._label_dtype)
         size, channels, shape = self.input_shape[1:3], self.channels, [d for d in self.input_shape[1:]]
 
+        if not self.encoded and None not in shape:
+            # Raw values of a fixed shape: parsed a batch at a time (each record's length still checked exactly),
+            # about twice as fast as one record at a time.
+            features[spec.image] = tf.io.FixedLenFeature([int(np.prod(shape))], tf.float32)
+
+            def parse_batch(records):
+                parsed = tf.io.parse_example(records, features)
+                images = tf.reshape(parsed[spec.image], [-1, *shape])
+                labels = (tf.cast(parsed[spec.label], tf.int64) if self.labelled
+                          else tf.zeros(tf.shape(records)[:1], tf.int64))
+                return images, labels
+
+            return dataset.batch(PARSE_BATCH).map(parse_batch, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+
         def parse(record):
             parsed = tf.io.parse_single_example(record, features)
             value = parsed[spec.image]
@@ -286,6 +301,19 @@ class TfRecords(Source):
                        [self.spec.image] for r in records]
             return _diagnose_images([(f"{self.description} record {start + i}", value)
                                      for i, value in enumerate(encoded)], self, error)
+        shape = self.input_shape[1:]
+        if not self.encoded and None not in shape and "DataLoss" not in type(error).__name__:
+            wanted = int(np.prod(shape))
+            records = tf.data.TFRecordDataset(self.files).skip(start).take(stop - start)
+            for i, record in enumerate(records):  # the first record of another length than the input's
+                example = tf.train.Example.FromString(record.numpy())
+                found = len(example.features.feature[self.spec.image].float_list.value)
+                if found != wanted:
+                    return CalibrationDataError(
+                        f"{self.what} {self.description} record {start + i} holds {found} values in "
+                        f"'{self.spec.image}'; the model input {tuple(shape)} needs {wanted}. Expected every record "
+                        "to hold one input's raw values: re-create the files for this model's input."
+                    )
         return CalibrationDataError(
             f"{self.what} {self.description} cannot be read near record {start} ({detail}). Expected complete "
             f"tf.train.Example records whose features match the data spec ({self.spec.image}, {self.spec.label}): "
